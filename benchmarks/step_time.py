@@ -1,0 +1,274 @@
+"""Median ms per training step, and ratios measured in the same run.
+
+Model (issue "Core"): an MLP trunk 784-512-512-256 (ReLU) shared by K tasks, each with its own head
+256-64-10, batch 256, softmax cross-entropy; and a small conv net (two 3x3 convs, 16 and 32
+channels, 28x28x1 input) at K = 2. Every variant is one jitted step including the Adam update:
+
+* ``summed``: ``jax.value_and_grad`` of the summed loss (the floor: 1 forward + 1 backward).
+* ``naive+pcgrad``: K separate ``jax.grad`` calls, one per task loss, in one jit, stacked and
+  given to PCGrad (compare with ``jac+pcgrad``).
+* ``jac_all+mean``: ``mtl.value_and_jacobian`` over *all* parameters (heads included), mean.
+* ``jac+<method>``: ``mtl.mtl_value_and_grad`` (Jacobian rows for the trunk only, heads get their
+  own gradient), then the aggregator on the trunk rows.
+* ``jac+mean+tracker``: ``jac+mean`` plus a ``ConflictTracker`` update from the same Jacobian.
+
+Ratios: every row against ``summed``; every aggregator against ``jac+mean``. The targets of the
+issue are printed with a pass/fail mark: each Gram-space aggregator adds at most 5% to
+``jac+mean``; ``jac+mean`` costs at most ``1.5 (1 + 2K) / 3`` summed steps at K = 10 and 40.
+
+Usage::
+
+  python benchmarks/step_time.py                     # K = 2, 10, 40 + conv, all methods
+  python benchmarks/step_time.py --ks 2 10 --repeats 15 --methods mean pcgrad mgda
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import mtl_jax as mtl
+
+GRAM_METHODS = ("mean", "sum", "pcgrad", "mgda", "cagrad", "imtl_g")
+OTHER_METHODS = ("graddrop",)
+
+
+def dense_init(key, fan_in, fan_out):
+    return {
+        "w": jax.random.normal(key, (fan_in, fan_out)) * np.sqrt(2.0 / fan_in),
+        "b": jnp.zeros(fan_out),
+    }
+
+
+def mlp_trunk_init(key, sizes=(784, 512, 512, 256)):
+    keys = jax.random.split(key, len(sizes) - 1)
+    return [dense_init(k, a, b) for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)]
+
+
+def mlp_trunk(params, x):
+    for layer in params:
+        x = jax.nn.relu(x @ layer["w"] + layer["b"])
+    return x
+
+
+def conv_trunk_init(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {
+        "c1": jax.random.normal(k1, (3, 3, 1, 16)) * np.sqrt(2 / 9),
+        "c2": jax.random.normal(k2, (3, 3, 16, 32)) * np.sqrt(2 / 144),
+        "fc": dense_init(k3, 7 * 7 * 32, 256),
+    }
+
+
+def conv_trunk(params, x):
+    dn = ("NHWC", "HWIO", "NHWC")
+    x = jax.nn.relu(
+        jax.lax.conv_general_dilated(x, params["c1"], (1, 1), "SAME", dimension_numbers=dn)
+    )
+    x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+    x = jax.nn.relu(
+        jax.lax.conv_general_dilated(x, params["c2"], (1, 1), "SAME", dimension_numbers=dn)
+    )
+    x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+    x = x.reshape(x.shape[0], -1)
+    return jax.nn.relu(x @ params["fc"]["w"] + params["fc"]["b"])
+
+
+def heads_init(key, num_tasks):
+    """K heads 256-64-10, stacked along a leading task axis."""
+
+    def one(k):
+        k1, k2 = jax.random.split(k)
+        return {"h": dense_init(k1, 256, 64), "o": dense_init(k2, 64, 10)}
+
+    return jax.vmap(one)(jax.random.split(key, num_tasks))
+
+
+def head_loss(head, z, labels):
+    h = jax.nn.relu(z @ head["h"]["w"] + head["h"]["b"])
+    logits = h @ head["o"]["w"] + head["o"]["b"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def make_problem(kind: str, num_tasks: int, batch: int = 256, seed: int = 0):
+    key = jax.random.PRNGKey(seed)
+    kt, kh, kx, ky = jax.random.split(key, 4)
+    if kind == "mlp":
+        trunk_fn, trunk = mlp_trunk, mlp_trunk_init(kt)
+        x = jax.random.normal(kx, (batch, 784))
+    else:
+        trunk_fn, trunk = conv_trunk, conv_trunk_init(kt)
+        x = jax.random.normal(kx, (batch, 28, 28, 1))
+    params = {"trunk": trunk, "heads": heads_init(kh, num_tasks)}
+    labels = jax.random.randint(ky, (num_tasks, batch), 0, 10)
+    return trunk_fn, params, x, labels
+
+
+def build_steps(trunk_fn, num_tasks: int, methods) -> dict[str, Callable]:
+    """One jitted ``(params, opt_state, x, labels) -> (params, opt_state, losses)`` per variant."""
+
+    def task_losses(params, x, labels):
+        z = trunk_fn(params["trunk"], x)
+        return jax.vmap(head_loss, in_axes=(0, None, 0))(params["heads"], z, labels)
+
+    adam = optax.adam(1e-4)
+    steps: dict[str, tuple[Callable, optax.GradientTransformation]] = {}
+
+    def summed(params, opt_state, x, labels):
+        loss, grads = jax.value_and_grad(lambda p: task_losses(p, x, labels).sum())(params)
+        updates, opt_state = adam.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    steps["summed"] = (summed, adam)
+
+    # The naive way: K separate jax.grad calls stacked into a Jacobian, then PCGrad (a non-linear
+    # aggregator, so XLA cannot fold the K backward passes into one as it can for a mean).
+    naive_tx = optax.chain(mtl.pcgrad(num_tasks=num_tasks), optax.adam(1e-4))
+
+    def naive(params, opt_state, x, labels):
+        grads = [
+            jax.grad(lambda p, t=t: task_losses(p, x, labels)[t])(params) for t in range(num_tasks)
+        ]
+        jac = jax.tree.map(lambda *g: jnp.stack(g), *grads)
+        updates, opt_state = naive_tx.update(jac, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, jnp.zeros(num_tasks)
+
+    steps["naive+pcgrad"] = (naive, naive_tx)
+
+    mean_all = optax.chain(mtl.mean(num_tasks=num_tasks), optax.adam(1e-4))
+
+    def jac_all(params, opt_state, x, labels):
+        losses, jac = mtl.value_and_jacobian(task_losses)(params, x, labels)
+        updates, opt_state = mean_all.update(jac, opt_state, params, task_losses=losses)
+        return optax.apply_updates(params, updates), opt_state, losses
+
+    steps["jac_all+mean"] = (jac_all, mean_all)
+
+    grad_fn = mtl.mtl_value_and_grad(trunk_fn, head_loss)
+    tracker = mtl.ConflictTracker(num_tasks=num_tasks)
+
+    def structured(method: str, track: bool = False):
+        agg = mtl.get_aggregator(method, num_tasks=num_tasks)
+        tx = optax.chain(agg, optax.adam(1e-4))
+        head_tx = optax.adam(1e-4)
+
+        def init(params):
+            return (
+                tx.init(params["trunk"]),
+                head_tx.init(params["heads"]),
+                tracker.init(params["trunk"]),
+            )
+
+        def step(params, opt_state, x, labels):
+            trunk_state, head_state, cstate = opt_state
+            losses, enc_jac, head_grads, _ = grad_fn(params["trunk"], params["heads"], x, labels)
+            t_updates, trunk_state = tx.update(
+                enc_jac, trunk_state, params["trunk"], task_losses=losses
+            )
+            h_updates, head_state = head_tx.update(head_grads, head_state, params["heads"])
+            if track:
+                cstate = tracker.update(cstate, enc_jac)
+            params = {
+                "trunk": optax.apply_updates(params["trunk"], t_updates),
+                "heads": optax.apply_updates(params["heads"], h_updates),
+            }
+            return params, (trunk_state, head_state, cstate), losses
+
+        return step, init
+
+    for method in methods:
+        steps[f"jac+{method}"] = structured(method)
+    steps["jac+mean+tracker"] = structured("mean", track=True)
+    return steps
+
+
+def time_steps(steps, params, x, labels, repeats: int, inner: int) -> dict[str, list[float]]:
+    """Interleaved rounds: in each round every variant runs ``inner`` steps; ms/step per round."""
+    jitted, states = {}, {}
+    for name, (fn, tx) in steps.items():
+        init = tx if callable(tx) and not hasattr(tx, "init") else tx.init
+        jitted[name] = jax.jit(fn)
+        states[name] = [params, init(params)]
+        out = jitted[name](params, states[name][1], x, labels)  # compile + warm up
+        jax.block_until_ready(out)
+        states[name][0], states[name][1] = out[0], out[1]
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
+    rng = np.random.default_rng(0)
+    for _ in range(repeats):
+        rng.shuffle(order)  # no variant always runs right after the same other one
+        for name in order:
+            p, s = states[name]
+            start = time.perf_counter()
+            for _ in range(inner):
+                p, s, _ = jitted[name](p, s, x, labels)
+            jax.block_until_ready(p)
+            times[name].append(1e3 * (time.perf_counter() - start) / inner)
+            states[name] = [p, s]
+    return times
+
+
+def report(kind: str, num_tasks: int, times: dict[str, list[float]]) -> list[str]:
+    med = {name: statistics.median(v) for name, v in times.items()}
+    base, jac_mean = med["summed"], med["jac+mean"]
+    bound = 1.5 * (1 + 2 * num_tasks) / 3
+    lines = []
+    for name, m in med.items():
+        vs_jac = ""
+        target = ""
+        if name.startswith("jac+") and name != "jac+mean":
+            vs_jac = f"{m / jac_mean:.3f}"
+            method = name.split("+", 1)[1]
+            if method in GRAM_METHODS:
+                target = "ok (<=1.05)" if m / jac_mean <= 1.05 else "MISS (>1.05)"
+            elif method == "mean+tracker":
+                target = "ok (<=1.05)" if m / jac_mean <= 1.05 else "MISS (>1.05)"
+        if name == "naive+pcgrad":
+            vs_jac = f"{m / med['jac+pcgrad']:.3f}" if "jac+pcgrad" in med else ""
+            target = "(vs jac+pcgrad)"
+        if name == "jac+mean" and num_tasks >= 10:
+            target = f"ok (<={bound:.1f}x)" if m / base <= bound else f"MISS (>{bound:.1f}x)"
+        lines.append(
+            f"| {kind} | {num_tasks} | {name} | {m:.2f} | {m / base:.2f} | {vs_jac} | {target} |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ks", type=int, nargs="+", default=[2, 10, 40])
+    parser.add_argument("--conv", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--repeats", type=int, default=15, help="interleaved rounds (median over them)"
+    )
+    parser.add_argument("--inner", type=int, default=5, help="steps per round")
+    parser.add_argument("--methods", nargs="+", default=[*GRAM_METHODS, *OTHER_METHODS])
+    args = parser.parse_args()
+
+    print(
+        f"# step_time: jax {jax.__version__}, backend {jax.default_backend()}, "
+        f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
+    )
+    print("| model | K | step | median ms | x summed | x jac+mean | target |")
+    print("|---|---|---|---|---|---|---|")
+    configs = [("mlp", k) for k in args.ks] + ([("conv", 2)] if args.conv else [])
+    for kind, num_tasks in configs:
+        trunk_fn, params, x, labels = make_problem(kind, num_tasks)
+        steps = build_steps(trunk_fn, num_tasks, args.methods)
+        steps = {n: (fn, tx) for n, (fn, tx) in steps.items()}
+        times = time_steps(steps, params, x, labels, args.repeats, args.inner)
+        for line in report(kind, num_tasks, times):
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

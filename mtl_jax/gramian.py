@@ -1,0 +1,150 @@
+"""Gram space: ``G = J J^T`` of the task Jacobian, cosines, and parameter groupings.
+
+Almost every gradient-manipulation method returns ``d = sum_k w_k g_k`` with weights that depend
+on the task gradients only through the K x K Gram matrix (DESIGN.md section 2). The Jacobian is
+never flattened into one K x P matrix: :func:`leaf_gramians` computes one ``[K, K]`` block per
+leaf (``einsum('k...,l...->kl')``) and groups sum their leaves' blocks.
+
+Groupings (``granularity``) say where G is computed:
+
+* ``"global"``: one Gram matrix over all parameters (the default of most papers);
+* ``"leaf"``: one per parameter array;
+* a callable ``path -> group name`` on ``/``-joined leaf paths, e.g. :func:`by_module`, which puts
+  a Flax module's leaves (kernel and bias; BatchNorm scale and bias) into one group, as Recon's
+  per-layer conflict scores and GradVac's per-layer targets use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mtl_jax import _tree
+
+PyTree = Any
+Granularity = str | Callable[[str], str]
+
+GLOBAL = "global"
+
+__all__ = [
+    "GLOBAL",
+    "Granularity",
+    "by_module",
+    "combine",
+    "cosine_matrix",
+    "gramian",
+    "group_gramians",
+    "group_names",
+    "leaf_gramians",
+    "leaf_groups",
+]
+
+# Trailing path entries that name the array inside a variable rather than the module: NNX
+# ``Variable.value`` (and the older ``raw_value``).
+_VALUE_KEYS = frozenset({"value", "raw_value"})
+
+
+def by_module(path: str) -> str:
+    """Groups a leaf with the other leaves of its module: ``'params/Dense_0/kernel' -> 'params/Dense_0'``.
+
+    Works for Flax Linen (``params/<module>/<name>``) and NNX (``<module>/<name>/value``) paths:
+    the parameter name (and NNX's trailing ``value``) is dropped. A top-level leaf is its own
+    group.
+    """
+    parts = path.split("/")
+    while len(parts) > 1 and parts[-1] in _VALUE_KEYS:
+        parts.pop()
+    return "/".join(parts[:-1]) if len(parts) > 1 else parts[0]
+
+
+def _leaf_label(granularity: Granularity) -> Callable[[str], str]:
+    if granularity == GLOBAL:
+        return lambda path: GLOBAL
+    if granularity == "leaf":
+        return lambda path: path
+    if callable(granularity):
+        return granularity
+    raise ValueError(
+        f"Unknown granularity {granularity!r}; use 'global', 'leaf' or a callable path -> group "
+        "(e.g. mtl.by_module)."
+    )
+
+
+def leaf_groups(tree: PyTree, granularity: Granularity = GLOBAL) -> list[str]:
+    """The group name of every leaf of ``tree``, in flattening order (static Python strings)."""
+    label = _leaf_label(granularity)
+    groups = []
+    for path, _ in _tree.leaves_with_paths(tree):
+        group = label(path)
+        if not isinstance(group, str):
+            raise TypeError(f"granularity returned {group!r} for leaf {path!r}; expected a str.")
+        groups.append(group)
+    return groups
+
+
+def group_names(tree: PyTree, granularity: Granularity = GLOBAL) -> list[str]:
+    """The distinct groups of ``tree`` under ``granularity``, in order of first appearance."""
+    return list(dict.fromkeys(leaf_groups(tree, granularity)))
+
+
+def _flat_rows(leaf: jax.Array) -> jax.Array:
+    rows = jnp.reshape(leaf, (leaf.shape[0], -1))
+    if jnp.issubdtype(rows.dtype, jnp.floating) and jnp.finfo(rows.dtype).bits < 32:
+        rows = rows.astype(jnp.float32)  # accumulate bf16/fp16 Jacobians in float32
+    return rows
+
+
+def leaf_gramians(jac: PyTree) -> list[jax.Array]:
+    """One ``[K, K]`` Gram block per Jacobian leaf (``rows @ rows.T``), in flattening order."""
+    _tree.task_axis_size(jac)
+    return [
+        jnp.matmul(r, r.T, precision=jax.lax.Precision.HIGHEST)
+        for r in (_flat_rows(leaf) for _, leaf in _tree.leaves_with_paths(jac))
+    ]
+
+
+def _symmetrize(gram: jax.Array) -> jax.Array:
+    return 0.5 * (gram + gram.T)
+
+
+def group_gramians(jac: PyTree, granularity: Granularity = GLOBAL) -> dict[str, jax.Array]:
+    """Gram matrices per group: ``{group: G[K, K]}`` with groups in order of first appearance."""
+    out: dict[str, jax.Array] = {}
+    for group, block in zip(leaf_groups(jac, granularity), leaf_gramians(jac), strict=True):
+        out[group] = block if group not in out else out[group] + block
+    return {g: _symmetrize(G) for g, G in out.items()}
+
+
+def gramian(jac: PyTree, granularity: Granularity = GLOBAL) -> jax.Array | dict[str, jax.Array]:
+    """``G = J J^T``: a ``[K, K]`` matrix for ``"global"``, else ``{group: G[K, K]}``.
+
+    Args:
+      jac: task Jacobian, leaves ``[K, ...]``.
+      granularity: ``"global"``, ``"leaf"`` or a callable ``path -> group``.
+    """
+    grams = group_gramians(jac, granularity)
+    return grams[GLOBAL] if granularity == GLOBAL else grams
+
+
+def cosine_matrix(gram: jax.Array, eps: float = 0.0) -> jax.Array:
+    """Pairwise cosines ``C_ij = G_ij / (|g_i| |g_j|)`` from a Gram matrix ``G[K, K]``.
+
+    A task with a zero gradient has cosine 0 with every task (and with itself), never NaN.
+    Values are clipped to [-1, 1] against rounding.
+    """
+    norms = jnp.sqrt(jnp.clip(jnp.diagonal(gram), 0.0))
+    denom = norms[:, None] * norms[None, :]
+    safe = denom > eps
+    cos = jnp.where(safe, gram / jnp.where(safe, denom, 1.0), 0.0)
+    return jnp.clip(cos, -1.0, 1.0)
+
+
+def combine(weights: jax.Array, leaf: jax.Array) -> jax.Array:
+    """``sum_k weights[k] * leaf[k]`` for one Jacobian leaf ``[K, ...]``."""
+    out = jnp.tensordot(
+        weights.astype(leaf.dtype), leaf, axes=1, precision=jax.lax.Precision.HIGHEST
+    )
+    return out.astype(leaf.dtype)

@@ -1,0 +1,119 @@
+"""CAGrad (Liu, Liu, Jin, Stone & Liu, "Conflict-Averse Gradient Descent for Multi-task
+Learning", NeurIPS 2021).
+
+The update maximises the worst task improvement in a ball around the mean gradient ``g0``:
+``max_d min_i g_i . d`` s.t. ``|d - g0| <= c |g0|``. Its dual (paper eq. 4 / Alg. 1) is
+
+    w* = argmin_{w in simplex}  g_w . g0 + c |g0| |g_w|,     g_w = J^T w,
+    d  = g0 + c |g0| g_w / |g_w|,
+
+so ``d = sum_k (1/K + c |g0| w_k / |g_w|) g_k``, with an optional ``1 / (1 + c^2)`` rescaling
+(the official code's default ``rescale=1``; the paper's update has none, and neither does this
+default).
+
+Solver. With ``sqrt(q) = min_{rho > 0} (q / rho + rho) / 2`` the dual becomes
+``min_rho min_w g_w . g0 + (c|g0|/2)(|g_w|^2 / rho + rho)``; for fixed ``rho`` the inner problem is
+the min-norm point of the hull of the translated points ``g_k + t g0`` (``t = rho / (c|g0|)``),
+solved exactly by Wolfe's algorithm on a translated Gram matrix; the outer problem is a convex
+1-D problem whose optimality condition ``rho^2 = |g_w(rho)|^2`` is solved by the Illinois
+(safeguarded regula falsi) method, after geometric bisection while the ends are far apart, on the bracket ``(0, max_k |g_k|]``. All of it runs on G.
+
+Departure from the official code (Cranial-XIX/CAGrad): it solves the dual with scipy's SLSQP on
+``sqrt(w^T G w + 1e-8)`` on the host; this solver is exact up to the root-finding tolerance, runs
+under jit, and needs no smoothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from mtl_jax.weighting._minnorm import min_norm_weights
+from mtl_jax.weighting.base import Weighting, diag_scale, stateless
+
+__all__ = ["cagrad_dual_weights", "cagrad_weighting", "cagrad_weights"]
+
+
+@functools.partial(jax.jit, static_argnames=("c", "max_iter"))
+def cagrad_dual_weights(gram: jax.Array, c: float, max_iter: int = 60) -> jax.Array:
+    """The dual solution ``w*`` (in the simplex) of CAGrad for ``G[K, K]``."""
+    num = gram.shape[0]
+    dtype = gram.dtype
+    eps = float(jnp.finfo(dtype).eps)
+    G = gram / diag_scale(gram)
+    mean_w = jnp.full(num, 1.0 / num, dtype)
+    b = G @ mean_w  # g_k . g0
+    g0_sq = jnp.clip(mean_w @ b, 0.0)
+    radius = c * jnp.sqrt(g0_sq)
+    safe_radius = jnp.where(radius > 0, radius, 1.0)
+
+    def inner(rho: jax.Array) -> tuple[jax.Array, jax.Array]:
+        t = rho / safe_radius
+        translated = G + t * (b[:, None] + b[None, :]) + t * t * g0_sq
+        w = min_norm_weights(translated)
+        return rho * rho - w @ G @ w, w
+
+    # The bracket: h(rho) = rho^2 - |g_w(rho)|^2 is non-decreasing (psi is convex) and
+    # h(max_k |g_k|) >= 0. The lower end is a small rho > 0, not 0: at rho = 0 the inner problem
+    # ignores g0 (it is MGDA), and h(0) = 0 when the origin is in the hull says nothing about 0+.
+    # In Gram space |g_w|^2 carries an absolute rounding error ~eps |g|^2, so rho is resolved
+    # down to ~sqrt(eps) max|g_k|; below that the solution at the lower end is returned (its
+    # dual objective is within ~sqrt(eps) c |g0| max|g_k| of the optimum).
+    hi = jnp.sqrt(jnp.max(jnp.diagonal(G)))
+    lo = hi * 8.0 * math.sqrt(eps)
+    f_lo, w_lo = inner(lo)
+    f_hi, w_hi = inner(hi)
+
+    def cond(carry):
+        _lo, _hi, _f_lo, _f_hi, _, _, it, done = carry
+        return (~done) & (it < max_iter)
+
+    def body(carry):
+        lo, hi, f_lo, f_hi, side, _w, it, _ = carry
+        denom = f_hi - f_lo
+        falsi = jnp.where(
+            denom > 0, (lo * f_hi - hi * f_lo) / jnp.where(denom > 0, denom, 1.0), 0.5 * (lo + hi)
+        )
+        # Far-apart ends (the bracket starts at rho ~ eps): bisect geometrically first.
+        guess = jnp.where(hi > 64.0 * lo, jnp.sqrt(lo * hi), jnp.clip(falsi, lo, hi))
+        f_guess, w_guess = inner(guess)
+        above = f_guess > 0
+        new_lo = jnp.where(above, lo, guess)
+        new_hi = jnp.where(above, guess, hi)
+        # Illinois: halve the stale end's value when the same end moves twice in a row.
+        new_f_lo = jnp.where(above, jnp.where(side == -1, 0.5 * f_lo, f_lo), f_guess)
+        new_f_hi = jnp.where(above, f_guess, jnp.where(side == 1, 0.5 * f_hi, f_hi))
+        new_side = jnp.where(above, -1, 1).astype(jnp.int32)
+        # h = rho^2 - |g_w|^2 is O(rho^2) near 0: a relative test, never an absolute one.
+        done = (jnp.abs(f_guess) <= 4 * eps * guess * guess) | (new_hi - new_lo <= 4 * eps * new_hi)
+        return new_lo, new_hi, new_f_lo, new_f_hi, new_side, w_guess, it + 1, done
+
+    start_done = f_lo >= 0  # rho* ~ 0: the optimum has g_w ~ 0 and d ~ g0
+    carry = (lo, hi, f_lo, f_hi, jnp.int32(0), w_hi, jnp.int32(0), start_done)
+    *_, w, _, _ = jax.lax.while_loop(cond, body, carry)
+    return jnp.where(start_done, w_lo, w)
+
+
+@functools.partial(jax.jit, static_argnames=("c", "rescale"))
+def cagrad_weights(gram: jax.Array, c: float = 0.5, rescale: bool = False) -> jax.Array:
+    """CAGrad's final weights: ``1/K + c |g0| w* / |g_w*|`` (divided by ``1 + c^2`` if rescale)."""
+    num = gram.shape[0]
+    dtype = gram.dtype
+    G = gram / diag_scale(gram)
+    mean_w = jnp.full(num, 1.0 / num, dtype)
+    radius = c * jnp.sqrt(jnp.clip(mean_w @ G @ mean_w, 0.0))
+    w = cagrad_dual_weights(gram, c)
+    gw_norm = jnp.sqrt(jnp.clip(w @ G @ w, 0.0))
+    ok = (gw_norm > 0) & (radius > 0)
+    weights = mean_w + jnp.where(ok, radius / jnp.where(ok, gw_norm, 1.0), 0.0) * w
+    return weights / (1.0 + c * c) if rescale else weights
+
+
+def cagrad_weighting(c: float = 0.5, rescale: bool = False) -> Weighting:
+    """CAGrad as a :class:`~mtl_jax.weighting.base.Weighting`."""
+    if c < 0:
+        raise ValueError(f"CAGrad's c must be >= 0; got {c}.")
+    return stateless(lambda gram: cagrad_weights(gram, c, rescale))

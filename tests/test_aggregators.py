@@ -1,0 +1,468 @@
+"""Aggregators as the specification: NumPy references from the papers, properties, degenerate input.
+
+Each aggregator is run through its optax transform on Jacobians split across three pytree leaves,
+for K in {1, 2, 3, 5, 10, 40}, eight matrix families (normal, conflicting, aligned, parallel,
+opposite, zero rows, rank-deficient, zero) and scales 1e-8, 1, 1e8.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mtl_jax as mtl
+from tests import _matrices as M
+from tests import _reference as R
+
+GRAM_AGGREGATORS = {
+    "mean": lambda: mtl.mean(),
+    "sum": lambda: mtl.sum(),
+    "pcgrad": lambda: mtl.pcgrad(seed=0),
+    "pcgrad_ordered": lambda: mtl.pcgrad(shuffle=False),
+    "mgda": lambda: mtl.mgda(),
+    "cagrad": lambda: mtl.cagrad(c=0.5),
+    "imtl_g": lambda: mtl.imtl_g(),
+}
+ALL_AGGREGATORS = {**GRAM_AGGREGATORS, "graddrop": lambda: mtl.graddrop(seed=0)}
+
+
+@functools.cache
+def _transform(name: str):
+    return ALL_AGGREGATORS[name]()
+
+
+@functools.cache
+def _jitted_update(name: str):
+    return jax.jit(_transform(name).update)
+
+
+def aggregate(name: str, J: np.ndarray, *, jit: bool = True, dtype=np.float32, losses=None):
+    """Runs aggregator ``name`` on ``J[K, P]`` (as a 3-leaf tree); returns (d[P], state)."""
+    tx = _transform(name)
+    jac = M.to_tree(J, dtype)
+    params = M.params_like(jac)
+    state = tx.init(params)
+    update = _jitted_update(name) if jit else tx.update
+    kwargs = {} if losses is None else {"task_losses": jnp.asarray(losses, dtype)}
+    out, state = update(jac, state, params, **kwargs)
+    return M.from_tree(out), state
+
+
+def _row_scale(J: np.ndarray) -> float:
+    return float(np.max(np.linalg.norm(J, axis=1))) if J.size else 0.0
+
+
+def assert_close(actual, expected, J, rtol):
+    """|actual - expected| <= rtol * (K * max_k |g_k|), the natural scale of any aggregate."""
+    scale = J.shape[0] * _row_scale(J)
+    err = np.linalg.norm(np.asarray(actual) - np.asarray(expected))
+    assert err <= rtol * scale + 1e-300, f"error {err:.3e} > {rtol:.0e} x scale {scale:.3e}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Degenerate input: finite output on every sample, for every aggregator (float32, jitted).
+
+
+@pytest.mark.parametrize("name", sorted(ALL_AGGREGATORS))
+def test_finite_output_on_every_sample(name):
+    for k, kind, scale, J in M.all_samples():
+        d, state = aggregate(name, J)
+        assert np.all(np.isfinite(d)), f"{name}: non-finite output for K={k} {kind} x{scale:g}"
+        w = mtl.last_weights(state)
+        if w is not None:
+            assert np.all(np.isfinite(np.asarray(w))), f"{name}: non-finite weights, K={k} {kind}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Agreement with NumPy implementations written from the papers' equations (float64).
+
+
+def _reference(name: str, J: np.ndarray) -> np.ndarray | None:
+    k = J.shape[0]
+    if name == "mean":
+        return J.mean(axis=0)
+    if name == "sum":
+        return J.sum(axis=0)
+    if name == "pcgrad_ordered":
+        orders = [[j for j in range(k) if j != i] for i in range(k)]
+        return R.pcgrad_ref(J, orders)
+    if name == "mgda":
+        if k > 10:
+            return None  # certified by the optimality conditions instead, see below
+        w = R.mgda_bruteforce_weights(J @ J.T)
+        return w @ J
+    if name == "imtl_g":
+        full_rank = k <= J.shape[1] and np.linalg.matrix_rank(J) == k
+        return R.imtl_g_ref(J) if k >= 2 and full_rank else None
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", ["mean", "sum", "pcgrad_ordered", "mgda", "imtl_g"])
+@pytest.mark.parametrize("k", M.KS)
+def test_matches_numpy_reference_float64(name, k):
+    compared = 0
+    with jax.enable_x64(True):
+        for kind in M.KINDS:
+            for scale in M.SCALES:
+                J = scale * M.sample(kind, k)
+                expected = _reference(name, J)
+                if expected is None:
+                    continue
+                actual, _ = aggregate(name, J, dtype=np.float64)
+                assert_close(actual, expected, J, rtol=1e-9)
+                compared += 1
+    if name != "imtl_g" and not (name == "mgda" and k > 10):
+        assert compared == len(M.KINDS) * len(M.SCALES)
+
+
+@pytest.mark.parametrize("k", M.KS)
+def test_pcgrad_random_orders_match_reference(k):
+    with jax.enable_x64(True):
+        for kind in M.KINDS:
+            J = M.sample(kind, k)
+            key = jax.random.PRNGKey(k)
+            orders = np.asarray(mtl.weighting.visiting_orders(k, key))
+            for i in range(k):  # every task visits every other task exactly once
+                assert sorted(orders[i]) == [j for j in range(k) if j != i]
+            w = mtl.weighting.pcgrad_weights(jnp.asarray(J @ J.T), jnp.asarray(orders))
+            assert_close(np.asarray(w) @ J, R.pcgrad_ref(J, orders), J, rtol=1e-9)
+
+
+def test_pcgrad_transform_uses_the_orders_drawn_from_its_state_key():
+    k = 5
+    J = M.sample("conflicting", k)
+    with jax.enable_x64(True):
+        d, _ = aggregate("pcgrad", J, dtype=np.float64)
+        key = jax.random.PRNGKey(0)  # the state key of mtl.pcgrad(seed=0)
+        _, sub = jax.random.split(key)
+        (group_key,) = jax.random.split(sub, 1)
+        orders = np.asarray(mtl.weighting.visiting_orders(k, group_key))
+    assert_close(d, R.pcgrad_ref(J, orders), J, rtol=1e-9)
+
+
+@pytest.mark.parametrize("k", M.KS)
+def test_mgda_is_the_min_norm_point_to_1e6(k):
+    """Optimality certificate of the min-norm point d* of conv{g_k}: d* in the hull and
+    d* . g_j >= |d*|^2 for all j (equality on the support); checked to 1e-6 relative."""
+    with jax.enable_x64(True):
+        for kind in M.KINDS:
+            for scale in M.SCALES:
+                J = scale * M.sample(kind, k)
+                d, state = aggregate("mgda", J, dtype=np.float64)
+                w = np.asarray(mtl.last_weights(state))
+                assert np.all(w >= -1e-12) and abs(w.sum() - 1.0) < 1e-9, (kind, w)
+                np.testing.assert_allclose(w @ J, d, atol=1e-12 * scale * k)
+                gap = d @ d - np.min(J @ d)
+                assert gap <= 1e-6 * _row_scale(J) ** 2 + 1e-300, (kind, scale, gap)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 10, 40])
+def test_cagrad_matches_slsqp_reference(k):
+    c = 0.5
+    with jax.enable_x64(True):
+        for kind in ("normal", "conflicting", "aligned"):
+            J = M.sample(kind, k)
+            d, _ = aggregate("cagrad", J, dtype=np.float64)
+            assert_close(d, R.cagrad_ref(J, c), J, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 10, 40])
+def test_cagrad_dual_objective_is_minimal_on_every_family(k):
+    """The dual objective at our weights is never above SLSQP's (it is the exact minimiser)."""
+    c = 0.5
+    with jax.enable_x64(True):
+        for kind in M.KINDS:
+            J = M.sample(kind, k)
+            G = J @ J.T
+            g0 = J.mean(axis=0)
+            s = c * np.linalg.norm(g0)
+
+            def objective(w, J=J, G=G, g0=g0, s=s):
+                return w @ (J @ g0) + s * np.sqrt(max(w @ G @ w, 0.0))
+
+            w = np.asarray(mtl.weighting.cagrad_dual_weights(jnp.asarray(G), c))
+            assert np.all(w >= -1e-12) and abs(w.sum() - 1) < 1e-9
+            best = min(
+                objective(v) for v in [R.cagrad_dual_ref(J, c), np.full(k, 1 / k), *np.eye(k)]
+            )
+            # exact up to the sqrt(eps) resolution of rho (see cagrad.py)
+            assert objective(w) <= best + 1e-6 * _row_scale(J) ** 2
+
+
+def test_cagrad_formula_and_rescale():
+    J = M.sample("conflicting", 3)
+    with jax.enable_x64(True):
+        G = jnp.asarray(J @ J.T)
+        w = np.asarray(mtl.weighting.cagrad_dual_weights(G, 0.4))
+        gw = w @ J
+        g0 = J.mean(axis=0)
+        expected = g0 + 0.4 * np.linalg.norm(g0) * gw / np.linalg.norm(gw)
+        plain = np.asarray(mtl.weighting.cagrad_weights(G, 0.4)) @ J
+        rescaled = np.asarray(mtl.weighting.cagrad_weights(G, 0.4, rescale=True)) @ J
+    np.testing.assert_allclose(plain, expected, rtol=1e-10)
+    np.testing.assert_allclose(rescaled, expected / (1 + 0.4**2), rtol=1e-10)
+
+
+def test_cagrad_c_zero_is_the_mean():
+    J = M.sample("conflicting", 4)
+    with jax.enable_x64(True):
+        w = np.asarray(mtl.weighting.cagrad_weights(jnp.asarray(J @ J.T), 0.0))
+    np.testing.assert_allclose(w, np.full(4, 0.25), rtol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 10, 40])
+def test_graddrop_matches_reference(k):
+    J = M.sample("conflicting", k)
+    leak = np.linspace(0.0, 0.5, k)
+    with jax.enable_x64(True):
+        key = jax.random.PRNGKey(3)
+        U = np.asarray(jax.random.uniform(key, (M.P,), dtype=jnp.float64))
+        out = mtl.aggregate.graddrop_leaf(jnp.asarray(J), key, jnp.asarray(leak))
+    np.testing.assert_allclose(np.asarray(out), R.graddrop_ref(J, U, leak), rtol=1e-12, atol=1e-12)
+
+
+def test_graddrop_keeps_only_one_sign_per_coordinate_without_leak():
+    J = M.sample("conflicting", 5)
+    d, _ = aggregate("graddrop", J)
+    tree = M.to_tree(J, np.float64)
+    for leaf, out in zip(
+        jax.tree.leaves(tree), jax.tree.leaves(M.to_tree(d[None], np.float64)), strict=False
+    ):
+        pos = np.where(leaf > 0, leaf, 0).sum(0)
+        neg = np.where(leaf < 0, leaf, 0).sum(0)
+        out = out[0]
+        ok = np.isclose(out, pos, rtol=1e-5, atol=1e-6) | np.isclose(out, neg, rtol=1e-5, atol=1e-6)
+        assert np.all(ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties.
+
+
+def test_mgda_two_tasks_matches_closed_form():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        J = rng.normal(size=(2, M.P)) * rng.uniform(0.1, 10, size=(2, 1))
+        d, _ = aggregate("mgda", J)
+        np.testing.assert_allclose(d, R.mgda_two_closed_form(J[0], J[1]), rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["mgda", "pcgrad"])
+@pytest.mark.parametrize("k", M.KS)
+def test_non_conflicting(name, k):
+    """d . g_k >= 0 for every task: MGDA always; PCGrad is only guaranteed for K <= 2."""
+    if name == "pcgrad" and k > 2:
+        pytest.skip("PCGrad's non-conflict guarantee holds for two tasks")
+    for kind in M.KINDS:
+        for scale in M.SCALES:
+            J = scale * M.sample(kind, k)
+            d, _ = aggregate(name, J)
+            dots = J @ d
+            # float32 rounding leaves |d| ~ 1e-6 max|g| where the exact d is 0
+            tol = 1e-5 * (np.linalg.norm(d) + _row_scale(J)) * np.linalg.norm(J, axis=1)
+            assert np.all(dots >= -tol - 1e-30), (kind, scale, dots)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 10, 40])
+def test_pcgrad_without_conflict_is_the_sum(k):
+    for kind in ("aligned", "parallel"):
+        J = M.sample(kind, k)
+        assert np.all(J @ J.T >= 0)
+        d, _ = aggregate("pcgrad", J)
+        np.testing.assert_allclose(d, J.sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_pcgrad_reproducible_for_a_seed_and_different_across_seeds():
+    J = M.sample("conflicting", 5)
+    jac = M.to_tree(J)
+    params = M.params_like(jac)
+
+    def run(seed):
+        tx = mtl.pcgrad(seed=seed)
+        state = tx.init(params)
+        outs = []
+        for _ in range(3):
+            out, state = tx.update(jac, state, params)
+            outs.append(M.from_tree(out))
+        return outs
+
+    first, again, other = run(0), run(0), run(1)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.allclose(a, b) for a, b in zip(first, other, strict=True))
+    assert not np.allclose(first[0], first[1])  # a fresh order at every step
+
+
+def test_pcgrad_two_tasks_does_not_depend_on_seed():
+    J = M.sample("conflicting", 2)
+    d0, _ = aggregate("pcgrad", J)
+    d1, _ = aggregate("pcgrad_ordered", J)
+    np.testing.assert_allclose(d0, d1, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mean", "sum", "mgda", "cagrad", "imtl_g"])
+@pytest.mark.parametrize("k", [2, 3, 5, 10])
+def test_permutation_equivariance(name, k):
+    """Permuting the tasks does not change the update of a symmetric method."""
+    rng = np.random.default_rng(k)
+    for kind in ("normal", "conflicting", "rank_deficient"):
+        J = M.sample(kind, k)
+        perm = rng.permutation(k)
+        d, _ = aggregate(name, J)
+        dp, _ = aggregate(name, J[perm])
+        assert_close(dp, d, J, rtol=2e-5)
+
+
+@pytest.mark.parametrize("name", sorted(GRAM_AGGREGATORS))
+@pytest.mark.parametrize("k", [1, 2, 5, 40])
+def test_positive_homogeneity(name, k):
+    """A(a J) = a A(J) for a > 0: every Gram-space method here is positively homogeneous."""
+    for kind in ("normal", "conflicting", "rank_deficient"):
+        J = M.sample(kind, k)
+        d, _ = aggregate(name, J)
+        for a in (1e-8, 1e-3, 1e3, 1e8):
+            da, _ = aggregate(name, a * J)
+            assert_close(da / a, d, J, rtol=5e-5)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_AGGREGATORS))
+def test_jit_and_no_jit_agree(name):
+    for k in (1, 2, 5, 40):
+        for kind in ("conflicting", "zero_rows"):
+            J = M.sample(kind, k)
+            d_jit, _ = aggregate(name, J, jit=True)
+            d_eager, _ = aggregate(name, J, jit=False)
+            assert_close(d_eager, d_jit, J, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_AGGREGATORS))
+def test_single_task_returns_a_multiple_of_its_gradient(name):
+    J = M.sample("normal", 1)
+    d, _ = aggregate(name, J)
+    expected = {"cagrad": 1.5}.get(name, 1.0) * J[0]  # CAGrad: g0 + c |g0| g0/|g0|
+    np.testing.assert_allclose(d, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_opposite_gradients_give_zero_for_mgda_and_pcgrad_two_tasks():
+    v = M.sample("normal", 1)[0]
+    J = np.stack([v, -v])
+    for name in ("mgda", "pcgrad"):
+        d, _ = aggregate(name, J)
+        np.testing.assert_allclose(d, 0.0, atol=1e-5)
+
+
+def test_imtl_g_equal_projections():
+    """IMTL-G: the update has the same projection on every task's unit gradient, weights sum to 1."""
+    for k in (2, 3, 5, 10):
+        J = M.sample("normal", k)
+        d, state = aggregate("imtl_g", J)
+        proj = J @ d / np.linalg.norm(J, axis=1)
+        np.testing.assert_allclose(proj, proj[0], rtol=1e-3)
+        np.testing.assert_allclose(np.sum(mtl.last_weights(state)), 1.0, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Granularity, multitask, last_weights, chaining.
+
+
+def test_leaf_granularity_weights_each_leaf_separately():
+    J = M.sample("conflicting", 3)
+    tree = M.to_tree(J, np.float64)
+    params = M.params_like(tree)
+    tx = mtl.mgda(granularity="leaf")
+    with jax.enable_x64(True):
+        out, state = tx.update(tree, tx.init(params), params)
+        weights = mtl.last_weights(state)
+    assert set(weights) == {"enc/w", "enc/b", "head"}
+    for path, leaf in (
+        ("enc/w", tree["enc"]["w"]),
+        ("enc/b", tree["enc"]["b"]),
+        ("head", tree["head"]),
+    ):
+        rows = leaf.reshape(3, -1)
+        w = R.mgda_bruteforce_weights(rows @ rows.T)
+        got = np.ravel(out[path.split("/")[0]][path.split("/")[1]] if "/" in path else out[path])
+        np.testing.assert_allclose(got, w @ rows, rtol=1e-8, atol=1e-10)
+
+
+def test_by_module_granularity_groups_modules():
+    ones = functools.partial(np.ones, dtype=np.float32)
+    tree = {
+        "params": {
+            "Dense_0": {"kernel": ones((2, 3, 4)), "bias": ones((2, 4))},
+            "BatchNorm_0": {"scale": ones((2, 4)), "bias": ones((2, 4))},
+        }
+    }
+    params = jax.tree.map(lambda x: x[0], tree)
+    tx = mtl.pcgrad(granularity=mtl.by_module)
+    _, state = tx.update(tree, tx.init(params), params)
+    assert set(mtl.last_weights(state)) == {"params/Dense_0", "params/BatchNorm_0"}
+
+
+def test_multitask_sums_head_rows_and_aggregates_shared_rows():
+    rng = np.random.default_rng(0)
+    shared = rng.normal(size=(2, 6))
+    heads = np.zeros((2, 2, 3))  # head k only gets task k's gradient
+    heads[0, 0] = rng.normal(size=3)
+    heads[1, 1] = rng.normal(size=3)
+    jac = {"encoder": shared.astype(np.float32), "heads": heads.astype(np.float32)}
+    params = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), jac)
+    tx = optax.chain(
+        mtl.multitask(mtl.mgda(), task_specific={"encoder": False, "heads": True}), optax.sgd(1.0)
+    )
+    updates, state = tx.update(jac, tx.init(params), params)
+    np.testing.assert_allclose(-updates["heads"], heads.sum(0), rtol=1e-6)
+    w = R.mgda_bruteforce_weights(shared @ shared.T)
+    np.testing.assert_allclose(-updates["encoder"], w @ shared, rtol=1e-5)
+    assert mtl.last_weights(state).shape == (2,)
+
+
+def test_chains_in_front_of_adam_and_passes_task_losses():
+    J = M.sample("conflicting", 3)
+    jac = M.to_tree(J)
+    params = M.params_like(jac)
+    tx = optax.chain(mtl.mgda(normalization="loss"), optax.adam(1e-3))
+    state = tx.init(params)
+    updates, state = jax.jit(tx.update)(jac, state, params, task_losses=jnp.array([1.0, 2.0, 3.0]))
+    assert np.all(np.isfinite(M.from_tree(updates)))
+    assert mtl.last_weights(state).shape == (3,)
+    np.testing.assert_allclose(mtl.last_gram(state), J @ J.T, rtol=1e-5, atol=1e-5)
+
+
+def test_num_tasks_gives_fixed_shape_state_usable_in_scan():
+    J = M.sample("conflicting", 4)
+    jac = M.to_tree(J)
+    params = M.params_like(jac)
+    tx = mtl.pcgrad(num_tasks=4)
+    state = tx.init(params)
+    assert mtl.last_weights(state).shape == (4,)
+
+    def body(state, _):
+        out, state = tx.update(jac, state, params)
+        return state, out["head"]
+
+    state, outs = jax.lax.scan(body, state, None, length=3)
+    assert outs.shape == (3, 16)
+    assert np.all(np.isfinite(np.asarray(mtl.last_weights(state))))
+
+
+def test_last_weights_is_none_before_the_first_step_without_num_tasks():
+    params = M.params_like(M.to_tree(M.sample("normal", 2)))
+    assert mtl.last_weights(mtl.mean().init(params)) is None
+    assert mtl.last_weights(optax.adam(1e-3).init(params)) is None
+
+
+def test_get_aggregator_by_name():
+    tx = mtl.get_aggregator("cagrad", c=0.2)
+    J = M.sample("normal", 3)
+    jac = M.to_tree(J)
+    params = M.params_like(jac)
+    out, _ = tx.update(jac, tx.init(params), params)
+    with jax.enable_x64(True):
+        expected = np.asarray(mtl.weighting.cagrad_weights(jnp.asarray(J @ J.T), 0.2)) @ J
+    np.testing.assert_allclose(M.from_tree(out), expected, rtol=1e-4, atol=1e-5)
