@@ -11,15 +11,29 @@ channels, 28x28x1 input) at K = 2. Every variant is one jitted step including th
 * ``jac+<method>``: ``mtl.mtl_value_and_grad`` (Jacobian rows for the trunk only, heads get their
   own gradient), then the aggregator on the trunk rows.
 * ``jac+mean+tracker``: ``jac+mean`` plus a ``ConflictTracker`` update from the same Jacobian.
+* ``ub+<weighting>``: the representation-gradient path (MGDA-UB / Aligned-MTL-UB,
+  ``mtl.representation_value_and_grad``): one trunk forward, the K heads' gradients with respect to
+  the trunk output, their Gram matrix, the weighting, ONE trunk backward pass.
+* ``loss+<scalarizer>``: a loss-only method (``mtl.scalarize``): one forward (``jax.vjp``), the
+  scalarizer's weights, one backward pass of the weights as cotangent. ``loss+famo`` adds the
+  extra forward pass for its post-step losses; ``loss+gradnorm`` adds the task gradient norms of
+  the last trunk layer, read off that layer's rows of the trunk Jacobian of
+  ``mtl.mtl_value_and_grad`` (XLA keeps only the part of the K backward passes that reaches that
+  layer), and one trunk backward of the weighted representation gradients.
 
 Ratios: every row against ``summed``; every aggregator against ``jac+mean``. The targets of the
 issue are printed with a pass/fail mark: each Gram-space aggregator adds at most 5% to
 ``jac+mean``; ``jac+mean`` costs at most ``1.5 (1 + 2K) / 3`` summed steps at K = 10 and 40.
 
+``--solvers`` instead times every Gram-space weighting alone (jitted ``weigh`` on a K x K Gram
+matrix of random, partly conflicting gradients), at the same K values.
+
 Usage::
 
   python benchmarks/step_time.py                     # K = 2, 10, 40 + conv, all methods
   python benchmarks/step_time.py --ks 2 10 --repeats 15 --methods mean pcgrad mgda
+  python benchmarks/step_time.py --ks 10 --no-conv --repeats 3 --ub mgda --loss uw famo
+  python benchmarks/step_time.py --solvers --ks 2 10 40
 """
 
 from __future__ import annotations
@@ -38,8 +52,27 @@ import optax
 
 import mtl_jax as mtl
 
-GRAM_METHODS = ("mean", "sum", "pcgrad", "mgda", "cagrad", "imtl_g")
-OTHER_METHODS = ("graddrop",)
+GRAM_METHODS = (
+    "mean",
+    "sum",
+    "pcgrad",
+    "mgda",
+    "cagrad",
+    "imtl_g",
+    "gradvac",
+    "nash_mtl",
+    "aligned_mtl",
+    "upgrad",
+    "dualproj",
+    "config",
+    "random_weighting",
+    "fairgrad",
+    "nocl",
+    "ema_weights",
+)
+OTHER_METHODS = ("graddrop", "excess_mtl")
+UB_METHODS = ("mean", "mgda", "aligned_mtl", "upgrad")
+LOSS_METHODS = ("mean", "rlw", "uw", "imtl_l", "dwa", "gls", "stch", "famo", "gradnorm")
 
 
 def dense_init(key, fan_in, fan_out):
@@ -113,7 +146,9 @@ def make_problem(kind: str, num_tasks: int, batch: int = 256, seed: int = 0):
     return trunk_fn, params, x, labels
 
 
-def build_steps(trunk_fn, num_tasks: int, methods) -> dict[str, Callable]:
+def build_steps(
+    trunk_fn, num_tasks: int, methods, ub_methods=(), loss_methods=()
+) -> dict[str, Callable]:
     """One jitted ``(params, opt_state, x, labels) -> (params, opt_state, losses)`` per variant."""
 
     def task_losses(params, x, labels):
@@ -188,6 +223,84 @@ def build_steps(trunk_fn, num_tasks: int, methods) -> dict[str, Callable]:
     for method in methods:
         steps[f"jac+{method}"] = structured(method)
     steps["jac+mean+tracker"] = structured("mean", track=True)
+
+    def representation(method: str):
+        weighting = mtl.get_weighting(method)
+        grads_fn = mtl.representation_value_and_grad(trunk_fn, head_loss, weighting)
+
+        def init(params):
+            return (
+                adam.init(params["trunk"]),
+                adam.init(params["heads"]),
+                weighting.init(num_tasks),
+            )
+
+        def step(params, opt_state, x, labels):
+            trunk_state, head_state, w_state = opt_state
+            res = grads_fn(params["trunk"], params["heads"], x, labels, w_state)
+            t_updates, trunk_state = adam.update(res.encoder_grads, trunk_state, params["trunk"])
+            h_updates, head_state = adam.update(res.head_grads, head_state, params["heads"])
+            params = {
+                "trunk": optax.apply_updates(params["trunk"], t_updates),
+                "heads": optax.apply_updates(params["heads"], h_updates),
+            }
+            return params, (trunk_state, head_state, res.state), res.losses
+
+        return step, init
+
+    for method in ub_methods:
+        steps[f"ub+{method}"] = representation(method)
+
+    def loss_only(name: str):
+        sc = mtl.get_scalarizer(name)
+
+        def init(params):
+            return adam.init(params), sc.init(num_tasks)
+
+        def step(params, opt_state, x, labels):
+            opt, sc_state = opt_state
+            losses, pullback = jax.vjp(lambda p: task_losses(p, x, labels), params)
+            _, weights, sc_state = sc.scalarize(losses, sc_state)
+            (grads,) = pullback(weights.astype(losses.dtype))  # d loss = sum_k w_k d L_k
+            updates, opt = adam.update(grads, opt, params)
+            params = optax.apply_updates(params, updates)
+            if name == "famo":  # FAMO's post-step losses: one more forward pass
+                sc_state = sc.post_step(sc_state, task_losses(params, x, labels))
+            return params, (opt, sc_state), losses
+
+        return step, init
+
+    def gradnorm_step():
+        """GradNorm on the last trunk layer W: its rows of the trunk Jacobian give the norms.
+
+        ``mtl_value_and_grad`` pulls each task's representation gradient back through the trunk;
+        only W's rows are used, so XLA keeps the K backward passes through the last layer alone.
+        The weighted gradient is then one trunk backward of ``sum_k w_k dL_k/dz`` (the heads get
+        ``w_k`` times their own gradient).
+        """
+        sc = mtl.get_scalarizer("gradnorm")
+
+        def init(params):
+            return adam.init(params), sc.init(num_tasks)
+
+        def step(params, opt_state, x, labels):
+            opt, sc_state = opt_state
+            trunk = params["trunk"]
+            losses, enc_jac, head_grads, rep_grads = grad_fn(trunk, params["heads"], x, labels)
+            last = str(len(trunk) - 1) if isinstance(trunk, list) else "fc"
+            norms = mtl.layer_grad_norms(enc_jac, last)
+            _, w, sc_state = sc.scalarize(losses, sc_state, grad_norms=norms)
+            _, trunk_pullback = jax.vjp(lambda p: trunk_fn(p, x), trunk)
+            (trunk_grads,) = trunk_pullback(jnp.tensordot(w, rep_grads, axes=1))
+            scale = lambda g: g * jnp.reshape(w, (-1,) + (1,) * (g.ndim - 1))
+            grads = {"trunk": trunk_grads, "heads": jax.tree.map(scale, head_grads)}
+            updates, opt = adam.update(grads, opt, params)
+            return optax.apply_updates(params, updates), (opt, sc_state), losses
+
+        return step, init
+
+    for name in loss_methods:
+        steps[f"loss+{name}"] = gradnorm_step() if name == "gradnorm" else loss_only(name)
     return steps
 
 
@@ -225,6 +338,8 @@ def report(kind: str, num_tasks: int, times: dict[str, list[float]]) -> list[str
     for name, m in med.items():
         vs_jac = ""
         target = ""
+        if name.startswith(("ub+", "loss+")):
+            target = "(vs summed)"
         if name.startswith("jac+") and name != "jac+mean":
             vs_jac = f"{m / jac_mean:.3f}"
             method = name.split("+", 1)[1]
@@ -243,6 +358,39 @@ def report(kind: str, num_tasks: int, times: dict[str, list[float]]) -> list[str
     return lines
 
 
+def random_gram(num_tasks: int, dim: int = 4096, seed: int = 0) -> jax.Array:
+    """G of K random gradients sharing a common component (some pairs conflict)."""
+    rng = np.random.default_rng(seed)
+    common = rng.normal(size=dim)
+    J = 0.3 * common + rng.normal(size=(num_tasks, dim)) * rng.uniform(0.5, 2.0, (num_tasks, 1))
+    return jnp.asarray(J @ J.T, jnp.float32)
+
+
+def time_solvers(ks, repeats: int = 50) -> None:
+    """Median ms of every Gram-space weighting alone (jitted ``weigh``), at each K."""
+    print("| weighting | " + " | ".join(f"K={k} ms" for k in ks) + " |")
+    print("|---|" + "---|" * len(ks))
+    for name in sorted(mtl.WEIGHTINGS):
+        if name == "linear":
+            continue
+        cells = []
+        for k in ks:
+            weighting = mtl.get_weighting(name)
+            state = weighting.init(k)
+            gram = random_gram(k)
+            key = jax.random.PRNGKey(0)
+            losses = jnp.ones(k)
+            weigh = jax.jit(weighting.weigh)
+            jax.block_until_ready(weigh(gram, state, key, losses))
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                jax.block_until_ready(weigh(gram, state, key, losses))
+                times.append(1e3 * (time.perf_counter() - start))
+            cells.append(f"{statistics.median(times):.3f}")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 10, 40])
@@ -252,19 +400,26 @@ def main() -> None:
     )
     parser.add_argument("--inner", type=int, default=5, help="steps per round")
     parser.add_argument("--methods", nargs="+", default=[*GRAM_METHODS, *OTHER_METHODS])
+    parser.add_argument("--ub", nargs="*", default=list(UB_METHODS), help="ub+<weighting> rows")
+    parser.add_argument("--loss", nargs="*", default=list(LOSS_METHODS), help="loss+<name> rows")
+    parser.add_argument(
+        "--solvers", action="store_true", help="time the Gram-space solvers alone instead"
+    )
     args = parser.parse_args()
 
     print(
         f"# step_time: jax {jax.__version__}, backend {jax.default_backend()}, "
         f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
     )
+    if args.solvers:
+        time_solvers(args.ks)
+        return
     print("| model | K | step | median ms | x summed | x jac+mean | target |")
     print("|---|---|---|---|---|---|---|")
     configs = [("mlp", k) for k in args.ks] + ([("conv", 2)] if args.conv else [])
     for kind, num_tasks in configs:
         trunk_fn, params, x, labels = make_problem(kind, num_tasks)
-        steps = build_steps(trunk_fn, num_tasks, args.methods)
-        steps = {n: (fn, tx) for n, (fn, tx) in steps.items()}
+        steps = build_steps(trunk_fn, num_tasks, args.methods, args.ub, args.loss)
         times = time_steps(steps, params, x, labels, args.repeats, args.inner)
         for line in report(kind, num_tasks, times):
             print(line, flush=True)

@@ -2,18 +2,29 @@
 
 ``import mtl_jax as mtl``. Per-task Jacobians (:mod:`mtl_jax.jacobian`), Gram matrices and
 groupings (:mod:`mtl_jax.gramian`), aggregators as optax transforms (:mod:`mtl_jax.aggregate`),
-conflict metrics (:mod:`mtl_jax.conflict`), and the Gram-space weightings they are built from
-(:mod:`mtl_jax.weighting`).
+conflict metrics (:mod:`mtl_jax.conflict`), the Gram-space weightings they are built from
+(:mod:`mtl_jax.weighting`), loss-only methods (:mod:`mtl_jax.scalarize`), the
+representation-gradient (MGDA-UB) path (:mod:`mtl_jax.representation`), per-task parameter views
+(:mod:`mtl_jax.sharing`), sparse-training masks (:mod:`mtl_jax.sparse`), LaSS masks
+(:mod:`mtl_jax.lass`) and the modules they need (:mod:`mtl_jax.modules`).
 """
 
-from mtl_jax import weighting
+from mtl_jax import lass, modules, sharing, sparse, weighting
 from mtl_jax.aggregate import (
     AGGREGATORS,
     AggregatorState,
+    aligned_mtl,
     cagrad,
+    config,
+    dualproj,
+    ema_weights,
+    excess_mtl,
+    fairgrad,
     from_weighting,
+    from_weights_fn,
     get_aggregator,
     graddrop,
+    gradvac,
     imtl_g,
     last_gram,
     last_weights,
@@ -21,9 +32,13 @@ from mtl_jax.aggregate import (
     mean,
     mgda,
     multitask,
+    nash_mtl,
+    nocl,
     pcgrad,
+    random_weighting,
     sum,
     sum_rows,
+    upgrad,
 )
 from mtl_jax.conflict import (
     RECON_BINS,
@@ -45,42 +60,137 @@ from mtl_jax.gramian import (
     leaf_groups,
 )
 from mtl_jax.jacobian import mtl_value_and_grad, value_and_jacobian
+from mtl_jax.lass import lass_masks, lass_spec, magnitude_mask, subnetwork_sizes
+from mtl_jax.modules import TaskModulation, modulation_spec
+from mtl_jax.representation import (
+    RepresentationResult,
+    from_representation,
+    representation_value_and_grad,
+)
+from mtl_jax.scalarize import (
+    SCALARIZERS,
+    Scalarizer,
+    from_scalarizer,
+    get_scalarizer,
+    layer_grad_norms,
+    post_step_in_state,
+)
+from mtl_jax.sharing import (
+    COPIED,
+    SHARED,
+    Masked,
+    Sharing,
+    check_spec,
+    copy_per_task,
+    make_spec,
+    match_paths,
+    merge_specs,
+    per_task,
+    spec_from_masks,
+    spec_task_specific,
+    task_params,
+)
+from mtl_jax.sparse import (
+    MaskState,
+    apply_mask,
+    global_magnitude_mask,
+    mask_stats,
+    psn_k,
+    psn_mask,
+    random_mask,
+    reverse_mask,
+)
+from mtl_jax.weighting.registry import WEIGHTINGS, get_weighting
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AGGREGATORS",
+    "COPIED",
     "RECON_BINS",
+    "SCALARIZERS",
+    "SHARED",
+    "WEIGHTINGS",
     "AggregatorState",
     "ConflictState",
     "ConflictTracker",
+    "MaskState",
+    "Masked",
+    "RepresentationResult",
+    "Scalarizer",
+    "Sharing",
+    "TaskModulation",
+    "aligned_mtl",
+    "apply_mask",
     "by_module",
     "cagrad",
+    "check_spec",
+    "config",
     "conflict_incidence",
+    "copy_per_task",
     "cosine_histogram",
     "cosine_matrix",
+    "dualproj",
+    "ema_weights",
+    "excess_mtl",
+    "fairgrad",
+    "from_representation",
+    "from_scalarizer",
     "from_weighting",
+    "from_weights_fn",
     "get_aggregator",
+    "get_scalarizer",
+    "get_weighting",
+    "global_magnitude_mask",
     "graddrop",
+    "gradvac",
     "gramian",
     "group_gramians",
     "group_names",
     "imtl_g",
+    "lass",
+    "lass_masks",
+    "lass_spec",
     "last_gram",
     "last_weights",
+    "layer_grad_norms",
     "leaf_gramians",
     "leaf_groups",
     "linear",
+    "magnitude_mask",
     "magnitude_similarity",
+    "make_spec",
+    "mask_stats",
+    "match_paths",
     "mean",
     "mean_pairwise_cosine",
+    "merge_specs",
     "mgda",
+    "modulation_spec",
+    "modules",
     "mtl_value_and_grad",
     "multitask",
+    "nash_mtl",
+    "nocl",
     "pairwise_cosines",
     "pcgrad",
+    "per_task",
+    "post_step_in_state",
+    "psn_k",
+    "psn_mask",
+    "random_mask",
+    "random_weighting",
+    "representation_value_and_grad",
+    "reverse_mask",
+    "sharing",
+    "sparse",
+    "spec_from_masks",
+    "spec_task_specific",
+    "subnetwork_sizes",
     "sum",
     "sum_rows",
+    "task_params",
+    "upgrad",
     "value_and_jacobian",
     "weighting",
 ]

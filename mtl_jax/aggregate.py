@@ -23,7 +23,8 @@ first update, and a jitted step retraces once.
 
 Bad input: a Jacobian whose leaves disagree on K, a Jacobian that does not match the parameters,
 or ``task_losses`` of the wrong length raise ``ValueError`` at trace time. Non-finite gradients or
-losses make the whole update NaN (never a finite but wrong update); to skip such steps put
+losses make the whole update NaN (never a finite but wrong update) and leave the method's own state
+(EMA targets, reused weights) unchanged; to skip such steps put
 ``optax.apply_if_finite`` *after* the aggregator, around the optimizer
 (``optax.chain(mtl.pcgrad(), optax.apply_if_finite(optax.adam(1e-3), 5))``), or check the losses
 in the train loop.
@@ -31,7 +32,6 @@ in the train loop.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -41,12 +41,23 @@ import optax
 
 from mtl_jax import _tree
 from mtl_jax.gramian import GLOBAL, Granularity, combine, group_gramians, group_names, leaf_groups
-from mtl_jax.weighting.base import Weighting
+from mtl_jax.weighting.aligned_mtl import aligned_mtl_weighting
+from mtl_jax.weighting.base import Weighting, require_num_tasks
 from mtl_jax.weighting.basic import linear_weighting, mean_weighting, sum_weighting
 from mtl_jax.weighting.cagrad import cagrad_weighting
+from mtl_jax.weighting.config import config_weighting
+from mtl_jax.weighting.dualproj import dualproj_weighting
+from mtl_jax.weighting.excess_mtl import ExcessMTLState, excess_mtl_step
+from mtl_jax.weighting.fairgrad import fairgrad_weighting
+from mtl_jax.weighting.gradvac import gradvac_weighting
 from mtl_jax.weighting.imtl import imtl_g_weighting
 from mtl_jax.weighting.mgda import mgda_weighting
+from mtl_jax.weighting.nash_mtl import nash_mtl_weighting
+from mtl_jax.weighting.nocl import nocl_weighting
 from mtl_jax.weighting.pcgrad import pcgrad_weighting
+from mtl_jax.weighting.registry import build, ema_weights_weighting
+from mtl_jax.weighting.rlw import random_weighting as random_weighting_
+from mtl_jax.weighting.upgrad import upgrad_weighting
 
 PyTree = Any
 Transform = optax.GradientTransformationExtraArgs
@@ -54,10 +65,18 @@ Transform = optax.GradientTransformationExtraArgs
 __all__ = [
     "AGGREGATORS",
     "AggregatorState",
+    "aligned_mtl",
     "cagrad",
+    "config",
+    "dualproj",
+    "ema_weights",
+    "excess_mtl",
+    "fairgrad",
     "from_weighting",
+    "from_weights_fn",
     "get_aggregator",
     "graddrop",
+    "gradvac",
     "imtl_g",
     "last_gram",
     "last_weights",
@@ -65,9 +84,13 @@ __all__ = [
     "mean",
     "mgda",
     "multitask",
+    "nash_mtl",
+    "nocl",
     "pcgrad",
+    "random_weighting",
     "sum",
     "sum_rows",
+    "upgrad",
 ]
 
 
@@ -139,6 +162,41 @@ def _cast_like(new: dict[str, jax.Array], old: dict[str, jax.Array]) -> dict[str
     return {g: v.astype(old[g].dtype) if g in old else v for g, v in new.items()}
 
 
+def guarded_weigh(
+    weighting: Weighting,
+    gram: jax.Array,
+    inner: PyTree,
+    key: jax.Array,
+    task_losses: Any,
+    finite: jax.Array,
+) -> tuple[jax.Array, PyTree]:
+    """``weighting.weigh`` under ``lax.cond(finite, ...)``: non-finite input skips the solver.
+
+    The skipped branch returns NaN weights (the documented all-NaN update) and leaves the
+    weighting's state unchanged. The conditional also keeps the solver's LAPACK calls (eigh,
+    solve) out of the top level of the step's XLA:CPU program, where each one costs about 1 ms of
+    lost parallelism in the rest of the step (measured with benchmarks/step_time.py at K = 2).
+    A weighting whose ``weigh`` changes the structure or shapes of its state is called directly.
+    """
+
+    def solve(_: Any) -> tuple[jax.Array, PyTree]:
+        return weighting.weigh(gram, inner, key, task_losses)
+
+    w_shape, state_shape = jax.eval_shape(solve, None)
+    same = jax.tree.structure(state_shape) == jax.tree.structure(inner) and all(
+        jnp.shape(x) == s.shape
+        for x, s in zip(jax.tree.leaves(inner), jax.tree.leaves(state_shape), strict=True)
+    )
+    if not same:
+        return solve(None)
+
+    def skip(_: Any) -> tuple[jax.Array, PyTree]:
+        kept = jax.tree.map(lambda x, s: jnp.asarray(x, s.dtype), inner, state_shape)
+        return jnp.full(w_shape.shape, jnp.nan, w_shape.dtype), kept
+
+    return jax.lax.cond(finite, solve, skip, None)
+
+
 def from_weighting(
     weighting: Weighting,
     *,
@@ -187,9 +245,11 @@ def from_weighting(
         keys = jax.random.split(sub, len(grams))
         weights, inner = {}, {}
         for (group, gram), group_key in zip(grams.items(), keys, strict=True):
-            w, inner[group] = weighting.weigh(gram, state.inner[group], group_key, task_losses)
-            finite = _finite_mask(gram, task_losses) & jnp.all(jnp.isfinite(w))
-            weights[group] = jnp.where(finite, w, jnp.nan)
+            finite = _finite_mask(gram, task_losses)
+            w, inner[group] = guarded_weigh(
+                weighting, gram, state.inner[group], group_key, task_losses, finite
+            )
+            weights[group] = jnp.where(finite & jnp.all(jnp.isfinite(w)), w, jnp.nan)
         groups = leaf_groups(jac, granularity)
         updates = _map_unmasked(jac, lambda i, leaf: combine(weights[groups[i]], leaf))
         new_state = AggregatorState(
@@ -197,6 +257,52 @@ def from_weighting(
             _cast_like(weights, state.weights),
             _cast_like(grams, state.gram),
             {**state.inner, **inner},
+        )
+        return updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+WeightsFn = Callable[[PyTree, jax.Array, PyTree, jax.Array, Any, dict], tuple[jax.Array, PyTree]]
+
+
+def from_weights_fn(
+    weights_fn: WeightsFn,
+    init_inner: Callable[[], PyTree],
+    *,
+    num_tasks: int,
+    seed: int = 0,
+    inner_key: str = GLOBAL,
+    name: str = "aggregator",
+) -> Transform:
+    """An aggregator ``sum_k w_k g_k`` whose weights come from something other than the Jacobian's
+    Gram matrix (the losses of a loss-only method, the representation gradients of MGDA-UB).
+
+    ``weights_fn(jac, gram, inner_state, key, task_losses, extra_args) -> (w[K], inner_state)``;
+    ``gram`` is the Jacobian's global Gram matrix (logged in the state like every aggregator's);
+    ``extra_args`` are the other keyword arguments of ``update``. The state is an
+    :class:`AggregatorState` whose ``inner`` is ``{inner_key: inner_state}``, so
+    :func:`last_weights` works; non-finite input gives the documented all-NaN update.
+    """
+
+    def init(params: PyTree) -> AggregatorState:
+        del params
+        weights, gram = _empty_logs([GLOBAL], num_tasks)
+        return AggregatorState(jax.random.PRNGKey(seed), weights, gram, {inner_key: init_inner()})
+
+    def update(jac, state, params=None, *, task_losses=None, **extra_args):
+        _validate(jac, params, task_losses, num_tasks, name)
+        gram = group_gramians(jac, GLOBAL)[GLOBAL]
+        key, sub = jax.random.split(state.key)
+        w, inner = weights_fn(jac, gram, state.inner[inner_key], sub, task_losses, extra_args)
+        finite = _finite_mask(gram, task_losses) & jnp.all(jnp.isfinite(w))
+        w = jnp.where(finite, w, jnp.nan)
+        updates = _map_unmasked(jac, lambda i, leaf: combine(w, leaf))
+        new_state = AggregatorState(
+            key,
+            _cast_like({GLOBAL: w}, state.weights),
+            _cast_like({GLOBAL: gram}, state.gram),
+            {inner_key: inner},
         )
         return updates, new_state
 
@@ -269,6 +375,239 @@ def imtl_g(*, granularity: Granularity = GLOBAL, num_tasks: int | None = None) -
     return from_weighting(
         imtl_g_weighting(), granularity=granularity, num_tasks=num_tasks, name="imtl_g"
     )
+
+
+def gradvac(
+    beta: float = 0.5,
+    seed: int = 0,
+    shuffle: bool = True,
+    *,
+    granularity: Granularity = GLOBAL,
+    num_tasks: int | None = None,
+) -> Transform:
+    """GradVac (Wang et al. 2021, Algorithm 1), see :mod:`mtl_jax.weighting.gradvac`.
+
+    Every group keeps EMA targets of the pairwise cosines (rate ``beta``) and lifts each task
+    gradient's cosine with the others up to its target; the update is the sum of the corrected
+    gradients. Group as in the paper with ``granularity``: ``"global"`` (whole model),
+    :func:`mtl_jax.by_module` (per layer) or ``"leaf"`` (per matrix). Needs ``num_tasks``.
+    """
+    return from_weighting(
+        gradvac_weighting(beta, shuffle),
+        granularity=granularity,
+        seed=seed,
+        num_tasks=num_tasks,
+        name="gradvac",
+    )
+
+
+def nash_mtl(
+    max_norm: float = 1.0,
+    update_weights_every: int = 1,
+    *,
+    granularity: Granularity = GLOBAL,
+    num_tasks: int | None = None,
+) -> Transform:
+    """Nash-MTL (Navon et al. 2022): the bargaining solution ``G a = 1/a``, clipped to ``max_norm``.
+
+    Solved exactly inside jit (:mod:`mtl_jax.weighting.nash_mtl`); ``update_weights_every > 1``
+    reuses the weights between updates and needs ``num_tasks``; ``max_norm = 0`` disables the
+    clipping of the update's norm.
+    """
+    return from_weighting(
+        nash_mtl_weighting(max_norm, update_weights_every),
+        granularity=granularity,
+        num_tasks=num_tasks,
+        name="nash_mtl",
+    )
+
+
+def aligned_mtl(
+    scale_mode: str = "min",
+    pref_vector: Sequence[float] | None = None,
+    *,
+    granularity: Granularity = GLOBAL,
+    num_tasks: int | None = None,
+) -> Transform:
+    """Aligned-MTL (Senushkin et al. 2023): ``J^T B pref`` with the balance transformation of G.
+
+    ``scale_mode``: ``"min"`` (paper), ``"median"`` or ``"rmse"``; see
+    :mod:`mtl_jax.weighting.aligned_mtl`.
+    """
+    return from_weighting(
+        aligned_mtl_weighting(scale_mode, pref_vector),
+        granularity=granularity,
+        num_tasks=num_tasks,
+        name="aligned_mtl",
+    )
+
+
+def upgrad(
+    pref_vector: Sequence[float] | None = None,
+    *,
+    granularity: Granularity = GLOBAL,
+    num_tasks: int | None = None,
+) -> Transform:
+    """UPGrad (Quinton & Rey 2024): the mean of the task gradients projected onto the dual cone.
+
+    Exact projections (:mod:`mtl_jax.weighting._qp`); non-conflicting, linear under scaling.
+    """
+    return from_weighting(
+        upgrad_weighting(pref_vector), granularity=granularity, num_tasks=num_tasks, name="upgrad"
+    )
+
+
+def dualproj(
+    pref_vector: Sequence[float] | None = None,
+    *,
+    granularity: Granularity = GLOBAL,
+    num_tasks: int | None = None,
+) -> Transform:
+    """DualProj (Quinton & Rey 2024): the mean gradient projected onto the dual cone (exact)."""
+    return from_weighting(
+        dualproj_weighting(pref_vector),
+        granularity=granularity,
+        num_tasks=num_tasks,
+        name="dualproj",
+    )
+
+
+def config(
+    pref_vector: Sequence[float] | None = None,
+    *,
+    granularity: Granularity = GLOBAL,
+    num_tasks: int | None = None,
+) -> Transform:
+    """ConFIG (Liu, Chu & Thuerey 2024): the equal-cosine direction with projection length.
+
+    Expressed as a weighting of G, see :mod:`mtl_jax.weighting.config`.
+    """
+    return from_weighting(
+        config_weighting(pref_vector), granularity=granularity, num_tasks=num_tasks, name="config"
+    )
+
+
+def random_weighting(
+    seed: int = 0, *, granularity: Granularity = GLOBAL, num_tasks: int | None = None
+) -> Transform:
+    """RLW (Lin et al. 2022): ``softmax(z)`` weights, ``z ~ N(0, I)`` drawn at every step."""
+    return from_weighting(
+        random_weighting_(),
+        granularity=granularity,
+        seed=seed,
+        num_tasks=num_tasks,
+        name="random_weighting",
+    )
+
+
+def fairgrad(
+    alpha: float = 1.0, *, granularity: Granularity = GLOBAL, num_tasks: int | None = None
+) -> Transform:
+    """FairGrad (Ban & Ji 2024): the alpha-fair allocation ``G w = w^(-1/alpha)``, exact.
+
+    The update is homogeneous of degree ``(1 - alpha) / (1 + alpha)`` in the gradients, see
+    :mod:`mtl_jax.weighting.fairgrad`.
+    """
+    return from_weighting(
+        fairgrad_weighting(alpha), granularity=granularity, num_tasks=num_tasks, name="fairgrad"
+    )
+
+
+def nocl(*, granularity: Granularity = GLOBAL, num_tasks: int | None = None) -> Transform:
+    """CoNAL's rule: a group whose task gradients conflict (any ``g_i . g_j < 0``) gets no update.
+
+    Otherwise the mean. Pass the shared blocks as ``granularity`` (a grouping function, or
+    :func:`mtl_jax.by_module`), see :mod:`mtl_jax.weighting.nocl`.
+    """
+    return from_weighting(
+        nocl_weighting(), granularity=granularity, num_tasks=num_tasks, name="nocl"
+    )
+
+
+def ema_weights(
+    method: str = "mgda",
+    alpha: float = 0.9,
+    method_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+    *,
+    granularity: Granularity = GLOBAL,
+    num_tasks: int | None = None,
+) -> Transform:
+    """CR-MOGM-style smoothing: the EMA ``alpha w_{t-1} + (1 - alpha) w_t`` of a weighting's output.
+
+    ``method`` names any weighting of :data:`mtl_jax.weighting.WEIGHTINGS` (built with
+    ``method_kwargs``); see :mod:`mtl_jax.weighting.ema`. Needs ``num_tasks``.
+    """
+    return from_weighting(
+        ema_weights_weighting(method, alpha, method_kwargs),
+        granularity=granularity,
+        seed=seed,
+        num_tasks=num_tasks,
+        name="ema_weights",
+    )
+
+
+def _leaves_finite(leaves: Sequence[jax.Array], task_losses: Any) -> jax.Array:
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves]))
+    if task_losses is not None:
+        finite &= jnp.all(jnp.isfinite(task_losses))
+    return finite
+
+
+def excess_mtl(
+    robust_step_size: float = 1e-2, warmup_steps: int = 1, *, num_tasks: int | None = None
+) -> Transform:
+    """ExcessMTL (He et al. 2024): weights from AdaGrad-estimated excess risks, exponentiated steps.
+
+    Not a Gram-space method: the state accumulates squared task gradients per coordinate (as
+    large as the Jacobian), see :mod:`mtl_jax.weighting.excess_mtl`. Needs ``num_tasks``. The state
+    is an :class:`AggregatorState` (``mtl.last_weights`` works).
+    """
+    if robust_step_size <= 0:
+        raise ValueError(f"excess_mtl's robust_step_size must be > 0; got {robust_step_size}.")
+    if int(warmup_steps) != warmup_steps or warmup_steps < 0:
+        raise ValueError(f"excess_mtl's warmup_steps must be an integer >= 0; got {warmup_steps}.")
+    warmup = int(warmup_steps)
+
+    def init(params: PyTree) -> AggregatorState:
+        k = require_num_tasks(num_tasks, "excess_mtl", "squared task gradients per coordinate")
+        dtype = _float_dtype()
+        leaves = [leaf for _, leaf in _tree.leaves_with_paths(params)]
+        inner = ExcessMTLState(
+            sq_sums=[jnp.zeros((k, *jnp.shape(leaf)), dtype) for leaf in leaves],
+            weights=jnp.full((k,), 1.0 / k, dtype),
+            baseline=jnp.zeros((k,), dtype),
+            warmup_sum=jnp.zeros((k,), dtype),
+            step=jnp.zeros((), jnp.int32),
+        )
+        weights, gram = _empty_logs([GLOBAL], k)
+        return AggregatorState(jax.random.PRNGKey(0), weights, gram, {GLOBAL: inner})
+
+    def update(jac, state, params=None, *, task_losses=None, **extra_args):
+        del extra_args
+        _validate(jac, params, task_losses, num_tasks, "excess_mtl")
+        leaves = [leaf for _, leaf in _tree.leaves_with_paths(jac)]
+        inner = state.inner[GLOBAL]
+        if len(leaves) != len(inner.sq_sums):
+            raise ValueError(
+                f"excess_mtl: the Jacobian has {len(leaves)} leaves but the state (made by init) "
+                f"has {len(inner.sq_sums)}; call init with parameters of the same structure."
+            )
+        w, new_inner = excess_mtl_step(leaves, inner, robust_step_size, warmup)
+        finite = _leaves_finite(leaves, task_losses)
+        w = jnp.where(finite, w, jnp.nan)
+        new_inner = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_inner, inner)
+        gram = group_gramians(jac, GLOBAL)
+        updates = _map_unmasked(jac, lambda i, leaf: combine(w, leaf))
+        new_state = AggregatorState(
+            state.key,
+            _cast_like({GLOBAL: w}, state.weights),
+            _cast_like(gram, state.gram),
+            {GLOBAL: new_inner},
+        )
+        return updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 class GradDropState(NamedTuple):
@@ -426,6 +765,17 @@ AGGREGATORS: dict[str, Callable[..., Transform]] = {
     "cagrad": cagrad,
     "imtl_g": imtl_g,
     "graddrop": graddrop,
+    "gradvac": gradvac,
+    "nash_mtl": nash_mtl,
+    "aligned_mtl": aligned_mtl,
+    "upgrad": upgrad,
+    "dualproj": dualproj,
+    "config": config,
+    "random_weighting": random_weighting,
+    "fairgrad": fairgrad,
+    "nocl": nocl,
+    "excess_mtl": excess_mtl,
+    "ema_weights": ema_weights,
 }
 
 
@@ -436,13 +786,4 @@ def get_aggregator(name: str, **hyperparams: Any) -> Transform:
       ValueError: for an unknown name (listing the valid ones) or an unknown hyper-parameter
         (listing the method's).
     """
-    if name not in AGGREGATORS:
-        raise ValueError(f"Unknown aggregator {name!r}; valid names: {sorted(AGGREGATORS)}.")
-    factory = AGGREGATORS[name]
-    accepted = inspect.signature(factory).parameters
-    unknown = sorted(set(hyperparams) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"Unknown hyper-parameter(s) {unknown} for aggregator {name!r}; it accepts {sorted(accepted)}."
-        )
-    return factory(**hyperparams)
+    return build("aggregator", AGGREGATORS, name, hyperparams)

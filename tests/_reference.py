@@ -112,3 +112,275 @@ def graddrop_ref(J: np.ndarray, U: np.ndarray, leak: np.ndarray) -> np.ndarray:
     P = 0.5 * (1.0 + np.divide(total, mass, out=np.zeros_like(total), where=mass > 0))
     keep = ((P > U) & (J > 0)) | ((P < U) & (J < 0))
     return ((leak[:, None] + (1 - leak[:, None]) * keep) * J).sum(axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The full method set (issue 4): NumPy/SciPy implementations from the papers' equations.
+
+
+def dual_cone_projection_ref(J: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Quinton & Rey 2024, Prop. 1: weights ``v`` of the projection of ``J^T u`` onto
+    ``{d : J d >= 0}``, via Moreau: ``v = u + x``, ``x = argmin_{x >= 0} |J^T u + J^T x|`` (NNLS)."""
+    from scipy.optimize import nnls
+
+    x, _ = nnls(-J.T, J.T @ u, maxiter=100 * J.shape[0])
+    return u + x
+
+
+def qp_bruteforce_ref(G: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """``argmin_{v >= u} v^T G v`` for positive-definite G by enumerating the free sets (KKT)."""
+    k = G.shape[0]
+    for r in range(k + 1):
+        for free in itertools.combinations(range(k), r):
+            f = list(free)
+            v = u.astype(float).copy()
+            if f:
+                rest = [i for i in range(k) if i not in f]
+                v[f] = np.linalg.solve(G[np.ix_(f, f)], -G[np.ix_(f, rest)] @ u[rest])
+            mu = G @ v
+            if np.all(v[f] >= u[f] - 1e-12) and np.all(mu >= -1e-10 * np.abs(G).max()):
+                return v
+    raise AssertionError("no KKT point found")
+
+
+def upgrad_ref(J: np.ndarray, pref: np.ndarray | None = None) -> np.ndarray:
+    """UPGrad (eq. 5): ``sum_i p_i pi_J(g_i)``, each projection by NNLS."""
+    k = J.shape[0]
+    pref = np.full(k, 1.0 / k) if pref is None else pref
+    return sum(J.T @ dual_cone_projection_ref(J, p * np.eye(k)[i]) for i, p in enumerate(pref))
+
+
+def dualproj_ref(J: np.ndarray, pref: np.ndarray | None = None) -> np.ndarray:
+    """DualProj: ``pi_J(J^T p)`` by NNLS."""
+    k = J.shape[0]
+    pref = np.full(k, 1.0 / k) if pref is None else pref
+    return J.T @ dual_cone_projection_ref(J, pref)
+
+
+def nash_weights_ref(G: np.ndarray) -> np.ndarray:
+    """Navon et al. 2022, eq. 2: ``G alpha = 1 / alpha``, ``alpha > 0``, by scipy's root finder."""
+    from scipy.optimize import root
+
+    k = G.shape[0]
+    start = np.full(k, np.sqrt(k / max(G.sum(), 1e-300)))
+    sol = root(lambda a: G @ a - 1.0 / a, start, jac=lambda a: G + np.diag(1.0 / a**2))
+    alpha = sol.x
+    for _ in range(5):  # polish: plain Newton steps on G a - 1/a = 0
+        alpha = alpha - np.linalg.solve(G + np.diag(1.0 / alpha**2), G @ alpha - 1.0 / alpha)
+    assert np.all(alpha > 0) and np.allclose(G @ alpha * alpha, 1.0, rtol=1e-10), sol.message
+    return alpha
+
+
+def nash_mtl_ref(J: np.ndarray, max_norm: float = 1.0) -> np.ndarray:
+    """Nash-MTL's update: the bargaining solution, clipped to ``max_norm`` (official code)."""
+    d = J.T @ nash_weights_ref(J @ J.T)
+    norm = np.linalg.norm(d)
+    return d * (max_norm / norm) if 0 < max_norm < norm else d
+
+
+def fairgrad_ref(J: np.ndarray, alpha: float) -> np.ndarray:
+    """Ban & Ji 2024, Alg. 1 as in the official code: ``least_squares(G w - w^(-1/alpha))``
+    from ``w = 1/K`` with ``w >= 0`` (tolerances tightened)."""
+    from scipy.optimize import least_squares
+
+    k = J.shape[0]
+    G = J @ J.T
+    res = least_squares(
+        lambda w: G @ w - (1.0 / w) ** (1.0 / alpha),
+        np.full(k, 1.0 / k),
+        bounds=(0, np.inf),
+        xtol=1e-15,
+        ftol=1e-15,
+        gtol=1e-15,
+        max_nfev=20000,
+    )
+    return J.T @ res.x
+
+
+def aligned_mtl_ref(J: np.ndarray, scale_mode: str = "min", pref=None) -> np.ndarray:
+    """Senushkin et al. 2023, Alg. 1 from the SVD ``J^T = U S V^T``: ``sigma U V^T p`` with sigma
+    the smallest / (lower) median / root-mean-square kept singular value; rank tolerance
+    ``max(S^2) K eps`` on the eigenvalues ``S^2`` (official)."""
+    k = J.shape[0]
+    pref = np.ones(k) if pref is None else pref
+    U, S, Vt = np.linalg.svd(J.T, full_matrices=False)
+    lam = S**2
+    kept = lam > lam.max() * k * np.finfo(float).eps if lam.size else lam > 0
+    if not np.any(kept):
+        return J.T @ pref
+    U, S, Vt, lam = U[:, kept], S[kept], Vt[kept], lam[kept]
+    ascending = np.sort(lam)
+    sigma2 = {
+        "min": ascending[0],
+        "median": ascending[(len(ascending) - 1) // 2],
+        "rmse": lam.mean(),
+    }[scale_mode]
+    return np.sqrt(sigma2) * U @ (Vt @ pref)
+
+
+def config_ref(J: np.ndarray, pref=None) -> np.ndarray:
+    """Liu, Chu & Thuerey (ConFIG), eq. 2 / official ``ConFIG_update``: least-squares direction
+    of the unit gradients, scaled by the sum of the projections."""
+    k = J.shape[0]
+    pref = np.ones(k) if pref is None else pref
+    norms = np.linalg.norm(J, axis=1, keepdims=True)
+    units = np.divide(J, norms, out=np.zeros_like(J), where=norms > 0)
+    best = np.linalg.lstsq(units, pref, rcond=None)[0]
+    unit = best / np.linalg.norm(best)
+    return np.sum(J @ unit) * unit
+
+
+def gradvac_ref(J, orders, targets, beta):
+    """Wang et al. 2021, Algorithm 1 with vectors: returns ``(sum_i g_i', new_targets)``."""
+    k = J.shape[0]
+    targets = targets.copy()
+    out = np.zeros(J.shape[1])
+    for i in range(k):
+        g = J[i].copy()
+        for j in orders[i]:
+            ni, nj = np.linalg.norm(g), np.linalg.norm(J[j])
+            phi = g @ J[j] / (ni * nj) if ni > 0 and nj > 0 else 0.0
+            hat = targets[i, j]
+            if ni > 0 and nj > 0 and phi < hat and abs(hat) < 1:
+                coef = ni * (hat * np.sqrt(1 - phi**2) - phi * np.sqrt(1 - hat**2))
+                g = g + coef / (nj * np.sqrt(1 - hat**2)) * J[j]
+            targets[i, j] = (1 - beta) * hat + beta * phi
+        out += g
+    return out, targets
+
+
+def nocl_ref(J: np.ndarray) -> np.ndarray:
+    """CoNAL's NOCLGrad: zero if any pair conflicts, else the mean."""
+    k = J.shape[0]
+    for i in range(k):
+        for j in range(i + 1, k):
+            if J[i] @ J[j] < 0:
+                return np.zeros(J.shape[1])
+    return J.mean(axis=0)
+
+
+def excess_mtl_ref(Js, robust_step_size=1e-2, warmup_steps=1):
+    """He et al. 2024, eqs. 6-9 as in the official code/LibMTL (weights on the simplex)."""
+    k = Js[0].shape[0]
+    S = np.zeros_like(Js[0])
+    lam = np.full(k, 1.0 / k)
+    warm = np.zeros(k)
+    base = None
+    outs = []
+    for step, J in enumerate(Js):
+        S = S + J**2
+        e = np.sum(J**2 / np.sqrt(S + 1e-7), axis=1)
+        if step < warmup_steps:
+            warm += e
+        else:
+            if base is None:
+                base = warm / warmup_steps if warmup_steps else e
+                r = e / np.where(base > 0, base, 1.0) * (base > 0) if warmup_steps else e
+            else:
+                r = e / np.where(base > 0, base, 1.0) * (base > 0)
+            lam = lam * np.exp(robust_step_size * r)
+            lam = lam / lam.sum()
+        outs.append(lam @ J)
+    return outs
+
+
+def adam_ref(grad, state, lr, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8):
+    """``torch.optim.Adam`` (coupled L2 weight decay) on one parameter vector."""
+    param, m, v, t = state
+    g = grad + weight_decay * param
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g**2
+    t = t + 1
+    m_hat = m / (1 - b1**t)
+    v_hat = v / (1 - b2**t)
+    return param - lr * m_hat / (np.sqrt(v_hat) + eps), m, v, t
+
+
+def uw_ref(loss_seq, lr):
+    """Kendall et al. 2018 with log-variances s (init 0) trained by Adam on the analytic gradient."""
+    k = len(loss_seq[0])
+    state = (np.zeros(k), np.zeros(k), np.zeros(k), 0)
+    out = []
+    for L in loss_seq:
+        s = state[0]
+        out.append((np.sum(0.5 * np.exp(-s) * L + 0.5 * s), 0.5 * np.exp(-s)))
+        state = adam_ref(0.5 - 0.5 * np.exp(-s) * L, state, lr)
+    return out
+
+
+def imtl_l_ref(loss_seq, lr):
+    """Liu et al. 2021 (IMTL-L): ``sum e^s L - s``, s (init 0) trained by Adam."""
+    k = len(loss_seq[0])
+    state = (np.zeros(k), np.zeros(k), np.zeros(k), 0)
+    out = []
+    for L in loss_seq:
+        s = state[0]
+        out.append((np.sum(np.exp(s) * L - s), np.exp(s)))
+        state = adam_ref(np.exp(s) * L - 1.0, state, lr)
+    return out
+
+
+def dwa_ref(loss_seq, temperature, steps_per_epoch):
+    """Liu et al. 2019, eq. 7 with epoch averages (weights 1 for the first two epochs)."""
+    k = len(loss_seq[0])
+    averages, current, out = [], [], []
+    for L in loss_seq:
+        if len(averages) >= 2:
+            r = averages[-1] / averages[-2]
+            e = np.exp(r / temperature)
+            w = k * e / e.sum()
+        else:
+            w = np.ones(k)
+        out.append((w @ L, w))
+        current.append(L)
+        if len(current) == steps_per_epoch:
+            averages.append(np.mean(current, axis=0))
+            current = []
+    return out
+
+
+def stch_ref(L, mu, pref=None, ref=None):
+    """Lin et al. 2024, eq. 7: ``mu log sum exp(lambda (L - z) / mu)`` (direct, not shifted)."""
+    k = len(L)
+    pref = np.full(k, 1.0 / k) if pref is None else pref
+    ref = np.zeros(k) if ref is None else ref
+    y = pref * (L - ref)
+    return mu * np.log(np.sum(np.exp(y / mu)))
+
+
+def famo_ref(pairs, gamma, w_lr, min_losses=0.0):
+    """Liu et al. 2023, official ``famo.py``: ``pairs`` = [(losses before, losses after)]; returns
+    the (loss, weights) of every step."""
+    k = len(pairs[0][0])
+    state = (np.zeros(k), np.zeros(k), np.zeros(k), 0)
+    out = []
+    for before, after in pairs:
+        xi = state[0]
+        z = np.exp(xi - xi.max())
+        z = z / z.sum()
+        D = before - min_losses + 1e-8
+        c = np.sum(z / D)
+        out.append((np.sum(np.log(D) * z / c), z / (c * D)))
+        delta = np.log(before - min_losses + 1e-8) - np.log(after - min_losses + 1e-8)
+        grad = z * (delta - z @ delta)  # softmax VJP
+        state = adam_ref(grad, state, w_lr, weight_decay=gamma)
+    return out
+
+
+def gradnorm_ref(loss_seq, norm_seq, alpha, lr):
+    """Chen et al. 2018, Algorithm 1: weights (init 1) stepped by Adam on ``d L_grad / d w`` with
+    constant targets, then renormalised to sum to K. Returns the weights used at every step."""
+    k = len(loss_seq[0])
+    state = (np.ones(k), np.zeros(k), np.zeros(k), 0)
+    L0 = None
+    used = []
+    for L, n in zip(loss_seq, norm_seq, strict=True):
+        w = state[0]
+        used.append(w.copy())
+        L0 = L if L0 is None else L0
+        r = (L / L0) / np.mean(L / L0)
+        G = w * n
+        target = G.mean() * r**alpha
+        state = adam_ref(np.sign(G - target) * n, state, lr)
+        state = (k * state[0] / state[0].sum(), *state[1:])
+    return used

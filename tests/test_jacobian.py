@@ -48,10 +48,22 @@ def _separate_grads(params, x, ys):
     return [jax.grad(lambda p, t=t: _losses(p, x, ys)[t])(params) for t in range(len(ys))]
 
 
-@pytest.mark.parametrize("chunk_size", [None, 1, 2, 3, 5])
-def test_value_and_jacobian_equals_separate_grads(problem, chunk_size):
+@pytest.mark.parametrize(
+    "strategy,chunk_size",
+    [
+        ("vmap", None),
+        ("vmap", 1),
+        ("vmap", 2),
+        ("vmap", 3),
+        ("vmap", 5),
+        ("unroll", None),
+        ("scan", None),
+    ],
+)
+def test_value_and_jacobian_equals_separate_grads(problem, strategy, chunk_size):
     params, x, ys = problem
-    losses, jac = jax.jit(mtl.value_and_jacobian(_losses, chunk_size=chunk_size))(params, x, ys)
+    fn = mtl.value_and_jacobian(_losses, chunk_size=chunk_size, strategy=strategy)
+    losses, jac = jax.jit(fn)(params, x, ys)
     np.testing.assert_allclose(losses, _losses(params, x, ys), rtol=1e-6)
     for t, grad in enumerate(_separate_grads(params, x, ys)):
         jax.tree.map(
@@ -82,6 +94,10 @@ def test_value_and_jacobian_rejects_scalar_losses(problem):
         mtl.value_and_jacobian(lambda p: jnp.sum(_losses(p, x, ys)))(params)
     with pytest.raises(ValueError, match="chunk_size"):
         mtl.value_and_jacobian(lambda p: _losses(p, x, ys), chunk_size=0)(params)
+    with pytest.raises(ValueError, match="strategy"):
+        mtl.value_and_jacobian(lambda p: _losses(p, x, ys), strategy="loop")
+    with pytest.raises(ValueError, match="'vmap' only"):
+        mtl.mtl_value_and_grad(_encode, [_head_loss], strategy="unroll", chunk_size=2)
 
 
 @pytest.mark.parametrize("form", ["sequence", "mapping", "stacked"])
@@ -132,15 +148,16 @@ def test_mtl_value_and_grad_chunked_and_aux(problem):
     def head(h, z, y):
         return _head_loss(h, z, y), jnp.zeros(())
 
-    fn = mtl.mtl_value_and_grad(encoder, [head] * 3, has_aux=True, chunk_size=2)
-    (_, (enc_aux, head_aux)), enc_jac, _, _ = fn(params["trunk"], params["heads"], x, ys)
     _, ref_jac = mtl.value_and_jacobian(_losses)(params, x, ys)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-        enc_jac,
-        ref_jac["trunk"],
-    )
-    assert "mean_z" in enc_aux and len(head_aux) == 3
+    for kwargs in ({"chunk_size": 2}, {"strategy": "unroll"}, {"strategy": "scan"}):
+        fn = mtl.mtl_value_and_grad(encoder, [head] * 3, has_aux=True, **kwargs)
+        (_, (enc_aux, head_aux)), enc_jac, _, _ = fn(params["trunk"], params["heads"], x, ys)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+            enc_jac,
+            ref_jac["trunk"],
+        )
+        assert "mean_z" in enc_aux and len(head_aux) == 3
 
 
 def test_mtl_value_and_grad_errors(problem):

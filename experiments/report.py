@@ -1,0 +1,49 @@
+"""Rebuild a work dir's report from its log: ``python -m experiments.report --workdir DIR``.
+
+Reads ``metrics.jsonl`` and ``config.json`` only (no data, no training), writes ``report.md`` and
+the plots again and prints the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+from absl import app, flags
+
+from experiments import reports, studies
+from experiments.logs import JsonlLog
+from experiments.tasks import TaskSpec
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "The work dir of a run (holds metrics.jsonl).", required=True
+)
+
+
+def rebuild(workdir: str) -> str:
+    records = list(JsonlLog(os.path.join(workdir, "metrics.jsonl")).records())
+    study_records = [r for r in records if r.get("kind") == "study"]
+    if not study_records:
+        raise ValueError(
+            f"{workdir}/metrics.jsonl has no study record; is it a work dir of experiments.run?"
+        )
+    head = study_records[0]
+    tasks = [TaskSpec(**t) for t in head["tasks"]]
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    study = studies.STUDIES[head["study"]]
+    sections = [study.report(records, tasks, config, workdir)] if study.report else []
+    title = (
+        f"{head['study']}: {head['dataset']}, model {config.model.name}, seeds {list(config.seeds)}"
+    )
+    return reports.write_report(records, tasks, workdir, title, sections=sections)
+
+
+def main(argv):
+    del argv
+    print(rebuild(_WORKDIR.value))
+
+
+if __name__ == "__main__":
+    app.run(main)

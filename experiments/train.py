@@ -1,0 +1,869 @@
+"""The train loop: one jitted step from per-task Jacobian to optimizer, evaluation, checkpoints.
+
+Step (``make_train_step``), for a shared encoder and per-task heads::
+
+    losses[K], encoder Jacobian, head gradients  <- mtl.mtl_value_and_grad(encoder, heads)
+    encoder Jacobian <- [pre-transforms: the sparse-training mask, if any]
+    conflict statistics                          <- mtl.ConflictTracker on that Jacobian
+    encoder update   <- aggregator -> optimizer -> [the mask again, so frozen weights stay
+                                                    bit-identical]
+    head updates     <- optimizer on each head's own gradient
+
+With a sharing spec (``RunSpec.sharing_fn``: per-task copies such as modulation scales, per-task
+masks such as LaSS's), the encoder runs through ``mtl.per_task`` (the shared prefix once, then one
+stream per task), the Jacobian comes from ``mtl.value_and_jacobian`` of the loss vector, the
+aggregator is wrapped in ``mtl.multitask`` so copied leaves get their own task's gradient, and the
+tracker measures the shared leaves only.
+
+The Gram matrices the tracker and the aggregator compute from the same Jacobian are the same XLA
+computation inside the one jitted step, so the conflict metrics cost almost nothing
+(``benchmarks/step_time.py``: ``jac+mean+tracker``).
+
+Runs are resumable: the whole :class:`TrainState` (parameters, BatchNorm statistics, optimizer
+and aggregator state, conflict counters, step) is checkpointed with orbax, which writes to a
+temporary directory and renames it (atomic). The batches of an epoch are a deterministic function
+of ``(seed, epoch)``, and a resumed run starts inside an epoch at the right batch, so a killed run
+finishes bit-identical to an uninterrupted one on CPU. Log records written after the restored
+checkpoint are dropped from ``metrics.jsonl`` on resume. A finished run also saves its final
+parameters (``runs/<run>/final``), from which later runs of a study can start (``init_from``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+
+import mtl_jax as mtl
+from experiments import data as data_lib
+from experiments import losses as losses_lib
+from experiments import metrics as metrics_lib
+from experiments import optim
+from experiments.logs import JsonlLog
+from experiments.tasks import TaskSpec
+from mtl_jax import lass as lass_lib
+from mtl_jax import sharing as sharing_lib
+from mtl_jax import sparse as sparse_lib
+
+PyTree = Any
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A task loss became NaN or inf; the run stops without writing a checkpoint of that state."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RunSpec:
+    """One training run of a study.
+
+    Attributes:
+      label: display name, unique within a study (e.g. ``"pcgrad"``, ``"pcgrad+st"``).
+      method: aggregator name in ``mtl.AGGREGATORS``.
+      method_kwargs: its hyper-parameters.
+      seed: seeds the initialisation, the data order and the aggregator's PRNG key.
+      tasks: the tasks whose losses are trained (single-task references, per-task fine-tuning);
+        ``None`` = all tasks of the data set.
+      encoder_mask_fn: ``encoder params -> mask`` (bool pytree, ``True`` = trainable), computed
+        once from the run's initial encoder parameters (sparse training). The mask is applied to
+        the task Jacobian before aggregation and to the update after the optimizer.
+      sharing_fn: ``encoder params -> sharing spec`` (``mtl_jax.sharing``), computed from the run's
+        initial encoder parameters; the encoder then runs through ``mtl.per_task``.
+      init_from: the ``run_id`` of a finished run of the same work dir whose final parameters
+        (and BatchNorm statistics) this run starts from; its optimizer starts fresh.
+      epochs: overrides ``config.train.epochs`` for this run.
+      model: overrides the study's model for this run (e.g. the variant with modulation).
+      info: free-form facts about the run, copied into its start and summary records.
+    """
+
+    label: str
+    method: str = "mean"
+    method_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    tasks: tuple[str, ...] | None = None
+    encoder_mask_fn: Callable[[PyTree], PyTree] | None = None
+    sharing_fn: Callable[[PyTree], PyTree] | None = None
+    init_from: str | None = None
+    epochs: int | None = None
+    model: Any = None
+    info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.label}__seed{self.seed}"
+
+
+class TrainState(NamedTuple):
+    """Everything a resumed run needs (a pytree of arrays, checkpointed as one item)."""
+
+    step: jax.Array  # int32 []
+    params: dict[str, PyTree]  # {"encoder": ..., "heads": {task: ...}}
+    model_state: dict[str, PyTree]  # non-parameter collections (BatchNorm statistics)
+    opt_state: tuple[PyTree, PyTree, PyTree]  # (encoder pre, encoder chain, heads) states
+    conflict: mtl.ConflictState
+    first_nonfinite: jax.Array  # int32 []: step of the first non-finite loss, -1 if none
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Problem:
+    """The static pieces of a run: tasks, model, transforms, tracker, sharing spec."""
+
+    tasks: tuple[TaskSpec, ...]  # the trained tasks (their losses form the loss vector)
+    streams: tuple[TaskSpec, ...]  # all tasks of the model (the per-task streams)
+    model: Any
+    encoder_pre_tx: optax.GradientTransformation  # on the task Jacobian (e.g. a sparse mask)
+    encoder_tx: optax.GradientTransformation  # aggregator -> optimizer -> post transforms
+    heads_tx: optax.GradientTransformation
+    tracker: mtl.ConflictTracker
+    strategy: str = "vmap"
+    sharing: PyTree | None = None  # encoder sharing spec (per-task mode) or None
+    kind: str = "jacobian"  # "jacobian" | "loss" (a scalarizer) | "representation" (MGDA-UB style)
+    post_step: Any = None  # the scalarizer whose post_step needs the losses after the step (FAMO)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model application.
+
+
+def _split_variables(variables: Mapping[str, Any]) -> tuple[PyTree, dict[str, Any]]:
+    params = variables["params"]
+    state = {k: v for k, v in variables.items() if k != "params"}
+    return params, state
+
+
+def apply_module(module, params, state, x, train: bool):
+    """Applies a Linen module; with mutable collections in ``state`` and ``train``, updates them."""
+    variables = {"params": params, **state}
+    if train and state:
+        out, new_state = module.apply(variables, x, train=True, mutable=list(state))
+        return out, dict(new_state)
+    return module.apply(variables, x, train=train), state
+
+
+def init_params(model, tasks, input_shape, key) -> tuple[dict, dict]:
+    """Initial ``params`` and ``model_state`` as ``{"encoder": ..., "heads": {task: ...}}``."""
+    variables = model.init(key, input_shape)
+    enc_params, enc_state = _split_variables(variables["encoder"])
+    heads_params, heads_state = {}, {}
+    for task in tasks:
+        heads_params[task.name], heads_state[task.name] = _split_variables(
+            variables["heads"][task.name]
+        )
+    return (
+        {"encoder": enc_params, "heads": heads_params},
+        {"encoder": enc_state, "heads": heads_state},
+    )
+
+
+def shared_view(tree: PyTree, spec: PyTree | None) -> PyTree:
+    """``tree`` with the spec's COPIED leaves hidden (``optax.MaskedNode``): the shared parameters,
+    on which conflicts are measured."""
+    if spec is None:
+        return tree
+    specific = sharing_lib.spec_task_specific(spec)
+    return jax.tree.map(lambda s, x: optax.MaskedNode() if s else x, specific, tree)
+
+
+def _encoder_forward(problem: Problem, enc_state: dict, train: bool) -> Callable:
+    """``(encoder params, x) -> (z, new_state)``; with a sharing spec, ``z`` has a task axis."""
+    model = problem.model
+
+    def apply(p, x):
+        return apply_module(model.encoder, p, enc_state, x, train)
+
+    if problem.sharing is None:
+        return apply
+    forward = sharing_lib.per_task(
+        lambda p, x: apply(p, x), problem.sharing, len(problem.streams), has_state=True
+    )
+    return forward
+
+
+# ---------------------------------------------------------------------------------------------
+# The jitted step and prediction.
+
+
+def _structured_grads(problem: Problem, state: TrainState, x, targets):
+    """Encoder + heads: ``mtl_value_and_grad`` (encoder Jacobian, heads' own gradients)."""
+    model, head_states = problem.model, state.model_state["heads"]
+
+    def head_loss_fn(task: TaskSpec) -> Callable:
+        def fn(hp, z, y):
+            pred, new_state = apply_module(
+                model.heads[task.name], hp, head_states[task.name], z, True
+            )
+            return losses_lib.task_loss(task, pred, y), new_state
+
+        return fn
+
+    grad_fn = mtl.mtl_value_and_grad(
+        _encoder_forward(problem, state.model_state["encoder"], True),
+        {t.name: head_loss_fn(t) for t in problem.tasks},
+        has_aux=True,
+        strategy=problem.strategy,
+    )
+    heads = {t.name: state.params["heads"][t.name] for t in problem.tasks}
+    (losses, (enc_state, new_heads)), enc_jac, head_grads, rep_grads = grad_fn(
+        state.params["encoder"], heads, x, targets
+    )
+    head_grads = {**jax.tree.map(jnp.zeros_like, state.params["heads"]), **head_grads}
+    return losses, enc_jac, head_grads, enc_state, {**head_states, **new_heads}, rep_grads
+
+
+def _per_task_grads(problem: Problem, state: TrainState, x, targets):
+    """Sharing spec: per-task encoder streams; Jacobian of the loss vector over all parameters."""
+    model, head_states = problem.model, state.model_state["heads"]
+    stream = {t.name: i for i, t in enumerate(problem.streams)}
+    forward = _encoder_forward(problem, state.model_state["encoder"], True)
+
+    def loss_vector(params):
+        z, enc_state = forward(params["encoder"], x)
+        losses, new_heads = [], {}
+        for task in problem.tasks:
+            z_t = jax.tree.map(lambda a, i=stream[task.name]: a[i], z)
+            pred, new_heads[task.name] = apply_module(
+                model.heads[task.name],
+                params["heads"][task.name],
+                head_states[task.name],
+                z_t,
+                True,
+            )
+            losses.append(losses_lib.task_loss(task, pred, targets[task.name]))
+        return jnp.stack(losses), (enc_state, {**head_states, **new_heads})
+
+    (losses, (enc_state, new_heads)), jac = mtl.value_and_jacobian(
+        loss_vector, has_aux=True, strategy=problem.strategy
+    )(state.params)
+    return losses, jac["encoder"], jac["heads"], enc_state, new_heads, None
+
+
+def _scale_head_grads(problem: Problem, head_grads: dict, weights: jax.Array) -> dict:
+    """Head k's gradient times task k's weight (heads of untrained tasks keep their zeros).
+
+    In per-task mode the heads' gradients still have their task rows (summed later by
+    ``heads_tx``); every row of head k is task k's, so the same scaling applies."""
+    index = {t.name: k for k, t in enumerate(problem.tasks)}
+    return {
+        name: jax.tree.map(lambda g, k=index[name]: g * weights[k].astype(g.dtype), grads)
+        if name in index
+        else grads
+        for name, grads in head_grads.items()
+    }
+
+
+def grads_fn_losses(problem: Problem, state: TrainState, x, targets) -> jax.Array:
+    """The task losses at ``state.params`` (train mode, statistics not updated), for FAMO."""
+    model, head_states = problem.model, state.model_state["heads"]
+    stream = {t.name: i for i, t in enumerate(problem.streams)}
+    z, _ = _encoder_forward(problem, state.model_state["encoder"], True)(state.params["encoder"], x)
+    losses = []
+    for task in problem.tasks:
+        z_t = z if problem.sharing is None else jax.tree.map(lambda a, i=stream[task.name]: a[i], z)
+        pred, _ = apply_module(
+            model.heads[task.name],
+            state.params["heads"][task.name],
+            head_states[task.name],
+            z_t,
+            True,
+        )
+        losses.append(losses_lib.task_loss(task, pred, targets[task.name]))
+    return jax.lax.stop_gradient(jnp.stack(losses))
+
+
+def make_train_step(problem: Problem) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """``(state, batch) -> (state, outputs)``; outputs: losses, incidence, mean cos, weights."""
+    names = [t.name for t in problem.tasks]
+    grads_fn = _structured_grads if problem.sharing is None else _per_task_grads
+
+    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+        targets = {n: batch[n] for n in names}
+        losses, enc_jac, head_grads, enc_state, head_states, rep_grads = grads_fn(
+            problem, state, batch["image"], targets
+        )
+        pre_opt, enc_opt, head_opt = state.opt_state
+        # The tracker sees what the aggregator sees: the Jacobian after the pre-transforms.
+        enc_jac, pre_opt = problem.encoder_pre_tx.update(enc_jac, pre_opt, state.params["encoder"])
+        conflict = problem.tracker.update(state.conflict, shared_view(enc_jac, problem.sharing))
+        extra = {"rep_grads": rep_grads} if problem.kind == "representation" else {}
+        enc_updates, enc_opt = problem.encoder_tx.update(
+            enc_jac, enc_opt, state.params["encoder"], task_losses=losses, **extra
+        )
+        if problem.kind == "loss":  # the gradient of the scalarized loss scales every head too
+            head_grads = _scale_head_grads(problem, head_grads, mtl.last_weights(enc_opt))
+        head_updates, head_opt = problem.heads_tx.update(
+            head_grads, head_opt, state.params["heads"]
+        )
+        params = {
+            "encoder": optax.apply_updates(state.params["encoder"], enc_updates),
+            "heads": optax.apply_updates(state.params["heads"], head_updates),
+        }
+        if problem.post_step is not None:  # FAMO: the losses after the step, on the same batch
+            new_losses = grads_fn_losses(
+                problem, state._replace(params=params), batch["image"], targets
+            )
+            enc_opt = mtl.post_step_in_state(enc_opt, problem.post_step, new_losses)
+        finite = jnp.all(jnp.isfinite(losses))
+        first_nonfinite = jnp.where(
+            (state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite
+        )
+        weights = mtl.last_weights(enc_opt)
+        outputs = {
+            "losses": losses,
+            "incidence": conflict.last_incidence["global"],
+            "mean_cos": conflict.last_mean_cos["global"],
+            "weights": weights if weights is not None else jnp.zeros((0,)),
+        }
+        new_state = TrainState(
+            step=state.step + 1,
+            params=params,
+            model_state={"encoder": enc_state, "heads": dict(head_states)},
+            opt_state=(pre_opt, enc_opt, head_opt),
+            conflict=conflict,
+            first_nonfinite=first_nonfinite,
+        )
+        return new_state, outputs
+
+    return step
+
+
+def make_predict(problem: Problem) -> Callable[[PyTree, PyTree, jax.Array], dict[str, jax.Array]]:
+    """``(params, model_state, x) -> {task: prediction}`` in evaluation mode."""
+    model = problem.model
+    stream = {t.name: i for i, t in enumerate(problem.streams)}
+
+    def predict(params, model_state, x):
+        z, _ = _encoder_forward(problem, model_state["encoder"], False)(params["encoder"], x)
+        out = {}
+        for t in problem.tasks:
+            z_t = (
+                z if problem.sharing is None else jax.tree.map(lambda a, i=stream[t.name]: a[i], z)
+            )
+            out[t.name] = apply_module(
+                model.heads[t.name],
+                params["heads"][t.name],
+                model_state["heads"][t.name],
+                z_t,
+                False,
+            )[0]
+        return out
+
+    return predict
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a run.
+
+
+def build_problem(
+    config: ml_collections.ConfigDict,
+    tasks,
+    streams,
+    model: Any,
+    spec: RunSpec,
+    steps_per_epoch: int,
+    *,
+    mask: PyTree | None = None,
+    sharing: PyTree | None = None,
+) -> Problem:
+    """The transforms for the encoder and heads and the conflict tracker of one run."""
+    num_tasks = len(tasks)
+    kind, aggregator, post_step = make_aggregator(
+        spec.method, spec.method_kwargs, num_tasks, steps_per_epoch
+    )
+    if kind == "representation" and sharing is not None:
+        raise ValueError(
+            f"{spec.method}: representation-gradient methods need one shared representation; a "
+            "sharing spec gives every task its own stream."
+        )
+    if sharing is not None:  # copied leaves (per-task modulation scales) get their own gradient
+        aggregator = mtl.multitask(aggregator, sharing_lib.spec_task_specific(sharing))
+    masks = () if mask is None else (sparse_lib.apply_mask(mask),)
+    opt = optim.optimizer(config.train, steps_per_epoch)
+    heads_tx = opt if sharing is None else optax.chain(mtl.sum_rows(), opt)
+    granularity = {"global": "global", "module": mtl.by_module, "leaf": "leaf"}[
+        config.conflict.granularity
+    ]
+    tracker = mtl.ConflictTracker(
+        num_tasks=num_tasks,
+        granularity=granularity,
+        severity=float(config.conflict.severity),
+        threshold=float(config.conflict.threshold),
+    )
+    return Problem(
+        tasks=tuple(tasks),
+        streams=tuple(streams),
+        model=model,
+        encoder_pre_tx=optax.chain(*masks) if masks else optax.identity(),
+        encoder_tx=optax.chain(aggregator, opt, *masks),
+        heads_tx=heads_tx,
+        tracker=tracker,
+        strategy=config.train.jacobian_strategy,
+        sharing=sharing,
+        kind=kind,
+        post_step=post_step,
+    )
+
+
+UB_SUFFIX = "_ub"
+
+
+def method_names() -> str:
+    """Every name a config may use: aggregators, loss-only methods, ``<weighting>_ub``."""
+    loss_only = sorted(n for n in mtl.SCALARIZERS if n not in mtl.AGGREGATORS)
+    return (
+        f"aggregators {sorted(mtl.AGGREGATORS)}; loss-only methods {loss_only}; "
+        f"representation-gradient methods '<weighting>_ub' (e.g. 'mgda_ub') for a weighting in "
+        f"{sorted(mtl.WEIGHTINGS)}"
+    )
+
+
+def make_aggregator(
+    method: str, kwargs: Mapping[str, Any], num_tasks: int, steps_per_epoch: int = 1
+) -> tuple[str, optax.GradientTransformation, Any]:
+    """``(kind, transform, post_step scalarizer or None)`` for a method name of a config.
+
+    * an aggregator name (``mtl.AGGREGATORS``): the aggregator;
+    * a loss-only method (``mtl.SCALARIZERS``, e.g. ``uw``, ``dwa``, ``famo``, ``gradnorm``):
+      :func:`mtl.from_scalarizer` -- the scalarized loss's gradient from the same Jacobian the
+      conflict metrics use (identical update); GradNorm needs ``layer=<encoder path prefix>``;
+    * ``<weighting>_ub`` (e.g. ``mgda_ub``, ``aligned_mtl_ub``): weights from the representation
+      gradients (:func:`mtl.from_representation`), the MGDA-UB / Aligned-MTL-UB update.
+    """
+    kwargs = dict(kwargs)
+    if method in mtl.AGGREGATORS:
+        return "jacobian", mtl.get_aggregator(method, **kwargs, num_tasks=num_tasks), None
+    if method in mtl.SCALARIZERS:
+        layer = kwargs.pop("layer", None)
+        if method == "gradnorm" and layer is None:
+            raise ValueError(
+                "gradnorm needs layer=<a path prefix of the shared layer W>, e.g. 'gradnorm:layer=Dense_1'."
+            )
+        if method == "dwa":
+            kwargs.setdefault("steps_per_epoch", steps_per_epoch)
+        scalarizer = mtl.get_scalarizer(method, **kwargs)
+        transform = mtl.from_scalarizer(
+            scalarizer, num_tasks=num_tasks, grad_norm_layer=layer, name=method
+        )
+        return "loss", transform, scalarizer if method == "famo" else None
+    if method.endswith(UB_SUFFIX) and method[: -len(UB_SUFFIX)] in mtl.WEIGHTINGS:
+        sum_over_batch = bool(kwargs.pop("sum_over_batch", False))
+        weighting = mtl.get_weighting(method[: -len(UB_SUFFIX)], **kwargs)
+        transform = mtl.from_representation(
+            weighting, num_tasks=num_tasks, sum_over_batch=sum_over_batch, name=method
+        )
+        return "representation", transform, None
+    raise ValueError(f"Unknown method {method!r}; valid names: {method_names()}.")
+
+
+def init_state(problem: Problem, params: PyTree, model_state: PyTree) -> TrainState:
+    """The state at step 0 from initial parameters."""
+
+    def make(params, model_state) -> TrainState:
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            model_state=model_state,
+            opt_state=(
+                problem.encoder_pre_tx.init(params["encoder"]),
+                problem.encoder_tx.init(params["encoder"]),
+                problem.heads_tx.init(params["heads"]),
+            ),
+            conflict=problem.tracker.init(shared_view(params["encoder"], problem.sharing)),
+            first_nonfinite=jnp.full((), -1, jnp.int32),
+        )
+
+    return jax.jit(make)(params, model_state)
+
+
+@functools.cache
+def _compiled_init(model, streams: tuple, input_shape: tuple) -> Callable:
+    return jax.jit(lambda key: init_params(model, streams, input_shape, key))
+
+
+def initial_params(model, streams, input_shape, seed: int) -> tuple[dict, dict]:
+    """The seed's initial parameters.
+
+    Drawn with JAX's ``rbg`` PRNG: on CPU, compiling a conv net's initialisers with the default
+    (partitionable threefry) PRNG takes ~4x longer. The parameters are a deterministic function of
+    the seed on a given backend.
+    """
+    init = _compiled_init(model, tuple(streams), tuple(input_shape))
+    return init(jax.random.key(seed, impl="rbg"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def evaluate(
+    problem: Problem, predict_fn, state: TrainState, source, batch_size: int
+) -> dict[str, dict]:
+    """Task metrics over a whole split (``experiments.metrics`` accumulators)."""
+    accumulators = {t.name: metrics_lib.make_task_metric(t) for t in problem.tasks}
+    for batch in data_lib.batches(
+        source, batch_size, seed=0, epoch=0, shuffle=False, drop_remainder=False
+    ):
+        preds = predict_fn(state.params, state.model_state, jnp.asarray(batch["image"]))
+        for t in problem.tasks:
+            accumulators[t.name].update(np.asarray(preds[t.name]), np.asarray(batch[t.name]))
+    return {name: acc.result() for name, acc in accumulators.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
+    """Synchronous orbax manager keeping the two newest checkpoints (atomic: tmp dir + rename)."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=2, create=True, enable_async_checkpointing=False
+    )
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState) -> None:
+    step = int(state.step)
+    if manager.latest_step() == step:
+        return
+    manager.save(step, args=ocp.args.StandardSave(state))
+    manager.wait_until_finished()
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, template: TrainState) -> TrainState | None:
+    step = manager.latest_step()
+    if step is None:
+        return None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def final_params_dir(workdir: str, run_id: str) -> str:
+    return os.path.abspath(os.path.join(workdir, "runs", run_id, "final"))
+
+
+def save_final_params(workdir: str, run_id: str, state: TrainState) -> None:
+    """The finished run's parameters and BatchNorm statistics (atomic), for ``init_from``."""
+    path = final_params_dir(workdir, run_id)
+    if os.path.exists(path):
+        return
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, {"params": state.params, "model_state": state.model_state})
+
+
+def load_final_params(workdir: str, run_id: str) -> tuple[dict, dict]:
+    """``(params, model_state)`` of a finished run of ``workdir``."""
+    path = final_params_dir(workdir, run_id)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"Run {run_id!r} has no final parameters in {workdir} (it must finish before a run "
+            "that starts from it)."
+        )
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(path)
+    return restored["params"], restored["model_state"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _check_finite(state: TrainState, problem: Problem, outputs: dict) -> None:
+    first = int(state.first_nonfinite)
+    if first >= 0:
+        losses = np.asarray(outputs["losses"])
+        bad = [t.name for t, v in zip(problem.tasks, losses, strict=True) if not np.isfinite(v)]
+        raise NonFiniteLossError(
+            f"Non-finite task loss at step {first} (now step {int(state.step)}; tasks with "
+            f"non-finite loss at the last step: {bad or 'none'}). The run stops; its last "
+            "checkpoint holds the state before the failure. Lower the learning rate or check the data."
+        )
+
+
+def _train_record(spec: RunSpec, problem: Problem, step: int, epoch: int, outputs: dict) -> dict:
+    losses = np.asarray(outputs["losses"])
+    weights = outputs["weights"]
+    if isinstance(weights, dict):
+        weights = {g: np.asarray(w).tolist() for g, w in weights.items()}
+    else:
+        weights = np.asarray(weights).tolist()
+    return {
+        "kind": "train",
+        "run": spec.label,
+        "seed": spec.seed,
+        "step": step,
+        "epoch": epoch,
+        "loss": {t.name: float(v) for t, v in zip(problem.tasks, losses, strict=True)},
+        "incidence": float(outputs["incidence"]),
+        "mean_cos": float(outputs["mean_cos"]),
+        "weights": weights,
+    }
+
+
+def _conflict_record(spec: RunSpec, state: TrainState, epoch: int) -> dict:
+    c = state.conflict
+    return {
+        "kind": "conflict",
+        "run": spec.label,
+        "seed": spec.seed,
+        "step": int(state.step),
+        "epoch": epoch,
+        "steps": int(c.steps),
+        "conflicts": {g: int(v) for g, v in c.conflicts.items()},
+        "severe": {g: int(v) for g, v in c.severe.items()},
+        "histogram": {g: np.asarray(v).tolist() for g, v in c.histogram.items()},
+    }
+
+
+def count_params(tree: PyTree) -> int:
+    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def _frozen_unchanged(mask: PyTree, before: PyTree, after: PyTree) -> bool:
+    """Whether every coordinate outside ``mask`` is bit-identical before and after training."""
+    same = jax.tree.map(
+        lambda m, a, b: bool(np.all((np.asarray(a) == np.asarray(b)) | np.asarray(m, bool))),
+        mask,
+        before,
+        after,
+    )
+    return all(jax.tree.leaves(same))
+
+
+def _find_record(log: JsonlLog, kind: str, spec: RunSpec) -> dict | None:
+    found = None
+    for record in log.records():
+        if (
+            record.get("kind") == kind
+            and record.get("run") == spec.label
+            and record.get("seed") == spec.seed
+        ):
+            found = record
+    return found
+
+
+def train_run(
+    config: ml_collections.ConfigDict,
+    data: Any,
+    model: Any,
+    spec: RunSpec,
+    workdir: str,
+    log: JsonlLog,
+    *,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+) -> dict[str, Any]:
+    """Trains one run, resuming from its latest checkpoint; returns the summary record.
+
+    ``stop_after_steps`` ends the process-local loop early (as a kill would) -- for tests.
+    """
+    finished = _find_record(log, "summary", spec)
+    if finished is not None:
+        return finished  # finished earlier in this work dir
+    model = spec.model if spec.model is not None else model
+
+    streams = tuple(data.tasks)
+    tasks = streams if spec.tasks is None else tuple(t for t in streams if t.name in spec.tasks)
+    if spec.tasks is not None and len(tasks) != len(spec.tasks):
+        raise ValueError(
+            f"Run {spec.run_id}: unknown task(s) in {spec.tasks}; the data set has {[t.name for t in streams]}."
+        )
+    batch_size = int(config.train.batch_size)
+    steps_per_epoch = data_lib.num_batches(data.train, batch_size, drop_remainder=True)
+    epochs = int(spec.epochs if spec.epochs is not None else config.train.epochs)
+    total_steps = epochs * steps_per_epoch
+    run_dir = os.path.join(workdir, "runs", spec.run_id)
+
+    # Initial parameters: the seed's, or a finished run's; then the mask and the sharing spec.
+    if spec.init_from is None:
+        params, model_state = initial_params(model, streams, data.input_shape, spec.seed)
+    else:
+        params, model_state = load_final_params(workdir, spec.init_from)
+    mask = None if spec.encoder_mask_fn is None else spec.encoder_mask_fn(params["encoder"])
+    sharing = None if spec.sharing_fn is None else spec.sharing_fn(params["encoder"])
+    if sharing is not None and spec.init_from is None:
+        params["encoder"] = sharing_lib.copy_per_task(params["encoder"], sharing, len(streams))
+    initial_encoder = params["encoder"]
+
+    problem = build_problem(
+        config, tasks, streams, model, spec, steps_per_epoch, mask=mask, sharing=sharing
+    )
+    template = init_state(problem, params, model_state)
+    manager = checkpoint_manager(os.path.join(run_dir, "checkpoints"))
+    restored = restore_checkpoint(manager, template)
+    state = template if restored is None else restored
+    # Fresh buffers: leaves of the initial state may alias each other (e.g. optimizer moments
+    # created from one zeros array), and the jitted step donates its input state.
+    state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+    start = int(state.step)
+    log.drop(
+        lambda r: (
+            r.get("run") == spec.label and r.get("seed") == spec.seed and r.get("step", -1) > start
+        )
+    )
+    info = dict(spec.info)
+    if sharing is not None and any(
+        isinstance(m, sharing_lib.Masked)
+        for m in jax.tree.leaves(sharing, is_leaf=lambda x: isinstance(x, sharing_lib.Masked))
+    ):
+        sizes = lass_lib.subnetwork_sizes(sharing)  # LaSS: the per-task sub-networks
+        info["subnetwork"] = {
+            "kept": [int(v) for v in sizes["kept"]],
+            "total": sizes["total"],
+            "fraction": [float(v) for v in sizes["fraction"]],
+            "shared_by_all": sizes["shared_by_all"],
+            "union": sizes["union"],
+        }
+    if mask is not None:
+        stats = sparse_lib.mask_stats(mask)
+        info["trainable_encoder_params"] = int(stats["trainable"])
+        info["trainable_encoder_fraction"] = float(stats["fraction"])
+    if restored is None:
+        log.write(
+            {
+                "kind": "start",
+                "run": spec.label,
+                "seed": spec.seed,
+                "step": 0,
+                "method": spec.method,
+                "method_kwargs": dict(spec.method_kwargs),
+                "tasks": [t.name for t in tasks],
+                "init_from": spec.init_from,
+                "encoder_params": count_params(state.params["encoder"]),
+                "head_params": count_params(state.params["heads"]),
+                "steps_per_epoch": steps_per_epoch,
+                "total_steps": total_steps,
+                "info": info,
+            }
+        )
+
+    step_fn = jax.jit(make_train_step(problem), donate_argnums=0)
+    predict_fn = jax.jit(make_predict(problem))
+    log_every = max(1, int(config.train.log_every_steps))
+    ckpt_every = int(config.train.checkpoint_every_steps)
+    ckpt_epochs = max(1, int(config.train.checkpoint_every_epochs))
+    eval_every = max(1, int(config.train.eval_every_epochs))
+    columns = ["image", *[t.name for t in tasks]]
+
+    bar = tqdm.tqdm(
+        total=total_steps,
+        initial=start,
+        disable=not progress,
+        desc=spec.run_id,
+        leave=False,
+        dynamic_ncols=True,
+    )
+    step_rates: list[float] = []  # seconds per step over each logging window after the first
+    window_start: tuple[int, float] | None = None
+    steps_this_process = 0
+    outputs: dict = {}
+    while int(state.step) < total_steps:
+        step = int(state.step)
+        epoch, start_batch = divmod(step, steps_per_epoch)
+        for batch in data_lib.batches(
+            data.train,
+            batch_size,
+            seed=spec.seed,
+            epoch=epoch,
+            shuffle=True,
+            start_batch=start_batch,
+        ):
+            batch = {k: jnp.asarray(batch[k]) for k in columns}
+            state, outputs = step_fn(state, batch)
+            step += 1
+            steps_this_process += 1
+            bar.update(1)
+            if step % log_every == 0 or step % steps_per_epoch == 0:
+                jax.block_until_ready(outputs["losses"])
+                now = time.perf_counter()
+                if window_start is not None and step > window_start[0]:
+                    step_rates.append((now - window_start[1]) / (step - window_start[0]))
+                window_start = (step, now)
+                _check_finite(state, problem, outputs)
+                log.write(_train_record(spec, problem, step, epoch, outputs))
+                bar.set_postfix(loss=" ".join(f"{v:.3f}" for v in np.asarray(outputs["losses"])))
+            if ckpt_every and step % ckpt_every == 0 and step % steps_per_epoch:
+                _check_finite(state, problem, outputs)
+                save_checkpoint(manager, state)
+            if stop_after_steps is not None and steps_this_process >= stop_after_steps:
+                bar.close()
+                return {"kind": "interrupted", "run": spec.label, "seed": spec.seed, "step": step}
+        # end of epoch
+        window_start = None  # evaluation and checkpointing are not step time
+        _check_finite(state, problem, outputs)
+        log.write(_conflict_record(spec, state, epoch + 1))
+        if (epoch + 1) % eval_every == 0 or step == total_steps:
+            results = evaluate(
+                problem, predict_fn, state, data.test, int(config.train.eval_batch_size)
+            )
+            log.write(
+                {
+                    "kind": "eval",
+                    "run": spec.label,
+                    "seed": spec.seed,
+                    "step": step,
+                    "epoch": epoch + 1,
+                    "split": "test",
+                    "metrics": results,
+                }
+            )
+        if (epoch + 1) % ckpt_epochs == 0 or step == total_steps:
+            save_checkpoint(manager, state)
+    bar.close()
+    save_final_params(workdir, spec.run_id, state)
+
+    final = _find_record(log, "eval", spec)
+    tracker = problem.tracker
+    if mask is not None:
+        info["frozen_unchanged"] = _frozen_unchanged(mask, initial_encoder, state.params["encoder"])
+    summary = {
+        "kind": "summary",
+        "run": spec.label,
+        "seed": spec.seed,
+        "step": total_steps,
+        "method": spec.method,
+        "tasks": [t.name for t in tasks],
+        "test": final["metrics"] if final else {},
+        "incidence_all": {g: float(v) for g, v in tracker.mean_incidence(state.conflict).items()},
+        "incidence_last_half": _last_half_incidence(log, spec, tracker.num_pairs, epochs),
+        "s_scores": tracker.s_scores(state.conflict),
+        "encoder_params": count_params(state.params["encoder"]),
+        "head_params": count_params(state.params["heads"]),
+        "seconds_per_step": float(np.median(step_rates)) if step_rates else math.nan,
+        "info": info,
+    }
+    log.write(summary)
+    return summary
+
+
+def _last_half_incidence(
+    log: JsonlLog, spec: RunSpec, num_pairs: int, epochs: int
+) -> dict[str, float]:
+    """Mean p% over the last half of the epochs (the sparse-training paper's second column),
+    from the cumulative conflict counts logged at every epoch end."""
+    by_epoch = {
+        r["epoch"]: r
+        for r in log.records()
+        if r.get("kind") == "conflict" and r.get("run") == spec.label and r.get("seed") == spec.seed
+    }
+    if not by_epoch or num_pairs == 0:
+        return {}
+    end = by_epoch[max(by_epoch)]
+    half = by_epoch.get(epochs // 2)
+    base_steps = half["steps"] if half else 0
+    out = {}
+    for group, total in end["conflicts"].items():
+        base = half["conflicts"][group] if half else 0
+        steps = end["steps"] - base_steps
+        out[group] = 100.0 * (total - base) / (steps * num_pairs) if steps > 0 else math.nan
+    return out

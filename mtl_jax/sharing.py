@@ -1,0 +1,532 @@
+"""Per-task parameter views: shared, copied and masked parameters (DESIGN.md section 5).
+
+A model is written once, as a pure ``apply(params, *args)``. A *sharing spec* is a pytree shaped
+like the parameters (or a prefix of them) whose leaves say, per parameter leaf:
+
+* :data:`SHARED` -- one array used by every task;
+* :data:`COPIED` -- per-task copies: the parameter leaf has a leading task axis ``[K, *shape]``
+  and task t uses row t (Recon's branched layers, :class:`mtl_jax.modules.TaskModulation`);
+* :class:`Masked` ``(mask)`` -- one shared array ``theta`` and a mask ``M: [K, *shape]``
+  (bool or 0/1); task t uses ``theta * M_t`` (LaSS, :mod:`mtl_jax.lass`).
+
+:func:`per_task` turns ``apply`` into the forward of all K tasks at once, by ``jax.vmap`` over the
+task axis with ``in_axes=None`` for shared leaves and ``0`` for copied leaves and masks::
+
+  spec = mtl.make_spec(params, copied=mtl.match_paths("Dense_1"))  # branch at Dense_1
+  params = mtl.copy_per_task(params, spec, num_tasks=2)             # Dense_1 leaves: [2, ...]
+  forward = mtl.per_task(model.apply, spec, num_tasks=2)
+  outs = forward(params, x)                                        # leaves [2, ...]
+
+JAX batches only what depends on batched values, so everything computed before the first
+task-specific leaf (the *shared prefix*) runs once, unbatched, and the K task streams begin at
+that leaf: Recon's semantics for any model, without rewriting it (tests/test_sharing.py checks
+the jaxpr and the FLOP count).
+
+Gradients: differentiating a per-task loss vector through :func:`per_task` with
+:func:`mtl_jax.value_and_jacobian` gives, for a copied leaf, Jacobian rows that are zero except at
+the task's own copy (row t of ``jac[leaf]`` is non-zero only at ``[t, t]``), and for a masked leaf
+row t is zero outside ``M_t``. :func:`spec_task_specific` gives the labels for
+``mtl.multitask(aggregator, task_specific=...)``, which sums the copied leaves' rows (each copy gets
+its own task's gradient) and aggregates the shared and masked ones.
+
+Mutable state (BatchNorm statistics). Inside the task streams each task normalises with the
+batch statistics of its own stream, exactly as K separate forwards would; the running averages
+that ``apply`` returns come out of the ``vmap`` with a task axis and are reduced by
+:func:`per_task` (``has_state=True``):
+
+* state leaves whose spec is :data:`COPIED` (per-task BatchNorm copies, made with
+  :func:`copy_per_task` like any other copied leaf) keep their K rows: each task updates its own;
+* every other state leaf belongs to a shared layer and is reduced over the task axis with
+  ``state_reduction`` (default ``"mean"``, as DESIGN.md section 5 suggests). A shared layer
+  *before* the branch sees identical rows and keeps its value exactly (no rounding from the
+  mean); a shared BatchNorm *after* the branch gets the mean of the per-task running averages.
+  Since each stream uses the same batch size, the mean of the per-task running means equals the
+  running mean over the union of the streams; for the variance it is the mean of the per-task
+  variances (the within-task part of the pooled variance).
+* Alternatively a BatchNorm built with ``axis_name`` equal to :func:`per_task`'s ``axis_name``
+  pools its batch statistics over the task streams during the forward itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtl_jax import _tree
+
+PyTree = Any
+PathFilter = Callable[[str], bool] | str | None
+
+__all__ = [
+    "COPIED",
+    "SHARED",
+    "Masked",
+    "Sharing",
+    "check_spec",
+    "copy_per_task",
+    "make_spec",
+    "match_paths",
+    "merge_specs",
+    "path_filter",
+    "per_task",
+    "spec_from_masks",
+    "spec_task_specific",
+    "task_params",
+]
+
+
+class Sharing(enum.StrEnum):
+    """How a parameter leaf is shared across tasks (the leaves of a sharing spec)."""
+
+    SHARED = "shared"
+    COPIED = "copied"
+
+
+SHARED = Sharing.SHARED
+"""One array used by every task."""
+
+COPIED = Sharing.COPIED
+"""Per-task copies: the parameter leaf has a leading task axis of size K."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Masked:
+    """A shared parameter ``theta`` that task t sees as ``theta * M_t``.
+
+    Attributes:
+      mask: ``[K, *param.shape]``, bool or 0/1. It is a constant of the spec (computed once, e.g.
+        by :func:`mtl_jax.lass.lass_masks`), not a traced value.
+    """
+
+    mask: Any
+
+    def __repr__(self) -> str:
+        return f"Masked(mask={tuple(np.shape(self.mask))})"
+
+
+Marker = Sharing | Masked
+
+
+def _is_marker(x: Any) -> bool:
+    return isinstance(x, Masked | Sharing) or (isinstance(x, str) and x in ("shared", "copied"))
+
+
+def _normalize(marker: Any, path: str) -> Marker:
+    if isinstance(marker, Masked):
+        return marker
+    if isinstance(marker, str) and marker in ("shared", "copied"):
+        return Sharing(marker)
+    raise ValueError(
+        f"Spec leaf {path!r} is {marker!r}; expected mtl.SHARED, mtl.COPIED or mtl.Masked(mask)."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Path filters
+
+
+def match_paths(*patterns: str) -> Callable[[str], bool]:
+    """A path predicate: ``True`` when any regex in ``patterns`` is found in the leaf path.
+
+    Paths are ``/``-joined, e.g. ``'params/encoder/Conv_0/kernel'`` (Linen) or
+    ``'encoder/conv0/kernel/value'`` (NNX). Example: ``match_paths('^params/encoder/')``.
+    """
+    compiled = [re.compile(p) for p in patterns]
+    return lambda path: any(c.search(path) for c in compiled)
+
+
+def path_filter(include: PathFilter) -> Callable[[str], bool]:
+    """Normalises a path filter: ``None`` (every leaf), a regex string, or a predicate."""
+    if include is None:
+        return lambda path: True
+    if isinstance(include, str):
+        return match_paths(include)
+    if callable(include):
+        return include
+    raise TypeError(f"A path filter must be None, a regex string or a callable; got {include!r}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Specs
+
+
+def _listing(items: Sequence[str]) -> str:
+    return _tree._listing(list(items))
+
+
+def _paths(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> list[str]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    return [_tree.path_str(p) for p, _ in flat]
+
+
+def _expand(spec: PyTree, params: PyTree) -> list[Marker]:
+    """The marker of every leaf of ``params`` (flattening order); ``spec`` may be a prefix."""
+    par_flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    try:
+        full = jax.tree.map(
+            lambda s, sub: jax.tree.map(lambda _: s, sub), spec, params, is_leaf=_is_marker
+        )
+        flat, _ = jax.tree_util.tree_flatten_with_path(full, is_leaf=_is_marker)
+    except (ValueError, TypeError) as err:
+        spec_paths = set(_paths(spec, _is_marker))
+        par_paths = _paths(params)
+        unmatched = [p for p in par_paths if not any(_prefix_of(s, p) for s in spec_paths)]
+        extra = [s for s in spec_paths if not any(_prefix_of(s, p) for p in par_paths)]
+        raise ValueError(
+            "The sharing spec does not match the parameters (it must have their structure, or be "
+            f"a prefix of it). Parameter leaves without a spec: [{_listing(unmatched)}]; spec "
+            f"entries without parameters: [{_listing(sorted(extra))}]."
+        ) from err
+    if len(flat) != len(par_flat):
+        raise ValueError(
+            f"The sharing spec has {len(flat)} leaves for {len(par_flat)} parameter leaves; "
+            "every parameter leaf needs exactly one marker."
+        )
+    return [_normalize(m, _tree.path_str(p)) for (p, m), _ in zip(flat, par_flat, strict=True)]
+
+
+def _prefix_of(prefix: str, path: str) -> bool:
+    return prefix == "" or path == prefix or path.startswith(prefix + "/")
+
+
+def _infer_k(markers: list[Marker], shapes: list[tuple], paths: list[str]) -> dict[int, list[str]]:
+    sizes: dict[int, list[str]] = {}
+    for m, shape, path in zip(markers, shapes, paths, strict=True):
+        if isinstance(m, Masked):
+            mshape = np.shape(m.mask)
+            if len(mshape) >= 1:
+                sizes.setdefault(mshape[0], []).append(path)
+        elif m is COPIED and len(shape) >= 1:
+            sizes.setdefault(shape[0], []).append(path)
+    return sizes
+
+
+def check_spec(spec: PyTree, params: PyTree, num_tasks: int | None = None) -> int | None:
+    """Validates a sharing spec against (task-stacked) parameters and returns K.
+
+    Checks that ``spec`` has the structure of ``params`` (or of a prefix), that every
+    :data:`COPIED` leaf is ``[K, ...]`` and every :class:`Masked` mask is ``[K, *param.shape]``,
+    and that all of them agree on K (and with ``num_tasks`` when given).
+
+    Returns:
+      K, or ``num_tasks`` (``None`` if the spec is all :data:`SHARED` and ``num_tasks`` is None).
+
+    Raises:
+      ValueError: naming the offending leaves.
+    """
+    markers = _expand(spec, params)
+    pairs = jax.tree_util.tree_flatten_with_path(params)[0]
+    paths = [_tree.path_str(p) for p, _ in pairs]
+    shapes = [tuple(np.shape(x)) for _, x in pairs]
+    problems = []
+    for m, shape, path in zip(markers, shapes, paths, strict=True):
+        if m is COPIED and len(shape) == 0:
+            problems.append(f"{path}: COPIED but a scalar (needs a leading task axis)")
+        if isinstance(m, Masked):
+            mshape = tuple(np.shape(m.mask))
+            if mshape[1:] != shape or len(mshape) != len(shape) + 1:
+                problems.append(
+                    f"{path}: mask {mshape} for a parameter {shape} (needs (K, *{shape}))"
+                )
+            dtype = jnp.result_type(m.mask)
+            if not (np.issubdtype(dtype, np.bool_) or np.issubdtype(dtype, np.number)):
+                problems.append(f"{path}: mask dtype {dtype} is neither bool nor numeric")
+    if problems:
+        raise ValueError("Invalid sharing spec: " + "; ".join(problems[:8]))
+    sizes = _infer_k(markers, shapes, paths)
+    if num_tasks is not None:
+        bad = {k: v for k, v in sizes.items() if k != num_tasks}
+        if bad:
+            detail = "; ".join(f"K={k}: {_listing(v)}" for k, v in sorted(bad.items()))
+            raise ValueError(
+                f"num_tasks={num_tasks}, but these task-specific leaves have another leading "
+                f"(task) axis: {detail}. Copied leaves come from mtl.copy_per_task(params, spec, "
+                "K); masks must be (K, *param.shape)."
+            )
+        return num_tasks
+    if len(sizes) > 1:
+        detail = "; ".join(f"K={k}: {_listing(v)}" for k, v in sorted(sizes.items()))
+        raise ValueError(f"Task-specific leaves disagree on the task axis K: {detail}.")
+    return next(iter(sizes)) if sizes else None
+
+
+def make_spec(params: PyTree, copied: PathFilter | bool = False) -> PyTree:
+    """A spec shaped like ``params``: :data:`COPIED` where ``copied(path)``, else :data:`SHARED`.
+
+    Args:
+      params: the (un-stacked) parameters, e.g. ``model.init(...)`` (or its variables with
+        ``batch_stats``, to give copied BatchNorm layers per-task statistics too).
+      copied: a path predicate, a regex string (see :func:`match_paths`), or a bool for all leaves.
+
+    Example::
+
+      spec = make_spec(variables, copied=match_paths("Conv_1/", "BatchNorm_1/"))
+    """
+    if isinstance(copied, bool):
+        pred = lambda path: copied
+    else:
+        pred = path_filter(copied)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: COPIED if pred(_tree.path_str(p)) else SHARED, params
+    )
+
+
+def merge_specs(*specs: PyTree) -> PyTree:
+    """Combines specs of the same structure leaf by leaf: a non-shared marker wins over SHARED.
+
+    E.g. LaSS masks on the convolutions and per-task modulation scales:
+    ``merge_specs(lass_spec, modulation_spec(params))``.
+
+    Raises:
+      ValueError: if two specs give one leaf two different task-specific markers.
+    """
+    if not specs:
+        raise ValueError("merge_specs needs at least one spec.")
+    flats = [jax.tree_util.tree_flatten_with_path(s, is_leaf=_is_marker) for s in specs]
+    treedef = flats[0][1]
+    for i, (_, td) in enumerate(flats[1:], start=1):
+        if td != treedef:
+            a, b = set(_paths(specs[0], _is_marker)), set(_paths(specs[i], _is_marker))
+            raise ValueError(
+                f"merge_specs: spec {i} has another structure than spec 0; only in spec 0: "
+                f"[{_listing(sorted(a - b))}], only in spec {i}: [{_listing(sorted(b - a))}]."
+            )
+    out = []
+    for j, (path, first) in enumerate(flats[0][0]):
+        name = _tree.path_str(path)
+        chosen = _normalize(first, name)
+        for flat, _ in flats[1:]:
+            other = _normalize(flat[j][1], name)
+            if other is SHARED:
+                continue
+            if chosen is not SHARED and chosen is not other:
+                raise ValueError(
+                    f"merge_specs: leaf {name!r} is {chosen!r} in one spec and {other!r} in "
+                    "another; a leaf can be copied or masked, not both."
+                )
+            chosen = other
+        out.append(chosen)
+    return treedef.unflatten(out)
+
+
+def spec_from_masks(masks: PyTree) -> PyTree:
+    """A spec from stacked per-task masks (leaves ``[K, *param.shape]``).
+
+    A leaf whose mask keeps everything for every task is :data:`SHARED` (so it stays outside the
+    task streams and a shared prefix is still computed once); any other leaf is
+    :class:`Masked`. The masks must be concrete (computed once, outside ``jit``).
+    """
+
+    def one(m: Any) -> Marker:
+        arr = np.asarray(m)
+        if arr.ndim == 0:
+            raise ValueError("Stacked masks need a leading task axis; got a scalar mask leaf.")
+        return SHARED if bool(np.all(arr != 0)) else Masked(arr.astype(bool))
+
+    return jax.tree.map(one, masks)
+
+
+def spec_task_specific(spec: PyTree) -> PyTree:
+    """The ``task_specific`` labels for :func:`mtl_jax.multitask`: ``True`` for COPIED leaves.
+
+    Copied leaves get Jacobian rows that are zero except at the task's own copy, so their rows are
+    summed; shared and masked leaves (one ``theta`` for all tasks) are aggregated.
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda p, m: _normalize(m, _tree.path_str(p)) is COPIED, spec, is_leaf=_is_marker
+    )
+
+
+def copy_per_task(params: PyTree, spec: PyTree, num_tasks: int) -> PyTree:
+    """Adds a leading task axis to the :data:`COPIED` leaves by repetition.
+
+    Every copy starts from the shared value (Recon's paper initialises the task-specific copies
+    from the shared layer; METHODS.md section 1). Shared and masked leaves are returned as they
+    are. The result passes :func:`check_spec` with ``num_tasks``.
+
+    Args:
+      params: un-stacked parameters (copied leaves ``[*shape]``).
+      spec: the sharing spec (or a prefix of it).
+      num_tasks: K.
+
+    Returns:
+      Parameters whose copied leaves are ``[K, *shape]``.
+    """
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks must be >= 1; got {num_tasks}.")
+    markers = _expand(spec, params)
+    leaves, treedef = jax.tree.flatten(params)
+    out = [
+        jnp.repeat(jnp.asarray(x)[None], num_tasks, axis=0) if m is COPIED else x
+        for m, x in zip(markers, leaves, strict=True)
+    ]
+    stacked = treedef.unflatten(out)
+    check_spec(spec, stacked, num_tasks)
+    return stacked
+
+
+def _mask_bool(mask: Any) -> jax.Array:
+    mask = jnp.asarray(mask)
+    return mask if mask.dtype == jnp.bool_ else mask != 0
+
+
+def _masked_value(theta: jax.Array, mask_t: jax.Array) -> jax.Array:
+    """``theta * M_t`` as a select: exact zeros, and a gradient that is exactly zero outside M_t."""
+    return jnp.where(mask_t, theta, jnp.zeros((), theta.dtype))
+
+
+def task_params(params: PyTree, spec: PyTree, task: int) -> PyTree:
+    """Task ``task``'s view of the parameters, usable with the plain ``apply``.
+
+    Copied leaves give their row ``task``, masked leaves ``theta * M_task``, shared leaves
+    themselves. ``per_task(apply, spec, K)(params, x)[t] == apply(task_params(params, spec, t), x)``.
+    """
+    check_spec(spec, params)
+    markers = _expand(spec, params)
+    leaves, treedef = jax.tree.flatten(params)
+    out = []
+    for m, x in zip(markers, leaves, strict=True):
+        if m is COPIED:
+            out.append(x[task])
+        elif isinstance(m, Masked):
+            out.append(_masked_value(x, _mask_bool(m.mask)[task]))
+        else:
+            out.append(x)
+    return treedef.unflatten(out)
+
+
+# --------------------------------------------------------------------------------------------
+# The per-task forward
+
+
+StateReduction = str | Callable[[jax.Array], jax.Array]
+
+
+def _reduce_mean(x: jax.Array) -> jax.Array:
+    """Mean over the task axis; exactly ``x[0]`` when all rows agree (layers before the branch)."""
+    x = jnp.asarray(x)
+    same = jnp.all(x == x[0])
+    mean = jnp.mean(x, axis=0) if jnp.issubdtype(x.dtype, jnp.inexact) else x[0]
+    return jnp.where(same, x[0], mean).astype(x.dtype)
+
+
+def _state_markers(state: PyTree, spec: PyTree, state_spec: PyTree | None) -> list[Marker]:
+    if state_spec is not None:
+        return _expand(state_spec, state)
+    spec_flat = jax.tree_util.tree_flatten_with_path(spec, is_leaf=_is_marker)[0]
+    by_path = {_tree.path_str(p): m for p, m in spec_flat}
+    markers = []
+    for path in _paths(state):
+        if path in by_path:
+            found = by_path[path]
+        else:  # e.g. the spec covers (params, batch_stats) and apply returns batch_stats only
+            hits = [m for p, m in by_path.items() if p.endswith("/" + path)]
+            found = hits[0] if len(hits) == 1 else SHARED
+        markers.append(_normalize(found, path))
+    return markers
+
+
+def _reduce_state(
+    state: PyTree, spec: PyTree, state_spec: PyTree | None, reduction: StateReduction
+) -> PyTree:
+    if reduction == "mean":
+        reduce = _reduce_mean
+    elif callable(reduction):
+        reduce = reduction
+    else:
+        raise ValueError(f"state_reduction must be 'mean' or a callable; got {reduction!r}.")
+    markers = _state_markers(state, spec, state_spec)
+    leaves, treedef = jax.tree.flatten(state)
+    out = [x if m is COPIED else reduce(x) for m, x in zip(markers, leaves, strict=True)]
+    return treedef.unflatten(out)
+
+
+def per_task(
+    apply_fn: Callable[..., Any],
+    spec: PyTree,
+    num_tasks: int,
+    *,
+    has_state: bool = False,
+    state_spec: PyTree | None = None,
+    state_reduction: StateReduction = "mean",
+    axis_name: str | None = None,
+) -> Callable[..., Any]:
+    """The forward of all K tasks at once: ``vmap`` of ``apply_fn`` over the task axis.
+
+    ``fn(params, *args, **kwargs)`` calls ``apply_fn(view_t, *args, **kwargs)`` for every task t
+    under one ``jax.vmap`` (``axis_size=K``), where ``view_t`` takes shared leaves as they are
+    (``in_axes=None``: not batched), copied leaves' row t (``in_axes=0``) and masked leaves as
+    ``theta * M_t`` (the mask is batched, theta is not). ``args``/``kwargs`` (the input batch,
+    flags such as ``train=True``) are the same for every task.
+
+    Because ``vmap`` batches only values that depend on batched inputs, the layers before the
+    first task-specific leaf run once and the task streams start there.
+
+    Works with any pure apply: Flax Linen (``model.apply`` on variables), Flax NNX
+    (``lambda state, x: nnx.merge(graphdef, state)(x)``), Equinox or plain JAX. ``fn`` is
+    jit-able; ``spec`` (and its masks) are constants of the trace.
+
+    Args:
+      apply_fn: ``(params, *args, **kwargs) -> out`` or, with ``has_state``, ``-> (out, state)``
+        (Linen's ``mutable=["batch_stats"]`` convention).
+      spec: the sharing spec (or a prefix) for ``params``; see the module docstring.
+      num_tasks: K.
+      has_state: whether ``apply_fn`` returns ``(out, state)``; the state is then reduced over the
+        task axis as described in the module docstring.
+      state_spec: spec of the returned state; by default each state leaf takes the marker of the
+        spec leaf at the same path (or the unique spec leaf whose path ends with it), and
+        :data:`SHARED` when there is none.
+      state_reduction: ``"mean"`` (exact when all task rows agree) or a callable
+        ``x[K, ...] -> x[...]`` applied to shared state leaves.
+      axis_name: name of the task axis inside ``apply_fn`` (for collectives, e.g. a BatchNorm
+        with ``axis_name`` pooling statistics over the task streams).
+
+    Returns:
+      ``fn(params, *args, **kwargs) -> outs`` (every leaf ``[K, ...]``), or ``(outs, state)``.
+
+    Raises:
+      ValueError: (at trace time) if ``spec`` does not match ``params`` or K disagrees, naming the
+        leaves.
+    """
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks must be >= 1; got {num_tasks}.")
+
+    def fn(params: PyTree, *args: Any, **kwargs: Any) -> Any:
+        check_spec(spec, params, num_tasks)
+        markers = _expand(spec, params)
+        leaves, treedef = jax.tree.flatten(params)
+        batched = [
+            x if m is COPIED else _mask_bool(m.mask) if isinstance(m, Masked) else None
+            for m, x in zip(markers, leaves, strict=True)
+        ]
+
+        def one(batched_t: list[Any]) -> Any:
+            view = []
+            for m, x, b in zip(markers, leaves, batched_t, strict=True):
+                if m is COPIED:
+                    view.append(b)
+                elif isinstance(m, Masked):
+                    view.append(_masked_value(x, b))
+                else:
+                    view.append(x)
+            return apply_fn(treedef.unflatten(view), *args, **kwargs)
+
+        out = jax.vmap(one, axis_size=num_tasks, axis_name=axis_name)(batched)
+        if not has_state:
+            return out
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise ValueError(
+                "per_task(..., has_state=True) needs apply_fn to return (out, state); got "
+                f"{type(out).__name__}."
+            )
+        outs, state = out
+        return outs, _reduce_state(state, spec, state_spec, state_reduction)
+
+    return fn

@@ -1,0 +1,258 @@
+"""Exact projections onto the dual cone in weight space: ``argmin_{v >= u} v^T G v``, jit-able.
+
+UPGrad and DualProj (Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024)
+project a combination ``J^T u`` of the task gradients onto the dual cone of the rows of ``J``,
+``{d : J d >= 0}``. Their Proposition 1: the projection is ``J^T v`` with
+
+    v = argmin_{v >= u}  v^T G v,        G = J J^T,                                      (QP)
+
+a K x K problem. Substituting ``v = u + x`` gives a non-negative least-squares problem
+``min_{x >= 0} |J^T u + J^T x|^2`` (by Moreau's decomposition, ``J^T x*`` is the projection of
+``-J^T u`` onto the cone spanned by the gradients), which we solve *in Gram form* with the active-set
+algorithm of Lawson & Hanson ("Solving Least Squares Problems", 1974, ch. 23, NNLS):
+
+* the *passive* set ``F`` holds the coordinates with ``x_F > 0``; the others are fixed at 0;
+* ``mu = G v`` is the gradient of the objective; ``v`` is optimal when ``mu_j >= 0`` for every
+  ``j`` outside ``F`` (then ``J d >= 0`` with ``d = J^T v``: the projection is non-conflicting);
+* otherwise the most negative ``mu_t`` enters ``F``; the unconstrained minimiser ``z`` on ``F``
+  (``G_FF z_F = -(G u)_F``) is accepted if ``z_F > 0``; if not, the iterate moves from ``x`` towards
+  ``z`` up to the first coordinate that reaches 0, which leaves ``F``, and ``z`` is recomputed.
+
+The objective strictly decreases, so no passive set repeats and the algorithm ends after finitely
+many steps with the exact KKT point: the answer is the solution of the final linear system, not the
+iterate of a first-order method. In exact arithmetic the passive columns stay linearly independent
+(a column only enters with ``mu_t < 0``, which is impossible for a column in the span of the passive
+ones once ``x_F`` is the least-squares solution), so ``G_FF`` is non-singular even when ``G`` is
+rank deficient (more tasks than parameters, parallel or zero gradients).
+
+Linear algebra: instead of a LAPACK solve per iteration (slow for small batched systems on CPU),
+``(G_FF)^{-1}`` is kept embedded in a ``K x K`` array and updated in ``O(K^2)`` when a coordinate
+enters (bordering with the Schur complement ``s = G_tt - G_tF G_FF^{-1} G_Ft``, the squared
+distance of ``g_t`` to the span of the passive gradients) or leaves (the Schur-complement
+downdate); every restricted solve gets one step of iterative refinement against the exact ``G``.
+
+Numerical safeguards (floating point): ``G`` is normalised by its largest diagonal entry (the
+solution does not depend on the scale of ``G``); a coordinate only enters when ``mu_t`` is below
+the rounding level of ``G v`` (a few ulps of ``sqrt(K) sum_k |G_tk v_k|``); an entry fails (the
+coordinate is excluded until the next successful step, as in the Fortran NNLS) when its Schur
+complement is at rounding level (a numerically dependent column) or its least-squares value is not
+positive; a step that does not decrease the objective ends the search. Rank-one updates lose
+accuracy on ill-conditioned passive blocks in float32; a negative Schur complement (impossible in
+exact arithmetic) stops the pass, and whenever a pass ends with the optimality conditions still
+violated, ``(G_FF)^{-1}`` is rebuilt from scratch (bordering in index order) and the search resumes
+from the current point (at most 4 passes). All loops are bounded ``lax`` loops, so batches of
+problems (UPGrad solves K of them) run under one ``vmap``.
+
+Accuracy: float64 agrees with SciPy's NNLS to ~1e-13 relative (tests/test_weighting_qp.py);
+float32 to ~1e-7 on well-conditioned problems and ~1e-4 on the worst rank-deficient samples (40
+tasks whose gradients span 20 dimensions), where G's own rounding is amplified by the conditioning
+of the passive block.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mtl_jax.weighting.base import diag_scale
+
+__all__ = ["project_weights"]
+
+
+def _add_to_inverse(H: jax.Array, G: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Bordering: ``(G_FF)^{-1}`` (embedded in ``H``, zero outside F) -> ``(G_{F+t,F+t})^{-1}``.
+
+    Returns the new inverse and the Schur complement ``s = G_tt - G_tF H G_Ft``: the squared
+    distance (in gradient space) from ``g_t`` to the span of the passive gradients.
+    """
+    col = G[:, t]
+    h = H @ col
+    s = G[t, t] - col @ h
+    safe = jnp.where(s > 0, s, 1.0)
+    grown = H + jnp.outer(h, h) / safe
+    grown = grown.at[:, t].set(-h / safe).at[t, :].set(-h / safe).at[t, t].set(1.0 / safe)
+    return grown, s
+
+
+def _remove_from_inverse(H: jax.Array, r: jax.Array) -> jax.Array:
+    """``(G_FF)^{-1}`` -> ``(G_{F-r,F-r})^{-1}`` (Schur complement of the ``r`` block)."""
+    col = H[:, r]
+    shrunk = H - jnp.outer(col, col) / jnp.where(H[r, r] > 0, H[r, r], 1.0)
+    return shrunk.at[:, r].set(0.0).at[r, :].set(0.0)
+
+
+def _restricted_minimiser(G: jax.Array, Gu: jax.Array, H: jax.Array, free: jax.Array) -> jax.Array:
+    """``z``: zero outside F, ``G_FF z_F = -(G u)_F`` inside, with one step of refinement."""
+    f = free.astype(G.dtype)
+    rhs = -Gu * f
+    z = H @ rhs
+    residual = (rhs - G @ z) * f
+    return (z + H @ residual) * f
+
+
+def _fresh_inverse(G: jax.Array, free: jax.Array) -> jax.Array:
+    """``(G_FF)^{-1}`` embedded in a ``[K, K]`` array, rebuilt by bordering from the empty set.
+
+    Only additions, in index order, on the exact ``G`` (block elimination of an SPD matrix, no
+    accumulated downdates): the accuracy of a fresh factorisation, without a LAPACK call.
+    """
+    num = G.shape[0]
+
+    def add(j, H):
+        grown, schur = _add_to_inverse(H, G, j)
+        return jnp.where(free[j] & (schur > 0), grown, H)
+
+    return jax.lax.fori_loop(0, num, add, jnp.zeros_like(G))
+
+
+class _Tolerances(NamedTuple):
+    tiny: jax.Array  # a coordinate of x at or below this is zero
+    dependent: float  # relative Schur complement below which a column is in the passive span
+
+
+def _mu_tolerance(G: jax.Array, v: jax.Array) -> jax.Array:
+    """Rounding level of ``mu = G v``: a few ulps of ``sqrt(K) sum_k |G_jk v_k|`` per entry."""
+    eps = float(jnp.finfo(G.dtype).eps)
+    return 4.0 * eps * jnp.sqrt(float(G.shape[0])) * (jnp.abs(G) @ jnp.abs(v))
+
+
+def _violations(G: jax.Array, u: jax.Array, x: jax.Array, free: jax.Array) -> jax.Array:
+    """Coordinates outside F whose multiplier ``mu_j = (G v)_j`` is negative beyond rounding."""
+    v = u + x
+    return (~free) & (G @ v < -_mu_tolerance(G, v))
+
+
+def _active_set_loop(G, u, Gu, tols, x, free, H, fixing, budget):
+    """Lawson-Hanson iterations from a feasible state, with rank-one updates of ``H = G_FF^-1``.
+
+    Returns ``(x, free, H, iterations, drifted)``; ``drifted`` reports a negative Schur complement
+    (impossible in exact arithmetic: ``H`` has lost accuracy and must be recomputed).
+    """
+    num = G.shape[0]
+
+    def objective(x: jax.Array) -> jax.Array:
+        v = u + x
+        return 0.5 * v @ G @ v
+
+    def cond(carry):
+        *_, it, done, _ = carry
+        return (~done) & (it < budget)
+
+    def body(carry):
+        x, free, H, excluded, fixing, f_start, it, _, _ = carry
+        candidates = _violations(G, u, x, free) & (~excluded)
+        mu = G @ (u + x)
+        t = jnp.argmin(jnp.where(candidates, mu, jnp.inf))
+        optimal = ~jnp.any(candidates)
+        # Adding mode (``fixing`` False): the candidate t enters F. Fixing mode: F stays.
+        adding = ~fixing
+        grown, schur = _add_to_inverse(H, G, t)
+        trial = jnp.where(adding, free.at[t].set(True), free)
+        H_trial = jnp.where(adding, grown, H)
+        z = _restricted_minimiser(G, Gu, H_trial, trial)
+        broken = ~jnp.all(jnp.isfinite(z))
+        drifted = adding & ~optimal & (schur < -tols.dependent * G[t, t])
+        dependent = schur <= tols.dependent * G[t, t]
+        entry_failed = adding & (broken | dependent | (z[t] <= tols.tiny))
+        positive = (~broken) & jnp.all(jnp.where(trial, z > tols.tiny, True))
+
+        # Partial step from x towards z, up to the first passive coordinate that reaches 0; that
+        # coordinate leaves F (one per iteration: others that reach 0 leave in later steps of
+        # length 0).
+        blocking = trial & (z <= tols.tiny)
+        ratio = jnp.where(blocking, x / jnp.where(blocking, x - z, 1.0), jnp.inf)
+        first = jnp.argmin(ratio)
+        theta = jnp.clip(ratio[first], 0.0, 1.0)
+        moved = jnp.where(trial, jnp.maximum(x + theta * (z - x), 0.0), 0.0)
+        moved = moved.at[first].set(0.0)
+        moved_free = trial.at[first].set(False)
+        H_moved = _remove_from_inverse(H_trial, first)
+
+        new_x = jnp.where(positive, z, moved)
+        new_free = jnp.where(positive, trial, moved_free)
+        new_H = jnp.where(positive, H_trial, H_moved)
+        # A completed outer step must decrease the objective; rounding can break that near
+        # degeneracy, and then the search stops at the last accepted point.
+        no_progress = positive & (objective(z) >= f_start)
+        stop_here = (adding & optimal) | no_progress | (fixing & broken) | drifted
+        keep = stop_here | entry_failed
+        x_out = jnp.where(keep, x, new_x)
+        free_out = jnp.where(keep, free, new_free)
+        H_out = jnp.where(keep, H, new_H)
+        fixing_out = jnp.where(keep, False, ~positive)
+        excluded_out = jnp.where(
+            entry_failed, excluded.at[t].set(True), jnp.where(positive, False, excluded)
+        )
+        f_out = jnp.where(keep | ~positive, f_start, objective(x_out))
+        return x_out, free_out, H_out, excluded_out, fixing_out, f_out, it + 1, stop_here, drifted
+
+    no = jnp.zeros(num, bool)
+    # A resumed search (fixing) first re-solves on its passive set, which need not decrease the
+    # objective; the progress test starts with the next outer step.
+    f0 = jnp.where(fixing, jnp.inf, objective(x))
+    carry = (x, free, H, no, fixing, f0, jnp.int32(0), jnp.bool_(False), jnp.bool_(False))
+    x, free, H, _, _, _, it, _, drifted = jax.lax.while_loop(cond, body, carry)
+    return x, free, H, it, drifted
+
+
+def _lawson_hanson(G: jax.Array, u: jax.Array, max_iter: int, max_passes: int = 4) -> jax.Array:
+    """One projection ``v = u + x`` for a normalised ``G`` (``max_k G_kk <= 1``).
+
+    The active-set loop runs with cheap rank-one updates of ``(G_FF)^{-1}``. When they lose
+    accuracy (ill-conditioned passive blocks in float32) or the result still violates the
+    optimality conditions, ``(G_FF)^{-1}`` is rebuilt from scratch and the loop resumes from the
+    current point (at most ``max_passes`` passes in all).
+    """
+    num = G.shape[0]
+    dtype = G.dtype
+    eps = float(jnp.finfo(dtype).eps)
+    scale_u = jnp.maximum(jnp.max(jnp.abs(u)), jnp.finfo(dtype).tiny)
+    tols = _Tolerances(tiny=8.0 * eps * scale_u, dependent=4.0 * (num**0.5) * eps)
+    Gu = G @ u
+
+    def cond(carry):
+        x, free, used, passes = carry
+        unfinished = jnp.any(_violations(G, u, x, free))
+        return unfinished & (passes < max_passes) & (used < max_iter)
+
+    def body(carry):
+        x, free, used, passes = carry
+        H = _fresh_inverse(G, free)
+        x, free, _, more, _ = _active_set_loop(
+            G, u, Gu, tols, x, free, H, jnp.any(free), max_iter - used
+        )
+        return x, free, used + more, passes + 1
+
+    start = (jnp.zeros(num, dtype), jnp.zeros(num, bool), jnp.int32(0), jnp.int32(0))
+    x, *_ = jax.lax.while_loop(cond, body, start)
+    return u + x
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter",))
+def project_weights(gram: jax.Array, u: jax.Array, max_iter: int | None = None) -> jax.Array:
+    """``v = argmin_{v >= u} v^T G v``: ``J^T v`` is the projection of ``J^T u`` onto ``{d : J d >= 0}``.
+
+    Args:
+      gram: ``G[K, K]``, symmetric positive semi-definite.
+      u: ``[K]``, or a batch ``[..., K]`` of problems sharing ``G`` (solved under one ``vmap``).
+      max_iter: bound on the active-set iterations (default ``4 K + 20``).
+
+    Returns:
+      ``v`` shaped like ``u``, with ``v >= u`` and ``(G v)_j >= 0`` for every ``j`` up to rounding
+      (``(G v)_j = 0`` where ``v_j > u_j``). The result does not depend on the scale of ``G``;
+      all-zero ``G`` gives ``v = u``.
+    """
+    num = gram.shape[0]
+    if u.shape[-1] != num:
+        raise ValueError(f"u has {u.shape[-1]} entries but G is {num} x {num}.")
+    limit = max_iter if max_iter is not None else 4 * num + 20
+    G = gram / diag_scale(gram)
+    G = 0.5 * (G + G.T)
+    u = u.astype(G.dtype)
+    solve = lambda vec: _lawson_hanson(G, vec, limit)
+    flat = jnp.reshape(u, (-1, num))
+    out = jax.vmap(solve)(flat)
+    return jnp.reshape(out, u.shape)

@@ -1,0 +1,336 @@
+"""The new aggregators against NumPy/SciPy implementations of their papers' equations (float64).
+
+Each method runs through its optax transform on Jacobians split across three pytree leaves and is
+compared with ``tests/_reference.py`` on the matrix families of ``tests/_matrices.py``. Method-
+specific behaviour (state across steps, clipping, reuse of weights, grouping) is checked here too.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mtl_jax as mtl
+from tests import _matrices as M
+from tests import _properties as P
+from tests import _reference as R
+
+REF_KS = (2, 5, 10)
+FULL_RANK_KINDS = ("normal", "conflicting", "aligned")
+
+
+def _f64(name: str, J: np.ndarray, **kwargs):
+    with jax.enable_x64(True):
+        return P.run(name, J, dtype=np.float64, **kwargs)
+
+
+@pytest.mark.parametrize("k", REF_KS)
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
+def test_dual_cone_methods_match_nnls(name, k):
+    ref = {"upgrad": R.upgrad_ref, "dualproj": R.dualproj_ref}[name]
+    for kind in M.KINDS:
+        for scale in M.SCALES:
+            J = scale * M.sample(kind, k)
+            d, _ = _f64(name, J)
+            P.assert_close(d, ref(J), J, 1e-10, f"{name} K={k} {kind} x{scale:g}")
+
+
+def test_upgrad_and_dualproj_preference_vectors():
+    J = M.sample("conflicting", 3)
+    pref = np.array([0.2, 0.5, 1.3])
+    with jax.enable_x64(True):
+        G = jnp.asarray(J @ J.T)
+        up = np.asarray(mtl.weighting.upgrad_weights(G, jnp.asarray(pref))) @ J
+        dp = np.asarray(mtl.weighting.dualproj_weights(G, jnp.asarray(pref))) @ J
+    np.testing.assert_allclose(up, R.upgrad_ref(J, pref), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dp, R.dualproj_ref(J, pref), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="pref_vector has 2 entries but there are K=3"):
+        mtl.upgrad(pref_vector=[1.0, 2.0]).update(
+            M.to_tree(J), mtl.upgrad().init(M.params_like(M.to_tree(J)))
+        )
+
+
+@pytest.mark.parametrize("k", (2, 10, 40))
+def test_nash_mtl_is_the_bargaining_solution(k):
+    """``G alpha = 1/alpha`` (root of scipy), |d| = sqrt(K) unclipped, clipped to max_norm = 1;
+    every solvable family, including the nearly degenerate K = 40 one."""
+    compared = 0
+    for kind in M.KINDS:
+        for scale in M.SCALES:
+            J = scale * M.sample(kind, k)
+            if P.ascent_margin(J) <= 1e-4 or np.any(np.linalg.norm(J, axis=1) == 0):
+                continue
+            d, state = _f64("nash_mtl_unclipped", J)
+            P.assert_close(d, R.nash_mtl_ref(J, max_norm=0.0), J / scale, 1e-8, f"K={k} {kind}")
+            alpha = np.asarray(mtl.last_weights(state))
+            # The K eps ridge moves alpha_i (G alpha)_i by delta beta_i^2: ~2e-7 at most here
+            # (the nearly degenerate K = 40 family, whose weights are large).
+            np.testing.assert_allclose((J @ J.T) @ alpha * alpha, 1.0, rtol=1e-6)
+            np.testing.assert_allclose(np.linalg.norm(d), np.sqrt(k), rtol=1e-6)
+            clipped, _ = _f64("nash_mtl", J)
+            np.testing.assert_allclose(clipped, d / np.linalg.norm(d), rtol=1e-8, atol=1e-12)
+            compared += 1
+    assert compared >= 5
+
+
+def test_nash_mtl_zero_gradient_tasks_are_left_out():
+    J = M.sample("normal", 4)
+    J[1] = 0.0
+    d, state = _f64("nash_mtl_unclipped", J)
+    keep = [0, 2, 3]
+    P.assert_close(d, R.nash_mtl_ref(J[keep], max_norm=0.0), J, 1e-8, "zero row")
+    assert np.asarray(mtl.last_weights(state))[1] == 0.0
+
+
+def test_nash_mtl_update_weights_every_reuses_the_weights():
+    k = 3
+    Js = [M.sample("normal", k, seed=s) for s in range(4)]
+    tx = mtl.nash_mtl(update_weights_every=2, max_norm=0.0, num_tasks=k)
+    with jax.enable_x64(True):
+        params = M.params_like(M.to_tree(Js[0], np.float64))
+        state = tx.init(params)
+        update = jax.jit(tx.update)
+        weights = []
+        for J in Js:
+            _, state = update(M.to_tree(J, np.float64), state, params)
+            weights.append(np.asarray(mtl.last_weights(state)))
+    np.testing.assert_allclose(weights[0], R.nash_weights_ref(Js[0] @ Js[0].T), rtol=1e-8)
+    np.testing.assert_array_equal(weights[1], weights[0])  # reused
+    np.testing.assert_allclose(weights[2], R.nash_weights_ref(Js[2] @ Js[2].T), rtol=1e-8)
+    np.testing.assert_array_equal(weights[3], weights[2])
+    with pytest.raises(ValueError, match="nash_mtl keeps per-task state.*num_tasks"):
+        mtl.nash_mtl(update_weights_every=2).init(params)
+
+
+def test_nash_mtl_clipping_uses_the_current_gradients():
+    J = M.sample("normal", 3)
+    tx = mtl.nash_mtl(update_weights_every=2, max_norm=0.5, num_tasks=3)
+    with jax.enable_x64(True):
+        params = M.params_like(M.to_tree(J, np.float64))
+        update = jax.jit(tx.update)
+        _, state = update(M.to_tree(J, np.float64), tx.init(params), params)
+        out, _ = update(M.to_tree(10 * J, np.float64), state, params)
+    d = M.from_tree(out)
+    alpha = R.nash_weights_ref(J @ J.T)
+    expected = 10 * J.T @ alpha
+    np.testing.assert_allclose(d, expected * 0.5 / np.linalg.norm(expected), rtol=1e-8)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+def test_fairgrad_matches_official_least_squares(alpha):
+    name = {0.5: "fairgrad_half", 1.0: "fairgrad", 2.0: "fairgrad_2"}[alpha]
+    P.FACTORIES.setdefault("fairgrad_2", lambda k: mtl.fairgrad(alpha=2.0, num_tasks=k))
+    for k in (3, 10):
+        for kind in FULL_RANK_KINDS:
+            J = M.sample(kind, k)
+            d, _ = _f64(name, J)
+            P.assert_close(d, R.fairgrad_ref(J, alpha), J, 1e-7, f"alpha={alpha} K={k} {kind}")
+
+
+def test_fairgrad_alpha_one_is_nash_without_clipping_and_alpha_zero_is_the_mean():
+    J = M.sample("conflicting", 5)
+    d1, _ = _f64("fairgrad", J)
+    dn, _ = _f64("nash_mtl_unclipped", J)
+    np.testing.assert_allclose(d1, dn, rtol=1e-10, atol=1e-12)
+    with jax.enable_x64(True):
+        w0 = np.asarray(mtl.weighting.fairgrad_weights(jnp.asarray(J @ J.T), 0.0))
+    np.testing.assert_allclose(w0, np.full(5, 0.2))
+    with pytest.raises(ValueError, match="alpha must be >= 0"):
+        mtl.fairgrad(alpha=-1.0)
+
+
+@pytest.mark.parametrize("mode", ["min", "median", "rmse"])
+def test_aligned_mtl_matches_svd_reference(mode):
+    name = {"min": "aligned_mtl", "median": "aligned_mtl_median", "rmse": "aligned_mtl_rmse"}[mode]
+    for k in (2, 10, 40):
+        for kind in M.KINDS:
+            for scale in M.SCALES:
+                J = scale * M.sample(kind, k)
+                d, _ = _f64(name, J)
+                P.assert_close(d, R.aligned_mtl_ref(J, mode), J, 1e-8, f"{mode} K={k} {kind}")
+
+
+def test_aligned_gradients_are_orthogonal_with_equal_norms():
+    """The defining property: ``J^T B`` has orthogonal columns of norm sqrt(lambda_min)."""
+    J = M.sample("conflicting", 5)
+    with jax.enable_x64(True):
+        B = np.asarray(mtl.weighting.balance_transformation(jnp.asarray(J @ J.T), "min"))
+    aligned = J.T @ B
+    lam_min = np.linalg.eigvalsh(J @ J.T).min()
+    np.testing.assert_allclose(aligned.T @ aligned, lam_min * np.eye(5), atol=1e-8 * lam_min)
+    with pytest.raises(ValueError, match="Unknown scale_mode 'max'"):
+        mtl.aligned_mtl(scale_mode="max")
+
+
+@pytest.mark.parametrize("k", REF_KS)
+def test_config_matches_official_formula(k):
+    for kind in FULL_RANK_KINDS:
+        for scale in M.SCALES:
+            J = scale * M.sample(kind, k)
+            d, _ = _f64("config", J)
+            P.assert_close(d, R.config_ref(J), J, 1e-9, f"K={k} {kind}")
+            cosines = (J @ d) / (np.linalg.norm(J, axis=1) * np.linalg.norm(d))
+            np.testing.assert_allclose(cosines, cosines[0], rtol=1e-9)  # equal angles
+            assert cosines[0] > 0
+
+
+def test_gradvac_three_steps_match_algorithm_1():
+    """The state's EMA targets evolve as in the paper; the orders come from the state's key."""
+    k, beta = 4, 0.5
+    Js = [M.sample("conflicting", k, seed=s) for s in range(3)]
+    tx = mtl.gradvac(beta=beta, seed=0, num_tasks=k)
+    targets = np.zeros((k, k))
+    key = jax.random.PRNGKey(0)
+    with jax.enable_x64(True):
+        params = M.params_like(M.to_tree(Js[0], np.float64))
+        state = tx.init(params)
+        update = jax.jit(tx.update)
+        for step, J in enumerate(Js):
+            key, sub = jax.random.split(key)
+            (group_key,) = jax.random.split(sub, 1)
+            orders = np.asarray(mtl.weighting.visiting_orders(k, group_key))
+            expected, targets = R.gradvac_ref(J, orders, targets, beta)
+            out, state = update(M.to_tree(J, np.float64), state, params)
+            P.assert_close(M.from_tree(out), expected, J, 1e-10, f"step {step}")
+            np.testing.assert_allclose(state.inner["global"].targets, targets, atol=1e-12)
+    assert np.any(targets > 0)
+
+
+def test_gradvac_first_step_is_pcgrad_and_per_group_targets():
+    J = M.sample("conflicting", 5)
+    d_vac, _ = _f64("gradvac", J)
+    d_pc, _ = _f64("pcgrad", J)
+    P.assert_close(d_vac, d_pc, J, 1e-10, "first step = PCGrad")
+    tx = mtl.gradvac(granularity="leaf", num_tasks=5)
+    jac = M.to_tree(J)
+    _, state = jax.jit(tx.update)(jac, tx.init(M.params_like(jac)), M.params_like(jac))
+    assert set(state.inner) == {"enc/w", "enc/b", "head"}
+    with pytest.raises(ValueError, match="gradvac keeps per-task state.*num_tasks"):
+        mtl.gradvac().init(M.params_like(jac))
+
+
+def test_nocl_per_block():
+    rng = np.random.default_rng(0)
+    shared = rng.normal(size=(3, 6)).astype(np.float32)
+    aligned = np.abs(rng.normal(size=(3, 4))).astype(np.float32)  # no conflict in this block
+    jac = {"block1": shared, "block2": aligned}
+    params = jax.tree.map(lambda x: np.zeros(x.shape[1:], np.float32), jac)
+    tx = mtl.nocl(granularity="leaf")
+    out, _ = tx.update(jac, tx.init(params), params)
+    np.testing.assert_allclose(out["block1"], R.nocl_ref(shared), atol=1e-7)
+    np.testing.assert_allclose(out["block2"], aligned.mean(0), rtol=1e-6)
+    for kind in M.KINDS:
+        J = M.sample(kind, 5)
+        d, _ = _f64("nocl", J)
+        np.testing.assert_allclose(d, R.nocl_ref(J), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 2])
+def test_excess_mtl_matches_reference_over_steps(warmup):
+    k = 3
+    Js = [M.sample("conflicting", k, seed=s) * (1 + s) for s in range(5)]
+    expected = R.excess_mtl_ref(Js, robust_step_size=0.5, warmup_steps=warmup)
+    tx = mtl.excess_mtl(robust_step_size=0.5, warmup_steps=warmup, num_tasks=k)
+    with jax.enable_x64(True):
+        params = M.params_like(M.to_tree(Js[0], np.float64))
+        state = tx.init(params)
+        update = jax.jit(tx.update)
+        for J, exp in zip(Js, expected, strict=True):
+            out, state = update(M.to_tree(J, np.float64), state, params)
+            P.assert_close(M.from_tree(out), exp, J, 1e-12, f"warmup={warmup}")
+    assert mtl.last_weights(state).shape == (k,)
+    with pytest.raises(ValueError, match="excess_mtl keeps per-task state.*num_tasks"):
+        mtl.excess_mtl().init(params)
+
+
+def test_ema_weights_recurrence():
+    k, alpha = 4, 0.7
+    Js = [M.sample("conflicting", k, seed=s) for s in range(3)]
+    tx = mtl.ema_weights("upgrad", alpha=alpha, num_tasks=k)
+    average = np.full(k, 1.0 / k)
+    with jax.enable_x64(True):
+        params = M.params_like(M.to_tree(Js[0], np.float64))
+        state = tx.init(params)
+        update = jax.jit(tx.update)
+        for J in Js:
+            fresh = np.linalg.lstsq(J.T, R.upgrad_ref(J), rcond=None)[0]  # UPGrad's weights
+            average = alpha * average + (1 - alpha) * fresh
+            out, state = update(M.to_tree(J, np.float64), state, params)
+            np.testing.assert_allclose(M.from_tree(out), average @ J, rtol=1e-10, atol=1e-13)
+    frozen = mtl.ema_weights("mean", alpha=1.0, num_tasks=k)
+    out, _ = frozen.update(M.to_tree(Js[0]), frozen.init(params), params)
+    np.testing.assert_allclose(M.from_tree(out), Js[0].mean(0), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"Unknown weighting 'nope'"):
+        mtl.ema_weights("nope", num_tasks=k)
+
+
+def test_random_weighting_draws_softmax_normal_from_the_state_key():
+    J = M.sample("normal", 5)
+    d, state = _f64("random_weighting", J)
+    key = jax.random.PRNGKey(0)
+    _, sub = jax.random.split(key)
+    (group_key,) = jax.random.split(sub, 1)
+    with jax.enable_x64(True):
+        z = np.asarray(jax.random.normal(group_key, (5,), dtype=jnp.float64))
+    w = np.exp(z) / np.exp(z).sum()
+    np.testing.assert_allclose(np.asarray(mtl.last_weights(state)), w, rtol=1e-12)
+    np.testing.assert_allclose(d, w @ J, rtol=1e-10)
+
+
+NEW_AGGREGATORS = [
+    "gradvac",
+    "nash_mtl",
+    "aligned_mtl",
+    "upgrad",
+    "dualproj",
+    "config",
+    "random_weighting",
+    "fairgrad",
+    "nocl",
+    "excess_mtl",
+    "ema_weights",
+]
+
+
+@pytest.mark.parametrize("name", NEW_AGGREGATORS)
+def test_selectable_by_name(name):
+    tx = mtl.get_aggregator(name, num_tasks=3)
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    state = tx.init(M.params_like(M.to_tree(M.sample("normal", 3))))
+    assert mtl.last_weights(state).shape == (3,)  # a fixed-shape state, usable in lax.scan
+    with pytest.raises(ValueError, match=rf"Unknown hyper-parameter\(s\) \['bogus'\].*{name}"):
+        mtl.get_aggregator(name, bogus=1)
+
+
+@pytest.mark.parametrize("name", ["gradvac", "excess_mtl"])
+def test_stateful_aggregators_chain_with_adam_in_a_scan(name):
+    J = M.sample("conflicting", 3)
+    jac = M.to_tree(J)
+    params = M.params_like(jac)
+    tx = optax.chain(mtl.get_aggregator(name, num_tasks=3), optax.adam(1e-3))
+
+    def body(state, _):
+        updates, state = tx.update(jac, state, params, task_losses=jnp.ones(3))
+        return state, updates["head"]
+
+    state, outs = jax.lax.scan(body, tx.init(params), None, length=3)
+    assert np.all(np.isfinite(np.asarray(outs)))
+    assert mtl.last_weights(state).shape == (3,)
+
+
+def test_bad_hyperparameters_get_clear_errors():
+    with pytest.raises(ValueError, match="beta must be in"):
+        mtl.gradvac(beta=2.0)
+    with pytest.raises(ValueError, match="max_norm must be >= 0"):
+        mtl.nash_mtl(max_norm=-1.0)
+    with pytest.raises(ValueError, match="update_weights_every must be a positive integer"):
+        mtl.nash_mtl(update_weights_every=0)
+    with pytest.raises(ValueError, match="robust_step_size must be > 0"):
+        mtl.excess_mtl(robust_step_size=0.0, num_tasks=2)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        mtl.ema_weights(alpha=1.5, num_tasks=2)
+    with pytest.raises(ValueError, match="Unknown weighting 'pcgard'"):
+        mtl.get_weighting("pcgard")

@@ -1,0 +1,231 @@
+"""Loss-only methods (mtl_jax/scalarize.py) against NumPy implementations of their papers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mtl_jax as mtl
+from mtl_jax import scalarize as S
+from tests import _matrices as M
+from tests import _reference as R
+
+K = 3
+LOSSES = np.array([0.5, 1.3, 2.0])
+
+
+def _sequence(steps: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [LOSSES * rng.uniform(0.5, 1.5, size=K) for _ in range(steps)]
+
+
+def _make(name: str):
+    return mtl.get_scalarizer(name, **({"nadir_steps": 1} if name == "stch_official" else {}))
+
+
+@pytest.mark.parametrize("name", sorted(mtl.SCALARIZERS))
+def test_weights_are_the_gradient_of_the_loss_and_everything_jits(name):
+    """``d loss / d L_k = weights[k]`` (what the docstrings call the effective weights), pure and
+    jit-able: the same outputs with and without jit, and the state is not differentiated."""
+    sc = mtl.get_scalarizer(name)
+    state = sc.init(K)
+    norms = jnp.array([1.0, 2.0, 0.5])
+
+    def objective(losses, state):
+        loss, weights, new_state = sc.scalarize(losses, state, grad_norms=norms)
+        return loss, (weights, new_state)
+
+    for _ in range(3):  # also after the state has moved
+        (loss, (weights, new_state)), grad = jax.jit(jax.value_and_grad(objective, has_aux=True))(
+            jnp.asarray(LOSSES, jnp.float32), state
+        )
+        eager_loss, eager_weights, _ = sc.scalarize(jnp.asarray(LOSSES), state, grad_norms=norms)
+        np.testing.assert_allclose(grad, weights, rtol=1e-5)
+        np.testing.assert_allclose(eager_loss, loss, rtol=1e-5)
+        np.testing.assert_allclose(eager_weights, weights, rtol=1e-5)
+        assert np.isfinite(float(loss))
+        state = sc.post_step(new_state, jnp.asarray(0.9 * LOSSES, jnp.float32))
+
+
+def test_registry_errors():
+    with pytest.raises(ValueError, match=r"Unknown scalarizer 'famo2'.*valid names.*famo"):
+        mtl.get_scalarizer("famo2")
+    with pytest.raises(ValueError, match=r"Unknown hyper-parameter\(s\) \['lr'\].*'w_lr'"):
+        mtl.get_scalarizer("famo", lr=0.1)
+    with pytest.raises(ValueError, match="init needs the number of tasks"):
+        mtl.get_scalarizer("uw").init(None)
+    sc = mtl.get_scalarizer("uw")
+    with pytest.raises(ValueError, match="losses has 2 entries but the state was made for K=3"):
+        sc.scalarize(jnp.ones(2), sc.init(3))
+
+
+def test_mean_sum_gls():
+    L = jnp.asarray(LOSSES)
+    assert float(mtl.get_scalarizer("mean").scalarize(L, None)[0]) == pytest.approx(LOSSES.mean())
+    assert float(mtl.get_scalarizer("sum").scalarize(L, None)[0]) == pytest.approx(LOSSES.sum())
+    loss, w, _ = mtl.get_scalarizer("gls").scalarize(L, None)
+    gm = np.prod(LOSSES) ** (1 / K)
+    np.testing.assert_allclose(loss, gm, rtol=1e-6)
+    np.testing.assert_allclose(w, gm / (K * LOSSES), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["uw", "imtl_l"])
+def test_learned_weights_match_reference(name):
+    seq = _sequence(6)
+    ref = {"uw": R.uw_ref, "imtl_l": R.imtl_l_ref}[name](seq, 0.05)
+    sc = mtl.get_scalarizer(name, learning_rate=0.05)
+    with jax.enable_x64(True):
+        state = sc.init(K)
+        for L, (ref_loss, ref_w) in zip(seq, ref, strict=True):
+            loss, w, state = sc.scalarize(jnp.asarray(L), state)
+            np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
+            np.testing.assert_allclose(w, ref_w, rtol=1e-12)
+
+
+def test_uw_log_variances_converge_to_log_losses():
+    sc = mtl.get_scalarizer("uw", learning_rate=0.05)
+    state = sc.init(K)
+    step = jax.jit(sc.scalarize)
+    for _ in range(2000):
+        _, _, state = step(jnp.asarray(LOSSES, jnp.float32), state)
+    np.testing.assert_allclose(state.params, np.log(LOSSES), atol=2e-3)
+
+
+def test_dwa_matches_reference_with_epochs():
+    seq = _sequence(9, seed=1)
+    ref = R.dwa_ref(seq, temperature=2.0, steps_per_epoch=2)
+    sc = mtl.get_scalarizer("dwa", steps_per_epoch=2)
+    with jax.enable_x64(True):
+        state = sc.init(K)
+        for L, (ref_loss, ref_w) in zip(seq, ref, strict=True):
+            loss, w, state = sc.scalarize(jnp.asarray(L), state)
+            np.testing.assert_allclose(w, ref_w, rtol=1e-12)
+            np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
+    assert not np.allclose(ref[-1][1], 1.0)  # the weights did move
+
+
+def test_stch_paper_form_and_official_recipe():
+    pref, ref_point = np.array([0.2, 0.3, 0.5]), np.array([0.1, 0.0, 0.5])
+    for mu in (0.1, 1.0):
+        sc = mtl.get_scalarizer("stch", mu=mu, pref_vector=pref, reference=ref_point)
+        with jax.enable_x64(True):
+            loss, _, _ = sc.scalarize(jnp.asarray(LOSSES), sc.init(K))
+        np.testing.assert_allclose(loss, R.stch_ref(LOSSES, mu, pref, ref_point), rtol=1e-12)
+    # Official recipe: 2 warm-up calls, then 2 calls collect the nadir, then STCH on log(L / n).
+    seq = _sequence(6, seed=2)
+    sc = mtl.get_scalarizer("stch", mu=0.5, warmup_steps=2, nadir_steps=2)
+    with jax.enable_x64(True):
+        state = sc.init(K)
+        for t, L in enumerate(seq):
+            loss, _, state = sc.scalarize(jnp.asarray(L), state)
+            if t < 4:
+                np.testing.assert_allclose(loss, np.sum(np.log(L)), rtol=1e-12)
+            else:
+                nadir = (seq[2] + seq[3]) / 2
+                expected = K * 0.5 * np.log(np.sum(np.exp(np.log(L / nadir) / 0.5)))
+                np.testing.assert_allclose(loss, expected, rtol=1e-10)
+
+
+def test_famo_matches_official_update_with_post_step():
+    rng = np.random.default_rng(3)
+    pairs = []
+    for _ in range(5):
+        before = LOSSES * rng.uniform(0.5, 1.5, size=K)
+        pairs.append((before, before * rng.uniform(0.8, 1.0, size=K)))
+    ref = R.famo_ref(pairs, gamma=0.01, w_lr=0.025)
+    sc = mtl.get_scalarizer("famo")
+    with jax.enable_x64(True):
+        state = sc.init(K)
+        for (before, after), (ref_loss, ref_w) in zip(pairs, ref, strict=True):
+            loss, w, state = sc.scalarize(jnp.asarray(before), state)
+            np.testing.assert_allclose(loss, ref_loss, rtol=1e-10)
+            np.testing.assert_allclose(w, ref_w, rtol=1e-10)
+            np.testing.assert_allclose(np.sum(w), 1.0, rtol=1e-12)
+            state = sc.post_step(state, jnp.asarray(after))
+    assert not np.allclose(state.logits, 0.0)
+
+
+def test_gradnorm_matches_algorithm_1_and_needs_grad_norms():
+    seq = _sequence(6, seed=4)
+    norms = [np.array([1.0, 3.0, 0.5]) * (1 + 0.1 * t) for t in range(6)]
+    ref = R.gradnorm_ref(seq, norms, alpha=1.5, lr=0.025)
+    sc = mtl.get_scalarizer("gradnorm")
+    with jax.enable_x64(True):
+        state = sc.init(K)
+        for L, n, ref_w in zip(seq, norms, ref, strict=True):
+            loss, w, state = sc.scalarize(jnp.asarray(L), state, grad_norms=jnp.asarray(n))
+            np.testing.assert_allclose(w, ref_w, rtol=1e-12)
+            np.testing.assert_allclose(loss, ref_w @ L, rtol=1e-12)
+        np.testing.assert_allclose(np.sum(np.asarray(state.weights)), K, rtol=1e-12)
+    with pytest.raises(ValueError, match="gradnorm needs grad_norms"):
+        sc.scalarize(jnp.asarray(LOSSES, jnp.float32), sc.init(K))
+
+
+def test_layer_grad_norms_reads_the_rows_of_a_layer():
+    J = M.sample("normal", K)
+    jac = M.to_tree(J)
+    expected = np.linalg.norm(J[:, :14], axis=1)  # enc/w and enc/b
+    np.testing.assert_allclose(mtl.layer_grad_norms(jac, "enc"), expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        mtl.layer_grad_norms(jac, lambda path: path == "head"),
+        np.linalg.norm(J[:, 14:], axis=1),
+        rtol=1e-6,
+    )
+    with pytest.raises(ValueError, match="selects no leaf"):
+        mtl.layer_grad_norms(jac, "decoder")
+
+
+def test_rlw_is_reproducible_and_on_the_simplex():
+    sc = mtl.get_scalarizer("rlw", seed=7)
+    state = sc.init(K)
+    _, w1, state1 = sc.scalarize(jnp.asarray(LOSSES), state)
+    _, w1_again, _ = sc.scalarize(jnp.asarray(LOSSES), state)
+    _, w2, _ = sc.scalarize(jnp.asarray(LOSSES), state1)
+    np.testing.assert_array_equal(w1, w1_again)
+    assert not np.allclose(w1, w2)
+    np.testing.assert_allclose(np.sum(w1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["uw", "famo", "dwa", "gradnorm"])
+def test_non_finite_losses_leave_the_state_unchanged(name):
+    sc = mtl.get_scalarizer(name)
+    state = sc.init(K)
+    bad = jnp.array([1.0, jnp.nan, 2.0])
+    loss, _, new = sc.scalarize(bad, state, grad_norms=jnp.ones(K))
+    assert not np.isfinite(float(loss))
+    jax.tree.map(np.testing.assert_array_equal, new, state)
+
+
+def test_train_loop_with_famo_and_a_jitted_step():
+    """The documented train step: FAMO's post-step losses come from an extra forward pass."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(64, 5)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(64, K)) * np.array([1.0, 10.0, 0.1]), jnp.float32)
+
+    def task_losses(params):
+        return jnp.mean((x @ params - y) ** 2, axis=0) + 0.01
+
+    sc = mtl.get_scalarizer("famo")
+    tx = optax.adam(0.05)
+
+    @jax.jit
+    def step(params, opt_state, sc_state):
+        def objective(p):
+            loss, _, new_state = sc.scalarize(task_losses(p), sc_state)
+            return loss, new_state
+
+        grads, sc_state = jax.grad(objective, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, sc.post_step(sc_state, task_losses(params))
+
+    params = jnp.zeros((5, K))
+    opt_state, sc_state = tx.init(params), sc.init(K)
+    start = np.asarray(task_losses(params))
+    for _ in range(100):
+        params, opt_state, sc_state = step(params, opt_state, sc_state)
+    assert np.all(np.asarray(task_losses(params)) < start)
+    assert isinstance(sc_state, S.FAMOState)

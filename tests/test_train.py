@@ -1,0 +1,260 @@
+"""The train loop, the runner and the reports, end to end on a tiny embedded-benchmark config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import config as config_lib
+from experiments import data as data_lib
+from experiments import models as models_lib
+from experiments import run as run_lib
+from experiments import train as train_lib
+from experiments.logs import JsonlLog
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**train):
+    config = config_lib.base_config("multi_digits", "mlp")
+    config.seeds = (0,)
+    config.methods = ("mean", "pcgrad")
+    config.dataset.max_train_examples = 384
+    config.dataset.max_test_examples = 128
+    config.train.epochs = 2
+    config.train.batch_size = 64
+    config.train.eval_batch_size = 128
+    config.train.log_every_steps = 2
+    config.report.progress = False
+    for k, v in train.items():
+        config.train[k] = v
+    return config
+
+
+def _setup(config):
+    config_lib.validate(config)
+    data = data_lib.make_dataset(config.dataset)
+    model = models_lib.make_model(config.model, data.tasks, data.input_shape)
+    return data, model
+
+
+def _final_state(config, data, model, spec, workdir):
+    steps_per_epoch = data_lib.num_batches(data.train, config.train.batch_size)
+    problem = train_lib.build_problem(config, data.tasks, data.tasks, model, spec, steps_per_epoch)
+    params, model_state = train_lib.initial_params(model, data.tasks, data.input_shape, spec.seed)
+    template = train_lib.init_state(problem, params, model_state)
+    manager = train_lib.checkpoint_manager(
+        os.path.join(workdir, "runs", spec.run_id, "checkpoints")
+    )
+    return train_lib.restore_checkpoint(manager, template)
+
+
+def _strip_timing(records):
+    out = []
+    for r in records:
+        r = dict(r)
+        r.pop("seconds_per_step", None)
+        out.append(r)
+    return out
+
+
+def test_resume_after_interruption_is_bit_identical(tmp_path):
+    config = tiny_config(checkpoint_every_steps=2)
+    data, model = _setup(config)
+    spec = train_lib.RunSpec(label="pcgrad", method="pcgrad", seed=0)
+
+    full_dir, cut_dir = str(tmp_path / "full"), str(tmp_path / "cut")
+    full_log = JsonlLog(os.path.join(full_dir, "metrics.jsonl"))
+    train_lib.train_run(config, data, model, spec, full_dir, full_log, progress=False)
+
+    cut_log = JsonlLog(os.path.join(cut_dir, "metrics.jsonl"))
+    # stop after 5 steps: the last checkpoint is at step 4, step 5's records must be dropped
+    out = train_lib.train_run(
+        config, data, model, spec, cut_dir, cut_log, progress=False, stop_after_steps=5
+    )
+    assert out["kind"] == "interrupted"
+    train_lib.train_run(config, data, model, spec, cut_dir, cut_log, progress=False)
+
+    a = _final_state(config, data, model, spec, full_dir)
+    b = _final_state(config, data, model, spec, cut_dir)
+    assert int(a.step) == int(b.step) == 2 * data_lib.num_batches(data.train, 64)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert _strip_timing(full_log.records()) == _strip_timing(cut_log.records())
+
+
+def test_same_seed_gives_bit_identical_runs(tmp_path):
+    config = tiny_config()
+    data, model = _setup(config)
+    spec = train_lib.RunSpec(label="mean", method="mean", seed=3)
+    states = []
+    for name in ("a", "b"):
+        workdir = str(tmp_path / name)
+        train_lib.train_run(
+            config,
+            data,
+            model,
+            spec,
+            workdir,
+            JsonlLog(os.path.join(workdir, "m.jsonl")),
+            progress=False,
+        )
+        states.append(_final_state(config, data, model, spec, workdir))
+    for x, y in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_non_finite_loss_stops_the_run_without_checkpointing_it(tmp_path):
+    config = tiny_config(lr=1e12, optimizer="sgd", momentum=0.0)
+    data, model = _setup(config)
+    spec = train_lib.RunSpec(label="mean", method="mean", seed=0)
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(train_lib.NonFiniteLossError, match="Non-finite task loss at step"):
+        train_lib.train_run(
+            config,
+            data,
+            model,
+            spec,
+            workdir,
+            JsonlLog(os.path.join(workdir, "m.jsonl")),
+            progress=False,
+        )
+    state = _final_state(config, data, model, spec, workdir)
+    if state is not None:  # any checkpoint written holds finite parameters
+        assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+
+
+def test_run_study_writes_every_report_file_and_resumes_from_the_log(tmp_path):
+    config = tiny_config()
+    config.single_task = True
+    workdir = str(tmp_path / "study")
+    report = run_lib.run_study(config, workdir)
+    for name in ("config.json", "metrics.jsonl", "report.md"):
+        assert os.path.exists(os.path.join(workdir, name))
+    for name in ("losses", "test_metrics", "conflict_incidence", "cos_histogram", "weights"):
+        assert os.path.getsize(os.path.join(workdir, "plots", f"{name}.png")) > 10_000
+    assert "| mean |" in report and "| pcgrad |" in report and "Δm% flat" in report
+    records = list(JsonlLog(os.path.join(workdir, "metrics.jsonl")).records())
+    summaries = [r for r in records if r["kind"] == "summary"]
+    assert {r["run"] for r in summaries} == {"mean", "pcgrad", "single:left", "single:right"}
+    for r in summaries:
+        for task in r["tasks"]:
+            assert 0.0 <= r["test"][task]["accuracy"] <= 100.0  # percent
+    # a second call finds every run finished and only rebuilds the report
+    before = os.path.getsize(os.path.join(workdir, "metrics.jsonl"))
+    assert run_lib.run_study(config, workdir) == report
+    assert os.path.getsize(os.path.join(workdir, "metrics.jsonl")) == before
+
+
+def test_workdir_of_another_config_is_refused(tmp_path):
+    config = tiny_config()
+    workdir = str(tmp_path / "w")
+    run_lib.prepare_workdir(config, workdir)
+    config.train.lr = 0.5
+    with pytest.raises(run_lib.ConfigMismatchError, match="different config"):
+        run_lib.prepare_workdir(config, workdir)
+    run_lib.prepare_workdir(config, workdir, fresh=True)
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["train"]["lr"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            lambda c: c.__setattr__("methods", ("pcgard",)),
+            "Unknown method 'pcgard'; valid names: aggregators .*'pcgrad'.*loss-only methods .*'uw'.*'mgda_ub'",
+        ),
+        (
+            lambda c: c.__setattr__("methods", ("cagrad:alpha=0.4",)),
+            r"hyper-parameter\(s\) \['alpha'\]",
+        ),
+        (
+            lambda c: c.dataset.__setattr__("name", "imagenet"),
+            "Unknown dataset 'imagenet'.*valid datasets",
+        ),
+        (lambda c: c.model.__setattr__("name", "vit"), "Unknown model 'vit'.*valid models"),
+        (lambda c: c.train.__setattr__("optimizer", "lion"), "Unknown optimizer 'lion'"),
+        (lambda c: c.conflict.__setattr__("granularity", "layer"), "granularity 'layer'"),
+    ],
+)
+def test_config_errors_list_valid_names(mutate, message):
+    config = tiny_config()
+    with config.unlocked():
+        mutate(config)
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(config)
+
+
+def test_unknown_keys_are_errors():
+    config = tiny_config()
+    with config.unlocked():
+        config.train.learning_rate = 0.1
+    with pytest.raises(
+        config_lib.ConfigError, match=r"Unknown config key\(s\) \['learning_rate'\] in config.train"
+    ):
+        config_lib.validate(config)
+    with pytest.raises(
+        ValueError, match=r"config.train has no 'learning_rate'; valid keys: \[.*'lr'"
+    ):
+        run_lib.check_overrides(["--config.train.learning_rate=0.1"])
+    run_lib.check_overrides(["--config.train.lr=0.1", "--config.seeds=(1,)"])
+
+
+def test_main_command_killed_and_rerun_finishes_like_an_uninterrupted_run(tmp_path):
+    """A real kill (SIGKILL) of ``python -m experiments.run`` after its first checkpoint."""
+    args = [
+        "--config.dataset.max_train_examples=384",
+        "--config.dataset.max_test_examples=128",
+        "--config.seeds=(0,)",
+        "--config.methods=('pcgrad',)",
+        "--config.single_task=False",
+        "--config.train.epochs=3",
+        "--config.train.batch_size=64",
+        "--config.train.checkpoint_every_steps=2",
+        "--config.report.progress=False",
+        "--config.report.plots=False",
+    ]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    killed_dir, full_dir = str(tmp_path / "killed"), str(tmp_path / "full")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", f"--workdir={killed_dir}", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ckpt_dir = os.path.join(killed_dir, "runs", "pcgrad__seed0", "checkpoints")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
+            break
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for workdir in (killed_dir, full_dir):
+        subprocess.run(
+            [sys.executable, "-m", "experiments.run", f"--workdir={workdir}", *args],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+
+    def summary(workdir):
+        records = JsonlLog(os.path.join(workdir, "metrics.jsonl")).records()
+        (s,) = [r for r in records if r["kind"] == "summary"]
+        s.pop("seconds_per_step")
+        return s
+
+    assert summary(killed_dir) == summary(full_dir)
