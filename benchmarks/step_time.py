@@ -11,6 +11,8 @@ channels, 28x28x1 input) at K = 2. Every variant is one jitted step including th
 * ``jac+<method>``: ``mtl.mtl_value_and_grad`` (Jacobian rows for the trunk only, heads get their
   own gradient), then the aggregator on the trunk rows.
 * ``jac+mean+tracker``: ``jac+mean`` plus a ``ConflictTracker`` update from the same Jacobian.
+* ``jac[unroll]+mean``, ``jac[scan]+mean``: ``jac+mean`` with the K backward passes unrolled or in
+  a ``lax.map`` loop instead of one vmapped pass (``strategy=`` of ``mtl_value_and_grad``).
 * ``ub+<weighting>``: the representation-gradient path (MGDA-UB / Aligned-MTL-UB,
   ``mtl.representation_value_and_grad``): one trunk forward, the K heads' gradients with respect to
   the trunk output, their Gram matrix, the weighting, ONE trunk backward pass.
@@ -147,7 +149,7 @@ def make_problem(kind: str, num_tasks: int, batch: int = 256, seed: int = 0):
 
 
 def build_steps(
-    trunk_fn, num_tasks: int, methods, ub_methods=(), loss_methods=()
+    trunk_fn, num_tasks: int, methods, ub_methods=(), loss_methods=(), strategies=()
 ) -> dict[str, Callable]:
     """One jitted ``(params, opt_state, x, labels) -> (params, opt_state, losses)`` per variant."""
 
@@ -191,7 +193,8 @@ def build_steps(
     grad_fn = mtl.mtl_value_and_grad(trunk_fn, head_loss)
     tracker = mtl.ConflictTracker(num_tasks=num_tasks)
 
-    def structured(method: str, track: bool = False):
+    def structured(method: str, track: bool = False, strategy: str = "vmap"):
+        grads = mtl.mtl_value_and_grad(trunk_fn, head_loss, strategy=strategy)
         agg = mtl.get_aggregator(method, num_tasks=num_tasks)
         tx = optax.chain(agg, optax.adam(1e-4))
         head_tx = optax.adam(1e-4)
@@ -205,7 +208,7 @@ def build_steps(
 
         def step(params, opt_state, x, labels):
             trunk_state, head_state, cstate = opt_state
-            losses, enc_jac, head_grads, _ = grad_fn(params["trunk"], params["heads"], x, labels)
+            losses, enc_jac, head_grads, _ = grads(params["trunk"], params["heads"], x, labels)
             t_updates, trunk_state = tx.update(
                 enc_jac, trunk_state, params["trunk"], task_losses=losses
             )
@@ -223,6 +226,8 @@ def build_steps(
     for method in methods:
         steps[f"jac+{method}"] = structured(method)
     steps["jac+mean+tracker"] = structured("mean", track=True)
+    for strategy in strategies:
+        steps[f"jac[{strategy}]+mean"] = structured("mean", strategy=strategy)
 
     def representation(method: str):
         weighting = mtl.get_weighting(method)
@@ -347,6 +352,9 @@ def report(kind: str, num_tasks: int, times: dict[str, list[float]]) -> list[str
                 target = "ok (<=1.05)" if m / jac_mean <= 1.05 else "MISS (>1.05)"
             elif method == "mean+tracker":
                 target = "ok (<=1.05)" if m / jac_mean <= 1.05 else "MISS (>1.05)"
+        if name.startswith("jac["):
+            vs_jac = f"{m / jac_mean:.3f}"
+            target = "(strategy vs vmap)"
         if name == "naive+pcgrad":
             vs_jac = f"{m / med['jac+pcgrad']:.3f}" if "jac+pcgrad" in med else ""
             target = "(vs jac+pcgrad)"
@@ -403,6 +411,12 @@ def main() -> None:
     parser.add_argument("--ub", nargs="*", default=list(UB_METHODS), help="ub+<weighting> rows")
     parser.add_argument("--loss", nargs="*", default=list(LOSS_METHODS), help="loss+<name> rows")
     parser.add_argument(
+        "--strategies",
+        nargs="*",
+        default=["unroll", "scan"],
+        help="jac[<strategy>]+mean rows: the K backward passes unrolled or in a loop (vs vmap)",
+    )
+    parser.add_argument(
         "--solvers", action="store_true", help="time the Gram-space solvers alone instead"
     )
     args = parser.parse_args()
@@ -419,7 +433,7 @@ def main() -> None:
     configs = [("mlp", k) for k in args.ks] + ([("conv", 2)] if args.conv else [])
     for kind, num_tasks in configs:
         trunk_fn, params, x, labels = make_problem(kind, num_tasks)
-        steps = build_steps(trunk_fn, num_tasks, args.methods, args.ub, args.loss)
+        steps = build_steps(trunk_fn, num_tasks, args.methods, args.ub, args.loss, args.strategies)
         times = time_steps(steps, params, x, labels, args.repeats, args.inner)
         for line in report(kind, num_tasks, times):
             print(line, flush=True)

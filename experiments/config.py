@@ -164,6 +164,10 @@ def _validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(
                 f"Unknown sparse.controls {bad}; valid selections: {list(studies.SELECTIONS)}."
             )
+        if config.sparse.measure_on not in ("masked", "full"):
+            raise ValueError(
+                f"sparse.measure_on must be 'masked' or 'full'; got {config.sparse.measure_on!r}."
+            )
         if config.sparse.other not in ("train", "freeze"):
             raise ValueError(
                 f"sparse.other must be 'train' or 'freeze'; got {config.sparse.other!r}."

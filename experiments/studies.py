@@ -88,6 +88,13 @@ def sparse_defaults() -> ml_collections.ConfigDict:
             "fraction": 0.6,  # target trainable share of the encoder's weights (random init: ~60%)
             "controls": ("random", "global", "reverse"),  # selection controls, on the joint method
             "other": "train",  # biases and norm parameters: "train" (dense) or "freeze"
+            # conflicts measured on the masked gradient (what the aggregator sees; ST paper Fig. 2)
+            # or on the full gradient of the shared encoder
+            "measure_on": "masked",
+            # > 0: first train the model jointly for this many epochs (one run per seed), then start
+            # every dense / ST run from it, the mask computed from the pre-trained magnitudes (the
+            # paper's pre-trained-backbone setting)
+            "pretrain_epochs": 0,
         }
     )
 
@@ -119,28 +126,32 @@ def sparse_mask_fn(
     return fn
 
 
+PRETRAIN_LABEL = "pretrain"
+
+
 def sparse_training_runs(
     config: ml_collections.ConfigDict, data, model, workdir: str
 ) -> list[RunSpec]:
     runs = []
     for seed in config.seeds:
         seed = int(seed)
+        init_from = None
+        if int(config.sparse.pretrain_epochs) > 0:
+            pretrain = RunSpec(
+                label=PRETRAIN_LABEL,
+                method="mean",
+                seed=seed,
+                epochs=int(config.sparse.pretrain_epochs),
+            )
+            runs.append(pretrain)
+            init_from = pretrain.run_id
         for method in config.sparse.methods:
             name, kwargs = _method_spec(config, method)
+            common = dict(method=name, method_kwargs=kwargs, seed=seed, init_from=init_from)
+            runs.append(RunSpec(label=method, info={"st": "dense"}, **common))
+            mask_fn = sparse_mask_fn(config, "psn", seed)
             runs.append(
-                RunSpec(
-                    label=method, method=name, method_kwargs=kwargs, seed=seed, info={"st": "dense"}
-                )
-            )
-            runs.append(
-                RunSpec(
-                    label=f"{method}+st",
-                    method=name,
-                    method_kwargs=kwargs,
-                    seed=seed,
-                    encoder_mask_fn=sparse_mask_fn(config, "psn", seed),
-                    info={"st": "psn"},
-                )
+                RunSpec(label=f"{method}+st", encoder_mask_fn=mask_fn, info={"st": "psn"}, **common)
             )
         joint, joint_kwargs = _method_spec(config, config.sparse.methods[0])
         for selection in config.sparse.controls:
@@ -150,6 +161,7 @@ def sparse_training_runs(
                     method=joint,
                     method_kwargs=joint_kwargs,
                     seed=seed,
+                    init_from=init_from,
                     encoder_mask_fn=sparse_mask_fn(config, selection, seed),
                     info={"st": selection},
                 )

@@ -3,10 +3,10 @@
 Step (``make_train_step``), for a shared encoder and per-task heads::
 
     losses[K], encoder Jacobian, head gradients  <- mtl.mtl_value_and_grad(encoder, heads)
-    encoder Jacobian <- [pre-transforms: the sparse-training mask, if any]
-    conflict statistics                          <- mtl.ConflictTracker on that Jacobian
-    encoder update   <- aggregator -> optimizer -> [the mask again, so frozen weights stay
-                                                    bit-identical]
+    conflict statistics                          <- mtl.ConflictTracker on the encoder Jacobian
+                                                    (masked by the sparse-training mask, if any)
+    encoder update   <- aggregator -> [mask] -> optimizer -> [mask again, so frozen weights stay
+                                                               bit-identical]
     head updates     <- optimizer on each head's own gradient
 
 With a sharing spec (``RunSpec.sharing_fn``: per-task copies such as modulation scales, per-task
@@ -77,7 +77,7 @@ class RunSpec:
         ``None`` = all tasks of the data set.
       encoder_mask_fn: ``encoder params -> mask`` (bool pytree, ``True`` = trainable), computed
         once from the run's initial encoder parameters (sparse training). The mask is applied to
-        the task Jacobian before aggregation and to the update after the optimizer.
+        the combined update (after the aggregator) and again after the optimizer.
       sharing_fn: ``encoder params -> sharing spec`` (``mtl_jax.sharing``), computed from the run's
         initial encoder parameters; the encoder then runs through ``mtl.per_task``.
       init_from: the ``run_id`` of a finished run of the same work dir whose final parameters
@@ -110,7 +110,7 @@ class TrainState(NamedTuple):
     step: jax.Array  # int32 []
     params: dict[str, PyTree]  # {"encoder": ..., "heads": {task: ...}}
     model_state: dict[str, PyTree]  # non-parameter collections (BatchNorm statistics)
-    opt_state: tuple[PyTree, PyTree, PyTree]  # (encoder pre, encoder chain, heads) states
+    opt_state: tuple[PyTree, PyTree]  # (encoder chain, heads) states
     conflict: mtl.ConflictState
     first_nonfinite: jax.Array  # int32 []: step of the first non-finite loss, -1 if none
 
@@ -122,13 +122,13 @@ class Problem:
     tasks: tuple[TaskSpec, ...]  # the trained tasks (their losses form the loss vector)
     streams: tuple[TaskSpec, ...]  # all tasks of the model (the per-task streams)
     model: Any
-    encoder_pre_tx: optax.GradientTransformation  # on the task Jacobian (e.g. a sparse mask)
     encoder_tx: optax.GradientTransformation  # aggregator -> optimizer -> post transforms
     heads_tx: optax.GradientTransformation
     tracker: mtl.ConflictTracker
     strategy: str = "vmap"
     sharing: PyTree | None = None  # encoder sharing spec (per-task mode) or None
     kind: str = "jacobian"  # "jacobian" | "loss" (a scalarizer) | "representation" (MGDA-UB style)
+    measure_mask: PyTree | None = None  # conflicts measured on the Jacobian masked by it (ST)
     post_step: Any = None  # the scalarizer whose post_step needs the losses after the step (FAMO)
 
 
@@ -173,6 +173,13 @@ def shared_view(tree: PyTree, spec: PyTree | None) -> PyTree:
         return tree
     specific = sharing_lib.spec_task_specific(spec)
     return jax.tree.map(lambda s, x: optax.MaskedNode() if s else x, specific, tree)
+
+
+def _mask_rows(jac: PyTree, mask: PyTree) -> PyTree:
+    """The task Jacobian with the masked coordinates of every row set to 0."""
+    return jax.tree.map(
+        lambda g, m: jnp.where(jnp.asarray(m, bool)[None], g, jnp.zeros((), g.dtype)), jac, mask
+    )
 
 
 def _encoder_forward(problem: Problem, enc_state: dict, train: bool) -> Callable:
@@ -291,10 +298,13 @@ def make_train_step(problem: Problem) -> Callable[[TrainState, dict], tuple[Trai
         losses, enc_jac, head_grads, enc_state, head_states, rep_grads = grads_fn(
             problem, state, batch["image"], targets
         )
-        pre_opt, enc_opt, head_opt = state.opt_state
-        # The tracker sees what the aggregator sees: the Jacobian after the pre-transforms.
-        enc_jac, pre_opt = problem.encoder_pre_tx.update(enc_jac, pre_opt, state.params["encoder"])
-        conflict = problem.tracker.update(state.conflict, shared_view(enc_jac, problem.sharing))
+        enc_opt, head_opt = state.opt_state
+        # Conflicts on the shared encoder: on the Jacobian as the ST mask leaves it (the paper's
+        # Fig. 2 subspace) or, with config.sparse.measure_on == "full", on all of it.
+        measured = (
+            enc_jac if problem.measure_mask is None else _mask_rows(enc_jac, problem.measure_mask)
+        )
+        conflict = problem.tracker.update(state.conflict, shared_view(measured, problem.sharing))
         extra = {"rep_grads": rep_grads} if problem.kind == "representation" else {}
         enc_updates, enc_opt = problem.encoder_tx.update(
             enc_jac, enc_opt, state.params["encoder"], task_losses=losses, **extra
@@ -328,7 +338,7 @@ def make_train_step(problem: Problem) -> Callable[[TrainState, dict], tuple[Trai
             step=state.step + 1,
             params=params,
             model_state={"encoder": enc_state, "heads": dict(head_states)},
-            opt_state=(pre_opt, enc_opt, head_opt),
+            opt_state=(enc_opt, head_opt),
             conflict=conflict,
             first_nonfinite=first_nonfinite,
         )
@@ -404,14 +414,17 @@ def build_problem(
         tasks=tuple(tasks),
         streams=tuple(streams),
         model=model,
-        encoder_pre_tx=optax.chain(*masks) if masks else optax.identity(),
-        encoder_tx=optax.chain(aggregator, opt, *masks),
+        # Sparse training: theta <- theta - lr * M * d -- the mask on the combined update (after
+        # the aggregator, so the gradient manipulation sees the full task gradients, as in the ST
+        # paper), and again after the optimizer so frozen weights stay bit-identical.
+        encoder_tx=optax.chain(aggregator, *masks, opt, *masks),
         heads_tx=heads_tx,
         tracker=tracker,
         strategy=config.train.jacobian_strategy,
         sharing=sharing,
         kind=kind,
         post_step=post_step,
+        measure_mask=mask if config.sparse.measure_on == "masked" else None,
     )
 
 
@@ -475,7 +488,6 @@ def init_state(problem: Problem, params: PyTree, model_state: PyTree) -> TrainSt
             params=params,
             model_state=model_state,
             opt_state=(
-                problem.encoder_pre_tx.init(params["encoder"]),
                 problem.encoder_tx.init(params["encoder"]),
                 problem.heads_tx.init(params["heads"]),
             ),
