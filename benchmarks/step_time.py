@@ -23,9 +23,14 @@ channels, 28x28x1 input) at K = 2. Every variant is one jitted step including th
   ``mtl.mtl_value_and_grad`` (XLA keeps only the part of the K backward passes that reaches that
   layer), and one trunk backward of the weighted representation gradients.
 
-Ratios: every row against ``summed``; every aggregator against ``jac+mean``. The targets of the
-issue are printed with a pass/fail mark: each Gram-space aggregator adds at most 5% to
-``jac+mean``; ``jac+mean`` costs at most ``1.5 (1 + 2K) / 3`` summed steps at K = 10 and 40.
+Ratios: every row against ``summed``; every aggregator against ``jac+mean``. The column
+``aggregator ms`` is each aggregator's jitted ``update`` alone (Gram matrix, solver, combination),
+timed on the trunk Jacobian where its own ``jac+<method>`` run stopped (for ``jac+mean+tracker``:
+the ``ConflictTracker`` update alone). The targets of the issue
+are printed with a pass/fail mark: each Gram-space aggregator adds at most 5% to ``jac+mean``,
+judged on ``(aggregator ms - mean's aggregator ms) / jac+mean ms`` (the difference of two
+~100 ms step medians is as noisy as the 5% it would test); ``jac+mean`` costs at most
+``1.5 (1 + 2K) / 3`` summed steps at K = 10 and 40.
 
 ``--solvers`` instead times every Gram-space weighting alone (jitted ``weigh`` on a K x K Gram
 matrix of random, partly conflicting gradients), at the same K values.
@@ -223,7 +228,7 @@ def build_steps(
 
         return step, init
 
-    for method in methods:
+    for method in dict.fromkeys(["mean", *methods]):  # jac+mean is every ratio's baseline
         steps[f"jac+{method}"] = structured(method)
     steps["jac+mean+tracker"] = structured("mean", track=True)
     for strategy in strategies:
@@ -309,8 +314,12 @@ def build_steps(
     return steps
 
 
-def time_steps(steps, params, x, labels, repeats: int, inner: int) -> dict[str, list[float]]:
-    """Interleaved rounds: in each round every variant runs ``inner`` steps; ms/step per round."""
+def time_steps(steps, params, x, labels, repeats: int, inner: int):
+    """Interleaved rounds: in each round every variant runs ``inner`` steps; ms/step per round.
+
+    Returns ``(times, states)``: the ms of every round per variant, and every variant's final
+    ``[params, opt_state]``.
+    """
     jitted, states = {}, {}
     for name, (fn, tx) in steps.items():
         init = tx if callable(tx) and not hasattr(tx, "init") else tx.init
@@ -332,26 +341,80 @@ def time_steps(steps, params, x, labels, repeats: int, inner: int) -> dict[str, 
             jax.block_until_ready(p)
             times[name].append(1e3 * (time.perf_counter() - start) / inner)
             states[name] = [p, s]
-    return times
+    return times, states
 
 
-def report(kind: str, num_tasks: int, times: dict[str, list[float]]) -> list[str]:
+def time_aggregators(trunk_fn, num_tasks, methods, states, x, labels, repeats: int = 21):
+    """Median ms of each aggregator's ``update`` alone, on the Jacobian its own run has reached.
+
+    The step-level ratio ``jac+<method> / jac+mean`` compares two medians of ~100 ms steps whose
+    noise on a shared machine is itself a few percent; this measures what the aggregator adds
+    directly: its jitted ``update`` (Gram matrix, solver, combination) on the trunk Jacobian at
+    the parameters and aggregator state where ``jac+<method>`` stopped (UPGrad's QP, say, has
+    more active constraints late in training than at initialisation). Interleaved rounds.
+    """
+    grads = jax.jit(mtl.mtl_value_and_grad(trunk_fn, head_loss))
+    calls = {}
+    for method in methods:
+        if f"jac+{method}" not in states:
+            continue
+        params, opt_state = states[f"jac+{method}"]
+        agg_state = opt_state[0][0]  # optax.chain(aggregator, adam): the aggregator's state
+        losses, jac, _, _ = grads(params["trunk"], params["heads"], x, labels)
+        agg = mtl.get_aggregator(method, num_tasks=num_tasks)
+        update = jax.jit(
+            lambda j, s, p, losses, agg=agg: agg.update(j, s, p, task_losses=losses)[0]
+        )
+        args = (jac, agg_state, params["trunk"], losses)
+        jax.block_until_ready(update(*args))
+        calls[method] = (update, args)
+    if "jac+mean+tracker" in states:  # the conflict tracker's update alone, same treatment
+        params, opt_state = states["jac+mean+tracker"]
+        losses, jac, _, _ = grads(params["trunk"], params["heads"], x, labels)
+        tracker = mtl.ConflictTracker(num_tasks=num_tasks)
+        update = jax.jit(lambda j, s: tracker.update(s, j))
+        args = (jac, opt_state[2])
+        jax.block_until_ready(update(*args))
+        calls["mean+tracker"] = (update, args)
+    times = {method: [] for method in calls}
+    order = list(calls)
+    rng = np.random.default_rng(1)
+    for _ in range(repeats):
+        rng.shuffle(order)
+        for method in order:
+            update, args = calls[method]
+            start = time.perf_counter()
+            jax.block_until_ready(update(*args))
+            times[method].append(1e3 * (time.perf_counter() - start))
+    return {method: statistics.median(v) for method, v in times.items()}
+
+
+def report(
+    kind: str, num_tasks: int, times: dict[str, list[float]], agg_ms: dict[str, float]
+) -> list[str]:
     med = {name: statistics.median(v) for name, v in times.items()}
     base, jac_mean = med["summed"], med["jac+mean"]
+    mean_agg = agg_ms.get("mean", 0.0)
     bound = 1.5 * (1 + 2 * num_tasks) / 3
     lines = []
     for name, m in med.items():
         vs_jac = ""
         target = ""
+        method = name.split("+", 1)[1] if name.startswith("jac+") else None
+        agg_cell = f"{agg_ms[method]:.2f}" if method in agg_ms else ""
+        added = (agg_ms[method] - mean_agg) / jac_mean if method in agg_ms else None
         if name.startswith(("ub+", "loss+")):
             target = "(vs summed)"
         if name.startswith("jac+") and name != "jac+mean":
             vs_jac = f"{m / jac_mean:.3f}"
-            method = name.split("+", 1)[1]
-            if method in GRAM_METHODS:
-                target = "ok (<=1.05)" if m / jac_mean <= 1.05 else "MISS (>1.05)"
-            elif method == "mean+tracker":
-                target = "ok (<=1.05)" if m / jac_mean <= 1.05 else "MISS (>1.05)"
+            if method in GRAM_METHODS and added is not None:
+                verdict = "ok" if added <= 0.05 else "MISS"
+                target = f"{verdict} (adds {100 * added:+.1f}% <= 5%)"
+            elif method == "mean+tracker" and method in agg_ms:
+                # Alone it reads the whole Jacobian again (as mean's update alone does); in the
+                # step XLA fuses that read with the aggregator's, so the end-to-end ratio is what
+                # it costs: informational, no target.
+                target = f"(tracker alone: {100 * agg_ms[method] / jac_mean:.1f}% of jac+mean)"
         if name.startswith("jac["):
             vs_jac = f"{m / jac_mean:.3f}"
             target = "(strategy vs vmap)"
@@ -361,7 +424,8 @@ def report(kind: str, num_tasks: int, times: dict[str, list[float]]) -> list[str
         if name == "jac+mean" and num_tasks >= 10:
             target = f"ok (<={bound:.1f}x)" if m / base <= bound else f"MISS (>{bound:.1f}x)"
         lines.append(
-            f"| {kind} | {num_tasks} | {name} | {m:.2f} | {m / base:.2f} | {vs_jac} | {target} |"
+            f"| {kind} | {num_tasks} | {name} | {m:.2f} | {m / base:.2f} | {vs_jac} | {agg_cell} "
+            f"| {target} |"
         )
     return lines
 
@@ -428,14 +492,16 @@ def main() -> None:
     if args.solvers:
         time_solvers(args.ks)
         return
-    print("| model | K | step | median ms | x summed | x jac+mean | target |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | K | step | median ms | x summed | x jac+mean | aggregator ms | target |")
+    print("|---|---|---|---|---|---|---|---|")
     configs = [("mlp", k) for k in args.ks] + ([("conv", 2)] if args.conv else [])
     for kind, num_tasks in configs:
         trunk_fn, params, x, labels = make_problem(kind, num_tasks)
         steps = build_steps(trunk_fn, num_tasks, args.methods, args.ub, args.loss, args.strategies)
-        times = time_steps(steps, params, x, labels, args.repeats, args.inner)
-        for line in report(kind, num_tasks, times):
+        times, states = time_steps(steps, params, x, labels, args.repeats, args.inner)
+        methods = list(dict.fromkeys(["mean", *args.methods]))
+        agg_ms = time_aggregators(trunk_fn, num_tasks, methods, states, x, labels)
+        for line in report(kind, num_tasks, times, agg_ms):
             print(line, flush=True)
 
 
