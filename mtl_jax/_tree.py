@@ -48,6 +48,12 @@ def _listing(items: Sequence[str]) -> str:
     return shown + (f", ... ({more} more)" if more > 0 else "")
 
 
+def path_difference(paths: Sequence[str], others: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(in paths only, in others only)``: the leaves two pytrees' structures disagree on."""
+    path_set, other_set = set(paths), set(others)
+    return [p for p in paths if p not in other_set], [p for p in others if p not in path_set]
+
+
 def task_axis_size(jac: PyTree, what: str = "task Jacobian") -> int:
     """The K shared by every leaf's leading axis; a clear error if the leaves disagree.
 
@@ -85,8 +91,7 @@ def check_jacobian_matches(jac: PyTree, params: PyTree) -> None:
     jac_paths = [p for p, _ in jac_pairs]
     par_paths = [p for p, _ in par_pairs]
     if jac_paths != par_paths:
-        missing = [p for p in par_paths if p not in set(jac_paths)]
-        extra = [p for p in jac_paths if p not in set(par_paths)]
+        missing, extra = path_difference(par_paths, jac_paths)
         raise ValueError(
             "The task Jacobian does not have the structure of the parameters. "
             f"Leaves only in the parameters: [{_listing(missing)}]; "

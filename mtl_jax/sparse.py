@@ -125,8 +125,7 @@ def _check_like(like: PyTree, params: PyTree, what: str) -> list[Any]:
     like_paths, like_leaves, _ = _leaves(like)
     paths, leaves, _ = _leaves(params)
     if like_paths != paths:
-        missing = [p for p in paths if p not in set(like_paths)]
-        extra = [p for p in like_paths if p not in set(paths)]
+        missing, extra = _tree.path_difference(paths, like_paths)
         raise ValueError(
             f"{what}: the reference mask does not have the structure of the parameters; leaves "
             f"only in the parameters: [{_tree._listing(missing)}]; only in the mask: "
@@ -402,8 +401,7 @@ def apply_mask(mask: PyTree) -> optax.GradientTransformation:
         flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked_node)
         paths = [_tree.path_str(p) for p, x in flat]
         if paths != mask_paths:
-            missing = [p for p in paths if p not in set(mask_paths)]
-            extra = [p for p in mask_paths if p not in set(paths)]
+            missing, extra = _tree.path_difference(paths, mask_paths)
             raise ValueError(
                 "apply_mask: the mask does not have the structure of the parameters; leaves only "
                 f"in the parameters: [{_tree._listing(missing)}]; only in the mask: "
@@ -426,8 +424,7 @@ def apply_mask(mask: PyTree) -> optax.GradientTransformation:
         masks, mask_treedef = jax.tree.flatten(state.mask)
         if treedef != mask_treedef:
             paths = [_tree.path_str(p) for p, _ in flat]
-            missing = [p for p in paths if p not in set(mask_paths)]
-            extra = [p for p in mask_paths if p not in set(paths)]
+            missing, extra = _tree.path_difference(paths, mask_paths)
             raise ValueError(
                 "apply_mask: the updates do not have the structure of the mask (the parameters'); "
                 f"leaves only in the updates: [{_tree._listing(missing)}]; only in the mask: "
