@@ -3,8 +3,8 @@
 A config file is a Python module whose ``get_config()`` returns an ``ml_collections.ConfigDict``
 (big_vision / Flax-examples style), normally built from :func:`base_config`. Top-level keys:
 
-* ``study``: ``"compare"`` (every method x every seed; the default) -- other studies register in
-  ``experiments.studies``.
+* ``study``: the study to run (``experiments.studies``; ``"compare"``, every method x every seed,
+  is the default); ``python -m experiments.run --list`` lists them.
 * ``seeds``: tuple of ints; every method runs on the same seeds.
 * ``methods``: tuple of method strings ``"name"`` or ``"name:key=value,key=value"`` (e.g.
   ``"cagrad:c=0.4"``); names are ``mtl.AGGREGATORS`` keys. ``method_kwargs.<name>`` adds
@@ -14,8 +14,9 @@ A config file is a Python module whose ``get_config()`` returns an ``ml_collecti
 * ``train``: optimizer and loop settings (:func:`train_defaults`).
 * ``conflict``: the tracker's ``granularity`` (``global`` | ``module`` | ``leaf``), Recon's
   ``severity`` S and the incidence ``threshold``.
-* ``sparse``, ``combinations``: the options of the ``sparse_training`` and ``leaf_combinations``
-  studies (``experiments.studies``); other studies ignore them.
+* a study's own section (``sparse`` for ``sparse_training``, ``combinations`` for
+  ``leaf_combinations``, ...): owned, defaulted and validated by the study module
+  (``experiments.studies.<name>``); this module knows no study.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from experiments import data as data_lib
 from experiments import models as models_lib
 from experiments.optim import OPTIMIZERS, SCHEDULES
 
-TOP_LEVEL_KEYS = (
+#: The keys every config has; a study adds its own section (``experiments.studies``).
+BASE_KEYS = (
     "study",
     "seeds",
     "methods",
@@ -42,8 +44,6 @@ TOP_LEVEL_KEYS = (
     "train",
     "conflict",
     "report",
-    "sparse",
-    "combinations",
 )
 GRANULARITIES = ("global", "module", "leaf")
 
@@ -84,7 +84,11 @@ def report_defaults() -> ml_collections.ConfigDict:
 
 
 def base_config(dataset: str, model: str) -> ml_collections.ConfigDict:
-    """A complete config with every key at its default, for ``dataset`` and ``model``."""
+    """A complete config with every base key at its default, for ``dataset`` and ``model``.
+
+    It knows no study: ``experiments.studies.study_config(name, dataset, model)`` adds a study's
+    own section (e.g. ``config.sparse``) and sets ``config.study``.
+    """
     config = ml_collections.ConfigDict()
     config.study = "compare"
     config.seeds = (0,)
@@ -96,10 +100,6 @@ def base_config(dataset: str, model: str) -> ml_collections.ConfigDict:
     config.train = train_defaults()
     config.conflict = conflict_defaults()
     config.report = report_defaults()
-    from experiments import studies
-
-    config.sparse = studies.sparse_defaults()
-    config.combinations = studies.combinations_defaults()
     return config
 
 
@@ -123,7 +123,8 @@ def parse_method(method: str, extra: Mapping[str, Any] | None = None) -> tuple[s
     return name, kwargs
 
 
-def _check_keys(section: ml_collections.ConfigDict, valid, where: str) -> None:
+def check_keys(section: ml_collections.ConfigDict, valid, where: str) -> None:
+    """Raises ``ValueError`` naming the unknown keys of ``section`` and the valid ones."""
     unknown = sorted(set(section.keys()) - set(valid))
     if unknown:
         raise ValueError(
@@ -131,53 +132,13 @@ def _check_keys(section: ml_collections.ConfigDict, valid, where: str) -> None:
         )
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises :class:`ConfigError` naming an unknown key, method, dataset, model or option."""
-    try:
-        _validate(config)
-    except ConfigError:
-        raise
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(str(e)) from e
-
-
-def _validate(config: ml_collections.ConfigDict) -> None:
-    from experiments import studies
-    from experiments.train import make_aggregator
-
-    _check_keys(config, TOP_LEVEL_KEYS, "the config")
-    if config.study not in studies.STUDIES:
-        raise ValueError(
-            f"Unknown study {config.study!r}; valid studies: {sorted(studies.STUDIES)}."
-        )
-    _check_keys(config.train, train_defaults().keys(), "config.train")
-    _check_keys(config.conflict, conflict_defaults().keys(), "config.conflict")
-    _check_keys(config.report, report_defaults().keys(), "config.report")
-    _check_keys(config.sparse, studies.sparse_defaults().keys(), "config.sparse")
-    _check_keys(config.combinations, studies.combinations_defaults().keys(), "config.combinations")
-    if config.study == "sparse_training":
-        for method in config.sparse.methods:
-            name, kwargs = parse_method(method, config.method_kwargs.get(method.partition(":")[0]))
-            make_aggregator(name, kwargs, num_tasks=2)
-        bad = sorted(set(config.sparse.controls) - set(studies.SELECTIONS))
-        if bad:
-            raise ValueError(
-                f"Unknown sparse.controls {bad}; valid selections: {list(studies.SELECTIONS)}."
-            )
-        if config.sparse.measure_on not in ("masked", "full"):
-            raise ValueError(
-                f"sparse.measure_on must be 'masked' or 'full'; got {config.sparse.measure_on!r}."
-            )
-        if config.sparse.other not in ("train", "freeze"):
-            raise ValueError(
-                f"sparse.other must be 'train' or 'freeze'; got {config.sparse.other!r}."
-            )
-    if config.study == "leaf_combinations" and "modulation" not in models_lib.default_model_config(
-        config.model.name
-    ):
-        raise ValueError(
-            f"leaf_combinations needs a model with a 'modulation' option (small_cnn); got {config.model.name!r}."
-        )
+def validate_base(config: ml_collections.ConfigDict, study_sections: tuple[str, ...] = ()) -> None:
+    """Checks the base keys (``ValueError`` naming an unknown key, data set, model or option);
+    ``study_sections`` are the top-level sections the config's study owns."""
+    check_keys(config, (*BASE_KEYS, *study_sections), "the config")
+    check_keys(config.train, train_defaults().keys(), "config.train")
+    check_keys(config.conflict, conflict_defaults().keys(), "config.conflict")
+    check_keys(config.report, report_defaults().keys(), "config.report")
     if config.train.optimizer not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {config.train.optimizer!r}; valid: {OPTIMIZERS}.")
     if config.train.lr_schedule not in SCHEDULES:
@@ -192,14 +153,11 @@ def _validate(config: ml_collections.ConfigDict) -> None:
         )
     if not config.seeds:
         raise ValueError("config.seeds is empty; give at least one seed.")
-    for method in config.methods:
-        name, kwargs = parse_method(method, config.method_kwargs.get(method.partition(":")[0]))
-        make_aggregator(name, kwargs, num_tasks=2)  # unknown names / hyper-parameters raise
     if config.dataset.get("name") not in data_lib.DATASETS:
         raise ValueError(
             f"Unknown dataset {config.dataset.get('name')!r}; valid datasets: {sorted(data_lib.DATASETS)}."
         )
-    _check_keys(
+    check_keys(
         config.dataset,
         data_lib.default_dataset_config(config.dataset.name).keys(),
         "config.dataset",
@@ -208,6 +166,6 @@ def _validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"Unknown model {config.model.get('name')!r}; valid models: {sorted(models_lib.MODELS)}."
         )
-    _check_keys(
+    check_keys(
         config.model, models_lib.default_model_config(config.model.name).keys(), "config.model"
     )

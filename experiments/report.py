@@ -12,8 +12,9 @@ import os
 import ml_collections
 from absl import app, flags
 
-from experiments import reports, studies
+from experiments import studies
 from experiments.logs import JsonlLog
+from experiments.run import write_study_report
 from experiments.tasks import TaskSpec
 
 _WORKDIR = flags.DEFINE_string(
@@ -32,12 +33,8 @@ def rebuild(workdir: str) -> str:
     tasks = [TaskSpec(**t) for t in head["tasks"]]
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    study = studies.STUDIES[head["study"]]
-    sections = [study.report(records, tasks, config, workdir)] if study.report else []
-    title = (
-        f"{head['study']}: {head['dataset']}, model {config.model.name}, seeds {list(config.seeds)}"
-    )
-    return reports.write_report(records, tasks, workdir, title, sections=sections)
+    study = studies.get_study(head["study"])
+    return write_study_report(study, records, tasks, config, workdir)
 
 
 def main(argv):

@@ -106,7 +106,7 @@ def comparison_table(records: Sequence[dict], tasks: Sequence[TaskSpec]) -> str:
         header += [f"{t.name} {m}" for m in REPORTED_METRICS[t.kind]]
     if have_ref:
         header += ["Δm% per-task", "Δm% flat"]
-    header += ["p% all", "p% last half", "mean cos", "ms/step"]
+    header += ["p% all", "p% last half", "mean cos", "ms/step", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label in run_order(records):
         runs = summaries.get(label)
@@ -137,12 +137,15 @@ def comparison_table(records: Sequence[dict], tasks: Sequence[TaskSpec]) -> str:
             ]
             row.append(_mean_std(cos))
         row.append(_mean_std([1e3 * r["seconds_per_step"] for r in runs]))
+        row.append(_mean_std([r.get("wall_seconds", math.nan) for r in runs]))
         lines.append("| " + " | ".join(row) + " |")
     notes = [
         "",
         "Test metrics at the end of training. p%: share of task pairs with negative cosine between "
         "their gradients on the shared parameters, over all steps and over the last half of the "
-        "epochs. mean cos: mean pairwise cosine over the logged steps.",
+        "epochs. mean cos: mean pairwise cosine over the logged steps. ms/step: median over the "
+        "logging windows (compilation, evaluation and checkpoints excluded); wall s: the run's "
+        "wall time from its start to its last epoch (all processes of a resumed run).",
     ]
     if have_ref:
         notes.append(

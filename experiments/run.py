@@ -18,24 +18,28 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import mtl_jax as mtl
 from experiments import config as config_lib
 from experiments import data as data_lib
 from experiments import models as models_lib
 from experiments import reports, studies
 from experiments.logs import JsonlLog, atomic_write_text
-from experiments.train import train_run
+from experiments.phases import run_phases
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work dir (default: workdirs/<config name>).")
 _FRESH = flags.DEFINE_bool("fresh", False, "Delete the work dir before running.")
+_LIST = flags.DEFINE_bool("list", False, "List the studies, data sets, models and methods.")
 
 
 class ConfigMismatchError(ValueError):
@@ -66,8 +70,10 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, fresh: bool
 
 
 def run_study(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False) -> str:
-    """Validates the config, trains every run of its study (resuming) and writes the report."""
-    config_lib.validate(config)
+    """Validates the config, runs the phases of its study (skipping finished ones, resuming the
+    interrupted one) and writes the report."""
+    studies.with_study_section(config)
+    studies.validate(config)
     prepare_workdir(config, workdir, fresh)
     data = data_lib.make_dataset(config.dataset)
     model = models_lib.make_model(config.model, data.tasks, data.input_shape)
@@ -82,15 +88,53 @@ def run_study(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = 
                 "tasks": [dataclasses.asdict(t) for t in data.tasks],
             }
         )
-    study = studies.STUDIES[config.study]
-    for spec in study.runs(config, data, model, workdir):
-        train_run(config, data, model, spec, workdir, log, progress=bool(config.report.progress))
-    records = list(log.records())
-    title = f"{config.study}: {data.name}, model {config.model.name}, seeds {list(config.seeds)}"
-    sections = [study.report(records, data.tasks, config, workdir)] if study.report else []
-    return reports.write_report(
-        records, data.tasks, workdir, title, plots=bool(config.report.plots), sections=sections
+    study = studies.get_study(config.study)
+    ctx = studies.StudyContext(
+        config=config,
+        data=data,
+        model=model,
+        workdir=workdir,
+        log=log,
+        progress=bool(config.report.progress),
     )
+    run_phases(study.phases(ctx), ctx.artifacts)
+    return write_study_report(study, list(log.records()), data.tasks, config, workdir)
+
+
+def write_study_report(study, records, tasks, config, workdir: str) -> str:
+    """The base report (comparison table, plots) with the study's own section first."""
+    title = f"{config.study}: {records[0].get('dataset', '')}, model {config.model.name}, seeds {list(config.seeds)}"
+    sections = [study.report(records, tasks, config, workdir)] if study.report else []
+    return reports.write_report(
+        records, tasks, workdir, title, plots=bool(config.report.plots), sections=sections
+    )
+
+
+def listing() -> str:
+    """``--list``: the studies, data sets, models and methods, one line each."""
+    lines = ["Studies (config.study):"]
+    lines += [f"  {name:20s} {s.description}" for name, s in sorted(studies.STUDIES.items())]
+    lines.append("Data sets (config.dataset.name):")
+    lines += [
+        f"  {name:20s} {getattr(entry, 'description', '')}".rstrip()
+        for name, entry in sorted(data_lib.DATASETS.items())
+    ]
+    lines.append("Models (config.model.name):")
+    lines += [
+        f"  {name:20s} {entry.description}" for name, entry in sorted(models_lib.MODELS.items())
+    ]
+    lines.append("Methods (config.methods; 'name:key=value,...' sets hyper-parameters):")
+    lines += [f"  {name:20s} aggregator of the task Jacobian" for name in sorted(mtl.AGGREGATORS)]
+    lines += [
+        f"  {name:20s} loss-only (scalarizer)"
+        for name in sorted(mtl.SCALARIZERS)
+        if name not in mtl.AGGREGATORS
+    ]
+    lines.append(
+        f"  {'<weighting>_ub':20s} representation gradients (e.g. mgda_ub); weightings: "
+        + ", ".join(sorted(mtl.WEIGHTINGS))
+    )
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,12 +161,77 @@ def _load_config_file(path: str) -> ml_collections.ConfigDict:
     return module.get_config(arg) if arg else module.get_config()
 
 
+#: Config sections whose ``name`` selects a registry entry with its own keys: overriding the
+#: name from the command line brings that entry's defaults (the old entry's keys do not stay).
+NAMED_SECTIONS: dict[str, Callable[[str], ml_collections.ConfigDict]] = {
+    "dataset": data_lib.default_dataset_config,
+    "model": models_lib.default_model_config,
+}
+
+
+def split_named_section_overrides(argv: list[str]) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """Takes ``--config.<section>.*=...`` out of ``argv`` for each :data:`NAMED_SECTIONS` section
+    whose ``name`` is overridden; returns ``(the other args, {section: {key: text}})``."""
+    pulled: dict[str, dict[str, str]] = {}
+    for section in NAMED_SECTIONS:
+        prefix = f"--config.{section}."
+        if any(a.startswith(prefix + "name=") for a in argv):
+            pulled[section] = dict(
+                a[len(prefix) :].split("=", 1) for a in argv if a.startswith(prefix) and "=" in a
+            )
+            argv = [a for a in argv if not a.startswith(prefix)]
+    return argv, pulled
+
+
+def _coerce(text: str, default: Any) -> Any:
+    value = config_lib._parse_value(text)
+    if isinstance(default, bool) or default is None:
+        return value
+    if isinstance(default, int | float) and isinstance(value, int | float):
+        return type(default)(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        return text
+    return value
+
+
+def apply_named_section_overrides(
+    config: ml_collections.ConfigDict, pulled: dict[str, dict[str, str]]
+) -> ml_collections.ConfigDict:
+    """Replaces each pulled section by its new entry's defaults, then applies the other keys.
+
+    Raises:
+      ConfigError: an unknown name or key (listing the valid ones).
+    """
+    for section, overrides in pulled.items():
+        overrides = dict(overrides)
+        name = config_lib._parse_value(overrides.pop("name"))
+        try:
+            fresh = NAMED_SECTIONS[section](name)
+        except ValueError as e:
+            raise config_lib.ConfigError(str(e)) from e
+        for key, text in overrides.items():
+            if key not in fresh:
+                raise config_lib.ConfigError(
+                    f"Unknown config key {section}.{key!r} for {section} {name!r}; valid keys: "
+                    f"{sorted(fresh.keys())}."
+                )
+            with fresh.ignore_type():
+                fresh[key] = _coerce(text, fresh[key])
+        with config.unlocked():
+            config[section] = fresh
+    return config
+
+
 def check_overrides(argv: list[str]) -> None:
-    """Raises ``ValueError`` for a ``--config.a.b=...`` whose key the config does not have."""
+    """Raises ``ValueError`` for a ``--config.a.b=...`` whose key the config does not have
+    (overrides of a data set's or model's keys after a new ``name`` are checked against that
+    entry's keys, by :func:`apply_named_section_overrides`)."""
+    argv, pulled = split_named_section_overrides(argv)
     overrides = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-    if not overrides:
+    if not overrides and not pulled:
         return
     config = _load_config_file(_config_path(argv))
+    apply_named_section_overrides(config, pulled)
     for key in overrides:
         node, walked = config, []
         for part in key.split("."):
@@ -152,7 +261,10 @@ def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     enable_compilation_cache()
-    config = _CONFIG.value
+    if _LIST.value:
+        print(listing())
+        return
+    config = apply_named_section_overrides(_CONFIG.value, _PULLED)
     name = os.path.splitext(os.path.basename(_config_path(sys.argv).partition(":")[0]))[0]
     workdir = _WORKDIR.value or os.path.join("workdirs", name)
     try:
@@ -164,13 +276,18 @@ def main(argv: list[str]) -> None:
     print(f"Work dir: {os.path.abspath(workdir)}")
 
 
+_PULLED: dict[str, dict[str, str]] = {}
+
+
 def entry() -> None:
     try:
         check_overrides(sys.argv[1:])
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    app.run(main)
+    argv, pulled = split_named_section_overrides(sys.argv)
+    _PULLED.update(pulled)
+    app.run(main, argv=argv)
 
 
 if __name__ == "__main__":

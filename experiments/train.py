@@ -21,17 +21,20 @@ computation inside the one jitted step, so the conflict metrics cost almost noth
 
 Runs are resumable: the whole :class:`TrainState` (parameters, BatchNorm statistics, optimizer
 and aggregator state, conflict counters, step) is checkpointed with orbax, which writes to a
-temporary directory and renames it (atomic). The batches of an epoch are a deterministic function
-of ``(seed, epoch)``, and a resumed run starts inside an epoch at the right batch, so a killed run
+temporary directory and renames it (atomic). The loop itself is :func:`experiments.loop.run_loop`
+(generic: any step function and state); the batches of an epoch are a deterministic function of
+``(seed, epoch)``, and a resumed run starts inside an epoch at the right batch, so a killed run
 finishes bit-identical to an uninterrupted one on CPU. Log records written after the restored
-checkpoint are dropped from ``metrics.jsonl`` on resume. A finished run also saves its final
-parameters (``runs/<run>/final``), from which later runs of a study can start (``init_from``).
+checkpoint are dropped from ``metrics.jsonl`` on resume. A run is a phase of its study
+(:mod:`experiments.phases`): its checkpoints live in the phase directory, and a finished run saves
+its final parameters as the artifact ``final``, from which later phases start (``init_from``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import os
 import time
@@ -43,8 +46,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-import tqdm
 
 import mtl_jax as mtl
 from experiments import data as data_lib
@@ -52,6 +53,14 @@ from experiments import losses as losses_lib
 from experiments import metrics as metrics_lib
 from experiments import optim
 from experiments.logs import JsonlLog
+from experiments.loop import (
+    LoopHooks,
+    checkpoint_manager,
+    fresh_buffers,
+    restore_checkpoint,
+    run_loop,
+)
+from experiments.phases import Artifacts
 from experiments.tasks import TaskSpec
 from mtl_jax import lass as lass_lib
 from mtl_jax import sharing as sharing_lib
@@ -78,10 +87,13 @@ class RunSpec:
       encoder_mask_fn: ``encoder params -> mask`` (bool pytree, ``True`` = trainable), computed
         once from the run's initial encoder parameters (sparse training). The mask is applied to
         the combined update (after the aggregator) and again after the optimizer.
+      measure_masked: with a mask, measure conflicts on the task gradients restricted to the
+        trainable coordinates (``True``) or on the full encoder Jacobian (``False``).
       sharing_fn: ``encoder params -> sharing spec`` (``mtl_jax.sharing``), computed from the run's
         initial encoder parameters; the encoder then runs through ``mtl.per_task``.
-      init_from: the ``run_id`` of a finished run of the same work dir whose final parameters
-        (and BatchNorm statistics) this run starts from; its optimizer starts fresh.
+      init_from: the ``run_id`` (phase name) of a finished run of the same work dir whose final
+        parameters (and BatchNorm statistics), its ``final`` artifact, this run starts from; its
+        optimizer starts fresh.
       epochs: overrides ``config.train.epochs`` for this run.
       model: overrides the study's model for this run (e.g. the variant with modulation).
       info: free-form facts about the run, copied into its start and summary records.
@@ -93,6 +105,7 @@ class RunSpec:
     seed: int = 0
     tasks: tuple[str, ...] | None = None
     encoder_mask_fn: Callable[[PyTree], PyTree] | None = None
+    measure_masked: bool = True
     sharing_fn: Callable[[PyTree], PyTree] | None = None
     init_from: str | None = None
     epochs: int | None = None
@@ -299,8 +312,9 @@ def make_train_step(problem: Problem) -> Callable[[TrainState, dict], tuple[Trai
             problem, state, batch["image"], targets
         )
         enc_opt, head_opt = state.opt_state
-        # Conflicts on the shared encoder: on the Jacobian as the ST mask leaves it (the paper's
-        # Fig. 2 subspace) or, with config.sparse.measure_on == "full", on all of it.
+        # Conflicts on the shared encoder: on the Jacobian restricted to the ST mask's trainable
+        # coordinates (the paper's Fig. 2 subspace; RunSpec.measure_masked) or on all of it. The
+        # aggregator always sees the full Jacobian (the mask acts on the combined update).
         measured = (
             enc_jac if problem.measure_mask is None else _mask_rows(enc_jac, problem.measure_mask)
         )
@@ -389,7 +403,7 @@ def build_problem(
     """The transforms for the encoder and heads and the conflict tracker of one run."""
     num_tasks = len(tasks)
     kind, aggregator, post_step = make_aggregator(
-        spec.method, spec.method_kwargs, num_tasks, steps_per_epoch
+        spec.method, spec.method_kwargs, num_tasks, steps_per_epoch, seed=spec.seed
     )
     if kind == "representation" and sharing is not None:
         raise ValueError(
@@ -424,7 +438,7 @@ def build_problem(
         sharing=sharing,
         kind=kind,
         post_step=post_step,
-        measure_mask=mask if config.sparse.measure_on == "masked" else None,
+        measure_mask=mask if spec.measure_masked else None,
     )
 
 
@@ -441,8 +455,16 @@ def method_names() -> str:
     )
 
 
+def _accepts_seed(factory: Callable) -> bool:
+    return "seed" in inspect.signature(factory).parameters
+
+
 def make_aggregator(
-    method: str, kwargs: Mapping[str, Any], num_tasks: int, steps_per_epoch: int = 1
+    method: str,
+    kwargs: Mapping[str, Any],
+    num_tasks: int,
+    steps_per_epoch: int = 1,
+    seed: int | None = None,
 ) -> tuple[str, optax.GradientTransformation, Any]:
     """``(kind, transform, post_step scalarizer or None)`` for a method name of a config.
 
@@ -452,11 +474,23 @@ def make_aggregator(
       conflict metrics use (identical update); GradNorm needs ``layer=<encoder path prefix>``;
     * ``<weighting>_ub`` (e.g. ``mgda_ub``, ``aligned_mtl_ub``): weights from the representation
       gradients (:func:`mtl.from_representation`), the MGDA-UB / Aligned-MTL-UB update.
+
+    ``seed`` (the run's seed) seeds the method's PRNG key -- PCGrad's task orders, GradDrop's and
+    RLW's draws -- unless the method string sets ``seed=`` itself; every seed of a study then
+    draws its own sequence, and a rerun of one seed the same one.
     """
     kwargs = dict(kwargs)
+
+    def seeded(factory: Callable) -> dict:
+        if seed is not None and "seed" not in kwargs and _accepts_seed(factory):
+            return {**kwargs, "seed": int(seed)}
+        return kwargs
+
     if method in mtl.AGGREGATORS:
+        kwargs = seeded(mtl.AGGREGATORS[method])
         return "jacobian", mtl.get_aggregator(method, **kwargs, num_tasks=num_tasks), None
     if method in mtl.SCALARIZERS:
+        kwargs = seeded(mtl.SCALARIZERS[method])
         layer = kwargs.pop("layer", None)
         if method == "gradnorm" and layer is None:
             raise ValueError(
@@ -471,9 +505,14 @@ def make_aggregator(
         return "loss", transform, scalarizer if method == "famo" else None
     if method.endswith(UB_SUFFIX) and method[: -len(UB_SUFFIX)] in mtl.WEIGHTINGS:
         sum_over_batch = bool(kwargs.pop("sum_over_batch", False))
+        rep_seed = int(kwargs.pop("seed", 0 if seed is None else seed))
         weighting = mtl.get_weighting(method[: -len(UB_SUFFIX)], **kwargs)
         transform = mtl.from_representation(
-            weighting, num_tasks=num_tasks, sum_over_batch=sum_over_batch, name=method
+            weighting,
+            num_tasks=num_tasks,
+            sum_over_batch=sum_over_batch,
+            seed=rep_seed,
+            name=method,
         )
         return "representation", transform, None
     raise ValueError(f"Unknown method {method!r}; valid names: {method_names()}.")
@@ -533,72 +572,40 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints.
+# Final parameters (a run's artifact).
+
+FINAL = "final"  # the artifact name of a finished run's parameters and model state
 
 
-def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
-    """Synchronous orbax manager keeping the two newest checkpoints (atomic: tmp dir + rename)."""
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=2, create=True, enable_async_checkpointing=False
-    )
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
-
-
-def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState) -> None:
-    step = int(state.step)
-    if manager.latest_step() == step:
-        return
-    manager.save(step, args=ocp.args.StandardSave(state))
-    manager.wait_until_finished()
-
-
-def restore_checkpoint(manager: ocp.CheckpointManager, template: TrainState) -> TrainState | None:
-    step = manager.latest_step()
-    if step is None:
-        return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-
-
-def final_params_dir(workdir: str, run_id: str) -> str:
-    return os.path.abspath(os.path.join(workdir, "runs", run_id, "final"))
-
-
-def save_final_params(workdir: str, run_id: str, state: TrainState) -> None:
+def save_final_params(artifacts: Artifacts, run_id: str, state: TrainState) -> None:
     """The finished run's parameters and BatchNorm statistics (atomic), for ``init_from``."""
-    path = final_params_dir(workdir, run_id)
-    if os.path.exists(path):
-        return
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path, {"params": state.params, "model_state": state.model_state})
+    artifacts.save_arrays(run_id, FINAL, {"params": state.params, "model_state": state.model_state})
 
 
-def load_final_params(workdir: str, run_id: str) -> tuple[dict, dict]:
-    """``(params, model_state)`` of a finished run of ``workdir``."""
-    path = final_params_dir(workdir, run_id)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"Run {run_id!r} has no final parameters in {workdir} (it must finish before a run "
-            "that starts from it)."
-        )
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(path)
+def load_final_params(artifacts: Artifacts, run_id: str) -> tuple[dict, dict]:
+    """``(params, model_state)`` of a finished run (phase) of the work dir."""
+    restored = artifacts.load_arrays(run_id, FINAL)
     return restored["params"], restored["model_state"]
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop.
+# The run: the standard step in the generic loop (experiments.loop).
 
 
-def _check_finite(state: TrainState, problem: Problem, outputs: dict) -> None:
+def _check_finite(state: TrainState, problem: Problem, outputs: dict, has_checkpoint: bool) -> None:
     first = int(state.first_nonfinite)
     if first >= 0:
         losses = np.asarray(outputs["losses"])
         bad = [t.name for t, v in zip(problem.tasks, losses, strict=True) if not np.isfinite(v)]
+        where = (
+            "its last checkpoint holds the state before the failure"
+            if has_checkpoint
+            else "no checkpoint was written"
+        )
         raise NonFiniteLossError(
             f"Non-finite task loss at step {first} (now step {int(state.step)}; tasks with "
-            f"non-finite loss at the last step: {bad or 'none'}). The run stops; its last "
-            "checkpoint holds the state before the failure. Lower the learning rate or check the data."
+            f"non-finite loss at the last step: {bad or 'none'}). The run stops; {where}. "
+            "Lower the learning rate or check the data."
         )
 
 
@@ -622,8 +629,15 @@ def _train_record(spec: RunSpec, problem: Problem, step: int, epoch: int, output
     }
 
 
-def _conflict_record(spec: RunSpec, state: TrainState, epoch: int) -> dict:
+def _conflict_record(spec: RunSpec, state: TrainState, epoch: int, wall: float) -> dict:
+    """The cumulative conflict statistics at an epoch end: every field of the tracker's state
+    except the last step's values (``{group: value}`` dicts and arrays as lists)."""
     c = state.conflict
+    fields = {
+        k: v
+        for k, v in c._asdict().items()
+        if k != "steps" and not k.startswith("last_") and isinstance(v, dict)
+    }
     return {
         "kind": "conflict",
         "run": spec.label,
@@ -631,9 +645,8 @@ def _conflict_record(spec: RunSpec, state: TrainState, epoch: int) -> dict:
         "step": int(state.step),
         "epoch": epoch,
         "steps": int(c.steps),
-        "conflicts": {g: int(v) for g, v in c.conflicts.items()},
-        "severe": {g: int(v) for g, v in c.severe.items()},
-        "histogram": {g: np.asarray(v).tolist() for g, v in c.histogram.items()},
+        **{k: {g: np.asarray(x).tolist() for g, x in v.items()} for k, v in fields.items()},
+        "wall_seconds": wall,
     }
 
 
@@ -652,78 +665,27 @@ def _frozen_unchanged(mask: PyTree, before: PyTree, after: PyTree) -> bool:
     return all(jax.tree.leaves(same))
 
 
-def _find_record(log: JsonlLog, kind: str, spec: RunSpec) -> dict | None:
-    found = None
-    for record in log.records():
-        if (
-            record.get("kind") == kind
-            and record.get("run") == spec.label
-            and record.get("seed") == spec.seed
-        ):
-            found = record
-    return found
+def _run_records(log: JsonlLog, kind: str, spec: RunSpec) -> list[dict]:
+    return [
+        r
+        for r in log.records()
+        if r.get("kind") == kind and r.get("run") == spec.label and r.get("seed") == spec.seed
+    ]
 
 
-def train_run(
-    config: ml_collections.ConfigDict,
-    data: Any,
-    model: Any,
-    spec: RunSpec,
-    workdir: str,
-    log: JsonlLog,
-    *,
-    progress: bool = True,
-    stop_after_steps: int | None = None,
-) -> dict[str, Any]:
-    """Trains one run, resuming from its latest checkpoint; returns the summary record.
-
-    ``stop_after_steps`` ends the process-local loop early (as a kill would) -- for tests.
-    """
-    finished = _find_record(log, "summary", spec)
-    if finished is not None:
-        return finished  # finished earlier in this work dir
-    model = spec.model if spec.model is not None else model
-
+def run_tasks(data: Any, spec: RunSpec) -> tuple[tuple[TaskSpec, ...], tuple[TaskSpec, ...]]:
+    """``(trained tasks, all task streams)`` of a run."""
     streams = tuple(data.tasks)
     tasks = streams if spec.tasks is None else tuple(t for t in streams if t.name in spec.tasks)
     if spec.tasks is not None and len(tasks) != len(spec.tasks):
         raise ValueError(
             f"Run {spec.run_id}: unknown task(s) in {spec.tasks}; the data set has {[t.name for t in streams]}."
         )
-    batch_size = int(config.train.batch_size)
-    steps_per_epoch = data_lib.num_batches(data.train, batch_size, drop_remainder=True)
-    epochs = int(spec.epochs if spec.epochs is not None else config.train.epochs)
-    total_steps = epochs * steps_per_epoch
-    run_dir = os.path.join(workdir, "runs", spec.run_id)
+    return tasks, streams
 
-    # Initial parameters: the seed's, or a finished run's; then the mask and the sharing spec.
-    if spec.init_from is None:
-        params, model_state = initial_params(model, streams, data.input_shape, spec.seed)
-    else:
-        params, model_state = load_final_params(workdir, spec.init_from)
-    mask = None if spec.encoder_mask_fn is None else spec.encoder_mask_fn(params["encoder"])
-    sharing = None if spec.sharing_fn is None else spec.sharing_fn(params["encoder"])
-    if sharing is not None and spec.init_from is None:
-        params["encoder"] = sharing_lib.copy_per_task(params["encoder"], sharing, len(streams))
-    initial_encoder = params["encoder"]
 
-    problem = build_problem(
-        config, tasks, streams, model, spec, steps_per_epoch, mask=mask, sharing=sharing
-    )
-    template = init_state(problem, params, model_state)
-    manager = checkpoint_manager(os.path.join(run_dir, "checkpoints"))
-    restored = restore_checkpoint(manager, template)
-    state = template if restored is None else restored
-    # Fresh buffers: leaves of the initial state may alias each other (e.g. optimizer moments
-    # created from one zeros array), and the jitted step donates its input state.
-    state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
-    start = int(state.step)
-    log.drop(
-        lambda r: (
-            r.get("run") == spec.label and r.get("seed") == spec.seed and r.get("step", -1) > start
-        )
-    )
-    info = dict(spec.info)
+def _sharing_info(sharing: PyTree | None, mask: PyTree | None) -> dict:
+    info: dict[str, Any] = {}
     if sharing is not None and any(
         isinstance(m, sharing_lib.Masked)
         for m in jax.tree.leaves(sharing, is_leaf=lambda x: isinstance(x, sharing_lib.Masked))
@@ -740,6 +702,68 @@ def train_run(
         stats = sparse_lib.mask_stats(mask)
         info["trainable_encoder_params"] = int(stats["trainable"])
         info["trainable_encoder_fraction"] = float(stats["fraction"])
+    return info
+
+
+def train_run(
+    config: ml_collections.ConfigDict,
+    data: Any,
+    model: Any,
+    spec: RunSpec,
+    workdir: str,
+    log: JsonlLog,
+    *,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+) -> dict[str, Any]:
+    """Trains one run (the phase ``spec.run_id``), resuming from its latest checkpoint; returns
+    the summary record.
+
+    The run's checkpoints live in its phase directory; when it finishes it saves its final
+    parameters and model state as the artifact ``final`` (and its sparse-training mask as
+    ``mask``), from which later phases start (``init_from``). ``stop_after_steps`` ends the
+    process-local loop early (as a kill would) -- for tests.
+    """
+    artifacts = Artifacts(workdir)
+    finished = _run_records(log, "summary", spec)
+    if finished and artifacts.has(spec.run_id, FINAL):
+        return finished[-1]  # finished earlier in this work dir
+    model = spec.model if spec.model is not None else model
+    tasks, streams = run_tasks(data, spec)
+    batch_size = int(config.train.batch_size)
+    steps_per_epoch = data_lib.num_batches(data.train, batch_size, drop_remainder=True)
+    epochs = int(spec.epochs if spec.epochs is not None else config.train.epochs)
+    total_steps = epochs * steps_per_epoch
+
+    # Initial parameters: the seed's, or a finished run's; then the mask and the sharing spec.
+    if spec.init_from is None:
+        params, model_state = initial_params(model, streams, data.input_shape, spec.seed)
+    else:
+        params, model_state = load_final_params(artifacts, spec.init_from)
+    mask = None if spec.encoder_mask_fn is None else spec.encoder_mask_fn(params["encoder"])
+    sharing = None if spec.sharing_fn is None else spec.sharing_fn(params["encoder"])
+    if sharing is not None and spec.init_from is None:
+        params["encoder"] = sharing_lib.copy_per_task(params["encoder"], sharing, len(streams))
+    initial_encoder = params["encoder"]
+
+    problem = build_problem(
+        config, tasks, streams, model, spec, steps_per_epoch, mask=mask, sharing=sharing
+    )
+    template = init_state(problem, params, model_state)
+    manager = checkpoint_manager(os.path.join(artifacts.phase_dir(spec.run_id), "checkpoints"))
+    restored = restore_checkpoint(manager, template)
+    state = fresh_buffers(template if restored is None else restored)
+    start = int(state.step)
+    log.drop(
+        lambda r: (
+            r.get("run") == spec.label and r.get("seed") == spec.seed and r.get("step", -1) > start
+        )
+    )
+    # wall time of earlier processes of this run, up to the restored step
+    earlier = [r for r in _run_records(log, "conflict", spec) if r["step"] <= start]
+    wall_before = float(earlier[-1].get("wall_seconds", 0.0)) if earlier else 0.0
+    began = time.perf_counter()
+    info = {**dict(spec.info), **_sharing_info(sharing, mask)}
     if restored is None:
         log.write(
             {
@@ -758,30 +782,14 @@ def train_run(
                 "info": info,
             }
         )
+    if mask is not None:
+        artifacts.save_arrays(spec.run_id, "mask", mask)
 
-    step_fn = jax.jit(make_train_step(problem), donate_argnums=0)
     predict_fn = jax.jit(make_predict(problem))
-    log_every = max(1, int(config.train.log_every_steps))
-    ckpt_every = int(config.train.checkpoint_every_steps)
-    ckpt_epochs = max(1, int(config.train.checkpoint_every_epochs))
-    eval_every = max(1, int(config.train.eval_every_epochs))
     columns = ["image", *[t.name for t in tasks]]
+    eval_every = max(1, int(config.train.eval_every_epochs))
 
-    bar = tqdm.tqdm(
-        total=total_steps,
-        initial=start,
-        disable=not progress,
-        desc=spec.run_id,
-        leave=False,
-        dynamic_ncols=True,
-    )
-    step_rates: list[float] = []  # seconds per step over each logging window after the first
-    window_start: tuple[int, float] | None = None
-    steps_this_process = 0
-    outputs: dict = {}
-    while int(state.step) < total_steps:
-        step = int(state.step)
-        epoch, start_batch = divmod(step, steps_per_epoch)
+    def batches(epoch: int, start_batch: int):
         for batch in data_lib.batches(
             data.train,
             batch_size,
@@ -790,30 +798,18 @@ def train_run(
             shuffle=True,
             start_batch=start_batch,
         ):
-            batch = {k: jnp.asarray(batch[k]) for k in columns}
-            state, outputs = step_fn(state, batch)
-            step += 1
-            steps_this_process += 1
-            bar.update(1)
-            if step % log_every == 0 or step % steps_per_epoch == 0:
-                jax.block_until_ready(outputs["losses"])
-                now = time.perf_counter()
-                if window_start is not None and step > window_start[0]:
-                    step_rates.append((now - window_start[1]) / (step - window_start[0]))
-                window_start = (step, now)
-                _check_finite(state, problem, outputs)
-                log.write(_train_record(spec, problem, step, epoch, outputs))
-                bar.set_postfix(loss=" ".join(f"{v:.3f}" for v in np.asarray(outputs["losses"])))
-            if ckpt_every and step % ckpt_every == 0 and step % steps_per_epoch:
-                _check_finite(state, problem, outputs)
-                save_checkpoint(manager, state)
-            if stop_after_steps is not None and steps_this_process >= stop_after_steps:
-                bar.close()
-                return {"kind": "interrupted", "run": spec.label, "seed": spec.seed, "step": step}
-        # end of epoch
-        window_start = None  # evaluation and checkpointing are not step time
-        _check_finite(state, problem, outputs)
-        log.write(_conflict_record(spec, state, epoch + 1))
+            yield {k: jnp.asarray(batch[k]) for k in columns}
+
+    def check(state: TrainState, outputs: dict) -> None:
+        _check_finite(state, problem, outputs, manager.latest_step() is not None)
+
+    def on_log(state: TrainState, step: int, epoch: int, outputs: dict) -> None:
+        log.write(_train_record(spec, problem, step, epoch, outputs))
+
+    def on_epoch_end(state: TrainState, epoch: int) -> None:
+        step = int(state.step)
+        wall = wall_before + time.perf_counter() - began
+        log.write(_conflict_record(spec, state, epoch + 1, wall))
         if (epoch + 1) % eval_every == 0 or step == total_steps:
             results = evaluate(
                 problem, predict_fn, state, data.test, int(config.train.eval_batch_size)
@@ -829,15 +825,37 @@ def train_run(
                     "metrics": results,
                 }
             )
-        if (epoch + 1) % ckpt_epochs == 0 or step == total_steps:
-            save_checkpoint(manager, state)
-    bar.close()
-    save_final_params(workdir, spec.run_id, state)
 
-    final = _find_record(log, "eval", spec)
+    result = run_loop(
+        step_fn=jax.jit(make_train_step(problem), donate_argnums=0),
+        state=state,
+        batches=batches,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        manager=manager,
+        hooks=LoopHooks(on_log=on_log, on_epoch_end=on_epoch_end, check=check),
+        log_every=int(config.train.log_every_steps),
+        checkpoint_every_steps=int(config.train.checkpoint_every_steps),
+        checkpoint_every_epochs=int(config.train.checkpoint_every_epochs),
+        progress=progress,
+        desc=spec.run_id,
+        stop_after_steps=stop_after_steps,
+    )
+    state = result.state
+    if not result.finished:
+        return {
+            "kind": "interrupted",
+            "run": spec.label,
+            "seed": spec.seed,
+            "step": int(state.step),
+        }
+    save_final_params(artifacts, spec.run_id, state)
+
+    evals = _run_records(log, "eval", spec)
     tracker = problem.tracker
     if mask is not None:
         info["frozen_unchanged"] = _frozen_unchanged(mask, initial_encoder, state.params["encoder"])
+    epoch_records = _run_records(log, "conflict", spec)
     summary = {
         "kind": "summary",
         "run": spec.label,
@@ -845,13 +863,16 @@ def train_run(
         "step": total_steps,
         "method": spec.method,
         "tasks": [t.name for t in tasks],
-        "test": final["metrics"] if final else {},
+        "test": evals[-1]["metrics"] if evals else {},
         "incidence_all": {g: float(v) for g, v in tracker.mean_incidence(state.conflict).items()},
-        "incidence_last_half": _last_half_incidence(log, spec, tracker.num_pairs, epochs),
+        "incidence_last_half": _last_half_incidence(epoch_records, tracker.num_pairs, epochs),
         "s_scores": tracker.s_scores(state.conflict),
         "encoder_params": count_params(state.params["encoder"]),
         "head_params": count_params(state.params["heads"]),
-        "seconds_per_step": float(np.median(step_rates)) if step_rates else math.nan,
+        "seconds_per_step": float(np.median(result.step_seconds))
+        if result.step_seconds
+        else math.nan,
+        "wall_seconds": epoch_records[-1]["wall_seconds"] if epoch_records else math.nan,
         "info": info,
     }
     log.write(summary)
@@ -859,15 +880,11 @@ def train_run(
 
 
 def _last_half_incidence(
-    log: JsonlLog, spec: RunSpec, num_pairs: int, epochs: int
+    epoch_records: list[dict], num_pairs: int, epochs: int
 ) -> dict[str, float]:
     """Mean p% over the last half of the epochs (the sparse-training paper's second column),
     from the cumulative conflict counts logged at every epoch end."""
-    by_epoch = {
-        r["epoch"]: r
-        for r in log.records()
-        if r.get("kind") == "conflict" and r.get("run") == spec.label and r.get("seed") == spec.seed
-    }
+    by_epoch = {r["epoch"]: r for r in epoch_records}
     if not by_epoch or num_pairs == 0:
         return {}
     end = by_epoch[max(by_epoch)]

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 
 from experiments import config as config_lib
 from experiments import run as run_lib
+from experiments import studies
 from experiments.logs import JsonlLog
 
 
@@ -23,8 +24,7 @@ def _summaries(workdir):
 
 
 def test_sparse_training_study(tmp_path):
-    config = config_lib.base_config("multi_digits", "mlp")
-    config.study = "sparse_training"
+    config = studies.study_config("sparse_training", "multi_digits", "mlp")
     config.seeds = (0,)
     config.sparse.methods = ("mean", "pcgrad")
     config.sparse.controls = ("random", "reverse")
@@ -53,11 +53,10 @@ def test_sparse_training_study(tmp_path):
 
 
 def test_sparse_training_rejects_unknown_controls():
-    config = config_lib.base_config("multi_digits", "mlp")
-    config.study = "sparse_training"
+    config = studies.study_config("sparse_training", "multi_digits", "mlp")
     config.sparse.controls = ("random", "magnitude")
     with pytest.raises(config_lib.ConfigError, match=r"Unknown sparse.controls \['magnitude'\]"):
-        config_lib.validate(config)
+        studies.validate(config)
 
 
 def test_leaf_combinations_on_mocked_plant_leaves(tmp_path):

@@ -17,8 +17,10 @@ from experiments import config as config_lib
 from experiments import data as data_lib
 from experiments import models as models_lib
 from experiments import run as run_lib
+from experiments import studies
 from experiments import train as train_lib
 from experiments.logs import JsonlLog
+from experiments.phases import Artifacts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +42,7 @@ def tiny_config(**train):
 
 
 def _setup(config):
-    config_lib.validate(config)
+    studies.validate(config)
     data = data_lib.make_dataset(config.dataset)
     model = models_lib.make_model(config.model, data.tasks, data.input_shape)
     return data, model
@@ -52,7 +54,7 @@ def _final_state(config, data, model, spec, workdir):
     params, model_state = train_lib.initial_params(model, data.tasks, data.input_shape, spec.seed)
     template = train_lib.init_state(problem, params, model_state)
     manager = train_lib.checkpoint_manager(
-        os.path.join(workdir, "runs", spec.run_id, "checkpoints")
+        os.path.join(Artifacts(workdir).phase_dir(spec.run_id), "checkpoints")
     )
     return train_lib.restore_checkpoint(manager, template)
 
@@ -62,6 +64,7 @@ def _strip_timing(records):
     for r in records:
         r = dict(r)
         r.pop("seconds_per_step", None)
+        r.pop("wall_seconds", None)
         out.append(r)
     return out
 
@@ -191,7 +194,7 @@ def test_config_errors_list_valid_names(mutate, message):
     with config.unlocked():
         mutate(config)
     with pytest.raises(config_lib.ConfigError, match=message):
-        config_lib.validate(config)
+        studies.validate(config)
 
 
 def test_unknown_keys_are_errors():
@@ -201,7 +204,7 @@ def test_unknown_keys_are_errors():
     with pytest.raises(
         config_lib.ConfigError, match=r"Unknown config key\(s\) \['learning_rate'\] in config.train"
     ):
-        config_lib.validate(config)
+        studies.validate(config)
     with pytest.raises(
         ValueError, match=r"config.train has no 'learning_rate'; valid keys: \[.*'lr'"
     ):
@@ -209,15 +212,21 @@ def test_unknown_keys_are_errors():
     run_lib.check_overrides(["--config.train.lr=0.1", "--config.seeds=(1,)"])
 
 
-def test_main_command_killed_and_rerun_finishes_like_an_uninterrupted_run(tmp_path):
-    """A real kill (SIGKILL) of ``python -m experiments.run`` after its first checkpoint."""
+def test_study_killed_inside_a_later_phase_resumes_it_bit_identically(tmp_path):
+    """A real SIGKILL of ``python -m experiments.run`` inside the third phase of a multi-phase
+    study (sparse training: pretrain -> pcgrad -> pcgrad+st, the later ones starting from the
+    pretrain phase's ``final`` artifact); the rerun skips the finished phases, resumes the killed
+    one from its checkpoint and ends bit-identical to an uninterrupted run."""
+    config_file = os.path.join(ROOT, "experiments", "configs", "sparse_training.py")
     args = [
+        f"--config={config_file}",
         "--config.dataset.max_train_examples=384",
         "--config.dataset.max_test_examples=128",
         "--config.seeds=(0,)",
-        "--config.methods=('pcgrad',)",
-        "--config.single_task=False",
-        "--config.train.epochs=3",
+        "--config.sparse.methods=('pcgrad',)",
+        "--config.sparse.controls=()",
+        "--config.sparse.pretrain_epochs=1",
+        "--config.train.epochs=6",
         "--config.train.batch_size=64",
         "--config.train.checkpoint_every_steps=2",
         "--config.report.progress=False",
@@ -232,15 +241,19 @@ def test_main_command_killed_and_rerun_finishes_like_an_uninterrupted_run(tmp_pa
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    ckpt_dir = os.path.join(killed_dir, "runs", "pcgrad__seed0", "checkpoints")
-    deadline = time.time() + 120
+    target = "pcgrad+st__seed0"
+    artifacts = Artifacts(killed_dir)
+    ckpt_dir = os.path.join(artifacts.phase_dir(target), "checkpoints")
+    deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
             break
-        time.sleep(0.05)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-    proc.wait()
+        time.sleep(0.02)
+    assert proc.poll() is None, "the study ended before the kill; it was not interrupted"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # really killed, not finished
+    assert artifacts.is_done("pretrain__seed0") and artifacts.is_done("pcgrad__seed0")
+    assert not artifacts.is_done(target) and not artifacts.has(target, train_lib.FINAL)
     for workdir in (killed_dir, full_dir):
         subprocess.run(
             [sys.executable, "-m", "experiments.run", f"--workdir={workdir}", *args],
@@ -251,10 +264,38 @@ def test_main_command_killed_and_rerun_finishes_like_an_uninterrupted_run(tmp_pa
             timeout=300,
         )
 
-    def summary(workdir):
-        records = JsonlLog(os.path.join(workdir, "metrics.jsonl")).records()
-        (s,) = [r for r in records if r["kind"] == "summary"]
-        s.pop("seconds_per_step")
-        return s
+    def summaries(workdir):
+        out = {}
+        for r in JsonlLog(os.path.join(workdir, "metrics.jsonl")).records():
+            if r["kind"] == "summary":
+                r.pop("seconds_per_step")
+                r.pop("wall_seconds")
+                out[r["run"]] = r
+        return out
 
-    assert summary(killed_dir) == summary(full_dir)
+    assert set(summaries(killed_dir)) == {"pretrain", "pcgrad", "pcgrad+st"}
+    assert summaries(killed_dir) == summaries(full_dir)
+    a = train_lib.load_final_params(Artifacts(killed_dir), target)
+    b = train_lib.load_final_params(Artifacts(full_dir), target)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_overriding_a_data_set_or_model_name_brings_its_defaults():
+    argv = [
+        "--config.dataset.name=arrays",
+        "--config.dataset.path=mine.npz",
+        "--config.model.name=lenet",
+        "--config.train.lr=0.1",
+    ]
+    run_lib.check_overrides(argv)  # the default config's multi_digits keys do not stay behind
+    rest, pulled = run_lib.split_named_section_overrides(argv)
+    assert rest == ["--config.train.lr=0.1"]
+    config = run_lib.apply_named_section_overrides(tiny_config(), pulled)
+    assert config.dataset.to_dict() == {
+        **data_lib.default_dataset_config("arrays").to_dict(),
+        "path": "mine.npz",
+    }
+    assert config.model.to_dict() == models_lib.default_model_config("lenet").to_dict()
+    with pytest.raises(config_lib.ConfigError, match=r"Unknown config key dataset.'max_shift'"):
+        run_lib.check_overrides(["--config.dataset.name=arrays", "--config.dataset.max_shift=2"])

@@ -14,12 +14,11 @@ Needs the data: ``tfds build plant_leaves --file_format=array_record`` (6.6 GiB 
 loader downloads it itself with ``download=True``). A GPU run; on a 2-core CPU it takes hours.
 """
 
-from experiments.config import base_config
+from experiments.studies import study_config
 
 
 def get_config():
-    config = base_config("plant_leaves", "small_cnn")
-    config.study = "leaf_combinations"
+    config = study_config("leaf_combinations", "plant_leaves", "small_cnn")
     config.seeds = (0, 1, 2)
     config.dataset.image_size = 64
     config.model.channels = (32, 64, 128, 128)

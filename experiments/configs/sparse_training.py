@@ -27,12 +27,11 @@ Other data sets, when present (GPU configs):
     --config.dataset.name=nyuv2 --config.dataset.root=data/nyuv2 --config.model.name=segnet
 """
 
-from experiments.config import base_config
+from experiments.studies import study_config
 
 
 def get_config():
-    config = base_config("multi_digits", "mlp")
-    config.study = "sparse_training"
+    config = study_config("sparse_training", "multi_digits", "mlp")
     config.seeds = (0, 1, 2)
     config.sparse.methods = ("mean", "pcgrad", "cagrad:c=0.4", "mgda", "nash_mtl")
     config.sparse.fraction = 0.6

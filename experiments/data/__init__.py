@@ -12,6 +12,10 @@ Registered data sets (:data:`DATASETS`):
 * ``celeb_a``: TFDS celeb_a, 40 (or a subset of) binary attribute tasks.
 * ``plant_leaves``: TFDS plant_leaves, species (12) and health (2), stratified split by seed.
 * ``nyuv2``, ``cityscapes``: the preprocessed .npy folders of MTAN / CAGrad / LibMTL.
+* ``arrays``: your own data from one local ``.npz`` file (:mod:`experiments.data.arrays`);
+  other formats: :func:`register_dataset` from a config file, and
+  :func:`experiments.data.multi_mnist.composite_dataset` builds the Multi-MNIST construction from
+  any two pools of items.
 
 Every example is ``{"image": float32[H, W, C], <task name>: target}`` with the target formats of
 :class:`experiments.tasks.TaskSpec`.
@@ -33,6 +37,7 @@ from experiments.data.registry import (
     DatasetEntry,
     default_dataset_config,
     make_dataset,
+    register_dataset,
 )
 
 __all__ = [
@@ -49,6 +54,7 @@ __all__ = [
     "first_n",
     "make_dataset",
     "num_batches",
+    "register_dataset",
     "stratified_split",
     "take",
 ]

@@ -27,6 +27,8 @@ Example: ``{"image": float32[36, 36, 1], "left": int32, "right": int32}``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import grain
 import numpy as np
 
@@ -36,7 +38,7 @@ from experiments.data.overlay import PairPlan, compose, make_pair_plan
 from experiments.data.tfds_io import open_split
 from experiments.tasks import TaskSpec
 
-__all__ = ["DEFAULTS", "TASKS", "VARIANTS", "build"]
+__all__ = ["DEFAULTS", "TASKS", "VARIANTS", "build", "composite_dataset"]
 
 TASKS = (
     TaskSpec("left", "classification", 10),
@@ -68,14 +70,26 @@ _ITEM_SHAPE = (28, 28, 1)
 class _Composer:
     """``composer(i)``: composite ``i`` of a plan, reading its two items from their sources."""
 
-    def __init__(self, left: RandomAccess, right: RandomAccess, plan: PairPlan, canvas_size: int):
+    def __init__(
+        self,
+        left: RandomAccess,
+        right: RandomAccess,
+        plan: PairPlan,
+        canvas_size: int,
+        item_shape: tuple[int, ...] = _ITEM_SHAPE,
+    ):
         self.left, self.right, self.plan, self.canvas_size = left, right, plan, canvas_size
+        self.item_shape = tuple(item_shape)
 
     def _item(self, source: RandomAccess, index: int) -> tuple[np.ndarray, np.int32]:
         example = source[int(index)]
         image = np.asarray(example["image"], dtype=np.uint8)
-        if image.shape != _ITEM_SHAPE:
-            raise ValueError(f"Expected a {_ITEM_SHAPE} item from {source!r}; got {image.shape}.")
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.shape != self.item_shape:
+            raise ValueError(
+                f"Expected a {self.item_shape} item from {source!r}; got {image.shape}."
+            )
         return image, np.int32(example["label"])
 
     def __call__(self, index: int) -> Example:
@@ -93,10 +107,90 @@ class _Composer:
 
 
 def _composites(
-    left: RandomAccess, right: RandomAccess, num: int, canvas_size: int, max_shift: int, seed: int
+    left: RandomAccess,
+    right: RandomAccess,
+    num: int,
+    canvas_size: int,
+    max_shift: int,
+    seed: int,
+    item_shape: tuple[int, ...] = _ITEM_SHAPE,
 ) -> grain.MapDataset:
     plan = make_pair_plan(num, len(left), len(right), max_shift, seed)
-    return grain.MapDataset.range(num).map(_Composer(left, right, plan, canvas_size))
+    return grain.MapDataset.range(num).map(_Composer(left, right, plan, canvas_size, item_shape))
+
+
+def _item_shape(pool: RandomAccess) -> tuple[int, ...]:
+    image = np.asarray(pool[0]["image"])
+    return (*image.shape, 1) if image.ndim == 2 else tuple(image.shape)
+
+
+def composite_dataset(
+    *,
+    name: str,
+    left_train: RandomAccess,
+    right_train: RandomAccess,
+    left_test: RandomAccess,
+    right_test: RandomAccess,
+    num_train: int,
+    num_test: int,
+    canvas_size: int | None = None,
+    max_shift: int = 4,
+    split_seed: int = 0,
+    source: str = "",
+    left_classes: int = 10,
+    right_classes: int = 10,
+    item_shape: tuple[int, ...] | None = None,
+) -> MultiTaskData:
+    """The Multi-MNIST construction from any two pools of items (your own data).
+
+    Each pool is a random-access source of ``{"image": uint8 [S, S] or [S, S, C], "label":
+    int}`` (an :class:`~experiments.data.core.ArraySource` of NumPy arrays, a TFDS data source,
+    ...); all items share one shape. Train composites pair train items, test composites test
+    items. ``canvas_size`` defaults to ``S + 2 * max_shift`` (36 for 28x28 items and shift 4).
+    ``item_shape`` ``(S, S, C)``: given, no item is read before a composite is indexed; else the
+    first item of every pool is read to find and check it.
+    """
+    if item_shape is not None:
+        shape = tuple(item_shape)
+    else:
+        shape = _item_shape(left_train)
+        pools = {"right_train": right_train, "left_test": left_test, "right_test": right_test}
+        for label, pool in pools.items():
+            if _item_shape(pool) != shape:
+                raise ValueError(
+                    f"{name}: {label} items have shape {_item_shape(pool)}; left_train's have "
+                    f"{shape}. All items must share one shape."
+                )
+    canvas = int(canvas_size) if canvas_size else shape[0] + 2 * max_shift
+    if max_shift < 0 or canvas < shape[0] + max_shift:
+        raise ValueError(
+            f"{name}: canvas_size={canvas} cannot hold a {shape[0]}x{shape[1]} item shifted by up "
+            f"to max_shift={max_shift}; need canvas_size >= {shape[0]} + max_shift."
+        )
+    train_seed, test_seed = (
+        int(s) for s in np.random.SeedSequence([split_seed, 2]).generate_state(2)
+    )
+    train = _composites(left_train, right_train, num_train, canvas, max_shift, train_seed, shape)
+    test = _composites(left_test, right_test, num_test, canvas, max_shift, test_seed, shape)
+    return MultiTaskData(
+        name=name,
+        tasks=(
+            TaskSpec("left", "classification", left_classes),
+            TaskSpec("right", "classification", right_classes),
+        ),
+        train=train,
+        test=test,
+        val=None,
+        input_shape=(canvas, canvas, shape[2]),
+        info={
+            "source": source or f"{name}: two item pools",
+            "sizes": {"train": len(train), "test": len(test)},
+            "split_seed": split_seed,
+            "canvas_size": canvas,
+            "max_shift": max_shift,
+            "preprocessing": "uint8 / 255 -> [0, 1]; two items overlaid with max; composed lazily",
+        },
+    )
 
 
 def build(
@@ -140,40 +234,24 @@ def build(
             )
         return opened[builder, split]
 
-    train_seed, test_seed = (
-        int(s) for s in np.random.SeedSequence([split_seed, 2]).generate_state(2)
-    )
-    train = _composites(
-        pool(left_name, "train"),
-        pool(right_name, "train"),
-        num_train,
-        canvas_size,
-        max_shift,
-        train_seed,
-    )
-    test = _composites(
-        pool(left_name, "test"),
-        pool(right_name, "test"),
-        num_test,
-        canvas_size,
-        max_shift,
-        test_seed,
-    )
-    train, test = first_n(train, max_train_examples), first_n(test, max_test_examples)
-    return MultiTaskData(
+    data = composite_dataset(
         name=name,
-        tasks=TASKS,
-        train=train,
-        test=test,
-        val=None,
-        input_shape=(canvas_size, canvas_size, 1),
-        info={
-            "source": f"TFDS {left_name} (left) + {right_name} (right) via tfds.data_source",
-            "sizes": {"train": len(train), "test": len(test)},
-            "item_pools": {f"{b}/{s}": len(src) for (b, s), src in opened.items()},
-            "split_seed": split_seed,
-            "canvas_size": canvas_size,
-            "max_shift": max_shift,
-            "preprocessing": "uint8 / 255 -> [0, 1]; two items overlaid with max; composed lazily",
-        },
+        left_train=pool(left_name, "train"),
+        right_train=pool(right_name, "train"),
+        left_test=pool(left_name, "test"),
+        right_test=pool(right_name, "test"),
+        num_train=num_train,
+        num_test=num_test,
+        canvas_size=canvas_size,
+        max_shift=max_shift,
+        split_seed=split_seed,
+        source=f"TFDS {left_name} (left) + {right_name} (right) via tfds.data_source",
+        item_shape=_ITEM_SHAPE,
     )
+    train, test = first_n(data.train, max_train_examples), first_n(data.test, max_test_examples)
+    info = {
+        **data.info,
+        "sizes": {"train": len(train), "test": len(test)},
+        "item_pools": {f"{b}/{s}": len(src) for (b, s), src in opened.items()},
+    }
+    return dataclasses.replace(data, train=train, test=test, info=info)

@@ -22,10 +22,16 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from experiments.data import celeb_a, dense, multi_digits, multi_mnist, plant_leaves
+from experiments.data import arrays, celeb_a, dense, multi_digits, multi_mnist, plant_leaves
 from experiments.data.core import MultiTaskData
 
-__all__ = ["DATASETS", "DatasetEntry", "default_dataset_config", "make_dataset"]
+__all__ = [
+    "DATASETS",
+    "DatasetEntry",
+    "default_dataset_config",
+    "make_dataset",
+    "register_dataset",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +81,52 @@ DATASETS: dict[str, DatasetEntry] = {
         dense.CITYSCAPES_DEFAULTS,
         "local MTAN .npy folder: 7/19/2-class segmentation, depth",
     ),
+    "arrays": DatasetEntry(
+        arrays.build,
+        arrays.DEFAULTS,
+        "your own data: one local .npz (train_image, test_image, train_<task>, test_<task>)",
+    ),
 }
+
+BUILTIN_DATASETS = frozenset(DATASETS)
+
+
+def register_dataset(
+    name: str,
+    builder: Callable[..., MultiTaskData],
+    defaults: Mapping[str, Any],
+    description: str = "",
+    *,
+    replace: bool = False,
+) -> None:
+    """Adds a data set under ``name`` (call it from your config file, before ``get_config``
+    returns; the config file is Python and runs first)::
+
+        # my_config.py
+        from experiments.data import register_dataset, ArraySource, MultiTaskData
+
+        def build(*, name, root, max_train_examples, max_test_examples):
+            ...  # return MultiTaskData(name, tasks, train, test, val, input_shape, info)
+
+        register_dataset("mine", build, {"root": "data/mine", "max_train_examples": 0,
+                                         "max_test_examples": 0})
+
+        def get_config():
+            config = base_config("mine", "small_cnn")
+            ...
+
+    ``builder(name=name, **config)`` gets every key of ``defaults`` (the config keys of the data
+    set; ``--config.dataset.<key>=...`` overrides them). Registering a name again replaces the
+    earlier registration (config files are loaded more than once); a built-in data set's name
+    needs ``replace=True``.
+    """
+    existing = DATASETS.get(name)
+    if name in BUILTIN_DATASETS and existing.builder is not builder and not replace:
+        raise ValueError(
+            f"A data set named {name!r} is already registered ({existing.description}); choose "
+            "another name or pass replace=True."
+        )
+    DATASETS[name] = DatasetEntry(builder, dict(defaults), description or f"{name} (registered)")
 
 
 def _entry(name: Any) -> DatasetEntry:

@@ -1,0 +1,71 @@
+"""Studies: one module each, registered in :data:`STUDIES` (``config.study`` selects one).
+
+* ``compare`` (:mod:`.compare`): every method x every seed (+ single-task references).
+* ``sparse_training`` (:mod:`.sparse_training`): dense vs sparse training, selection controls.
+* ``leaf_combinations`` (:mod:`.leaf_combinations`): PCGrad x Modulation x LaSS.
+
+A study module defines ``STUDY`` (:class:`~experiments.studies.base.Study`): its config section
+and defaults, validation, phases and report section. To add one, write the module and add it to
+:data:`STUDIES`; a config file then starts from ``study_config("<name>", dataset, model)``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments import config as config_lib
+from experiments.studies import compare, leaf_combinations, sparse_training
+from experiments.studies.base import Study, StudyContext, train_phase
+
+STUDIES: dict[str, Study] = {
+    m.STUDY.name: m.STUDY for m in (compare, sparse_training, leaf_combinations)
+}
+
+__all__ = [
+    "STUDIES",
+    "Study",
+    "StudyContext",
+    "get_study",
+    "study_config",
+    "train_phase",
+    "validate",
+    "with_study_section",
+]
+
+
+def get_study(name: str) -> Study:
+    if name not in STUDIES:
+        raise config_lib.ConfigError(f"Unknown study {name!r}; valid studies: {sorted(STUDIES)}.")
+    return STUDIES[name]
+
+
+def with_study_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Adds the study's section with its defaults when the config lacks it (e.g. ``--config.study=
+    sparse_training`` on the default config)."""
+    study = get_study(config.study)
+    if study.section and study.section not in config:
+        with config.unlocked():
+            config[study.section] = study.defaults()
+    return config
+
+
+def study_config(name: str, dataset: str, model: str) -> ml_collections.ConfigDict:
+    """The base config for ``dataset`` and ``model`` with study ``name`` and its section."""
+    config = config_lib.base_config(dataset, model)
+    config.study = name
+    return with_study_section(config)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises :class:`~experiments.config.ConfigError` naming an unknown key, study, method,
+    data set, model or option (and listing the valid ones)."""
+    try:
+        study = get_study(config.get("study"))
+        sections = (study.section,) if study.section else ()
+        config_lib.validate_base(config, sections)
+        if study.validate is not None:
+            study.validate(config)
+    except config_lib.ConfigError:
+        raise
+    except (ValueError, KeyError, TypeError) as e:
+        raise config_lib.ConfigError(str(e)) from e

@@ -1,0 +1,126 @@
+"""What a study is, and the pieces every study uses.
+
+A :class:`Study` (one module per study under ``experiments/studies/``) owns:
+
+* its config section (``section`` + ``defaults()``; e.g. ``config.sparse``), which
+  :func:`experiments.studies.study_config` adds to the base config;
+* its validation (``validate(config)``; unknown keys name the valid ones through
+  :func:`experiments.config.check_keys`);
+* its phases (``phases(ctx) -> [Phase]``, :mod:`experiments.phases`): training runs are phases
+  made by :func:`train_phase`, and a study may add phases that compute artifacts (masks, scores,
+  chosen layers, architectures) from earlier ones;
+* its report section (``report(records, tasks, config, workdir) -> markdown``).
+
+:func:`train_phase` wraps one :class:`~experiments.train.RunSpec` as a phase named
+``spec.run_id``: it trains (resuming from the phase's checkpoints), and leaves the artifacts
+``final`` (parameters and model state) and ``summary`` (the summary record, JSON).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from experiments import reports
+from experiments.config import parse_method
+from experiments.logs import JsonlLog
+from experiments.phases import Artifacts, Phase
+from experiments.train import RunSpec, make_aggregator, train_run
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyContext:
+    """What a study's phases work with."""
+
+    config: ml_collections.ConfigDict
+    data: Any
+    model: Any
+    workdir: str
+    log: JsonlLog
+    progress: bool = True
+
+    @property
+    def artifacts(self) -> Artifacts:
+        return Artifacts(self.workdir)
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """A study: its config section, validation, phases and report section."""
+
+    name: str
+    description: str
+    phases: Callable[[StudyContext], list[Phase]]
+    section: str | None = None
+    defaults: Callable[[], ml_collections.ConfigDict] | None = None
+    validate: Callable[[ml_collections.ConfigDict], None] | None = None
+    report: Callable[..., str] | None = None
+
+
+def train_phase(ctx: StudyContext, spec: RunSpec, needs: Sequence[str] = ()) -> Phase:
+    """The phase that trains ``spec`` (named ``spec.run_id``); its result is the summary."""
+    needs = tuple(needs) + ((spec.init_from,) if spec.init_from else ())
+
+    def run(artifacts: Artifacts) -> dict:
+        summary = train_run(
+            ctx.config, ctx.data, ctx.model, spec, ctx.workdir, ctx.log, progress=ctx.progress
+        )
+        artifacts.save_json(spec.run_id, "summary", summary)
+        return {"run": spec.label, "seed": spec.seed}
+
+    return Phase(
+        name=spec.run_id,
+        run=run,
+        needs=tuple(dict.fromkeys(needs)),
+        info={"label": spec.label, "seed": spec.seed, "method": spec.method},
+    )
+
+
+def method_spec(config: ml_collections.ConfigDict, method: str) -> tuple[str, dict]:
+    """``"cagrad:c=0.4"`` -> ``("cagrad", {"c": 0.4, **config.method_kwargs.cagrad})``."""
+    return parse_method(method, config.method_kwargs.get(method.partition(":")[0]))
+
+
+def check_methods(config: ml_collections.ConfigDict, methods: Sequence[str]) -> None:
+    """Builds every method once: unknown names and hyper-parameters raise, listing valid ones."""
+    for method in methods:
+        name, kwargs = method_spec(config, method)
+        make_aggregator(name, kwargs, num_tasks=2)
+
+
+def single_task_runs(data, seed: int, epochs: int | None = None) -> list[RunSpec]:
+    """One single-task reference run per task (``single:<task>``), for Δm."""
+    return [
+        RunSpec(
+            label=f"{reports.SINGLE_PREFIX}{t.name}",
+            method="mean",
+            seed=seed,
+            tasks=(t.name,),
+            epochs=epochs,
+        )
+        for t in data.tasks
+    ]
+
+
+def summaries(records) -> dict[str, list[dict]]:
+    """``{run label: [summary record per seed]}``."""
+    out: dict[str, list[dict]] = {}
+    for r in records:
+        if r.get("kind") == "summary":
+            out.setdefault(r["run"], []).append(r)
+    return out
+
+
+def fmt(values: Sequence[float], digits: int = 2) -> str:
+    """``mean ± std`` over seeds (sample std), one value as is, ``–`` for none."""
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{np.mean(vals):.{digits}f} ± {np.std(vals, ddof=1):.{digits}f}"
