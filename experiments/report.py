@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import ml_collections
 from absl import app, flags
@@ -23,7 +24,14 @@ _WORKDIR = flags.DEFINE_string(
 
 
 def rebuild(workdir: str) -> str:
-    records = list(JsonlLog(os.path.join(workdir, "metrics.jsonl")).records())
+    """Rewrites ``report.md`` and the plots of ``workdir`` from its log; returns the report."""
+    log_path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(log_path):
+        raise FileNotFoundError(
+            f"{workdir!r} has no metrics.jsonl: not a work dir of `python -m experiments.run` "
+            "(give the --workdir a run wrote to)."
+        )
+    records = list(JsonlLog(log_path).records())
     study_records = [r for r in records if r.get("kind") == "study"]
     if not study_records:
         raise ValueError(
@@ -39,7 +47,11 @@ def rebuild(workdir: str) -> str:
 
 def main(argv):
     del argv
-    print(rebuild(_WORKDIR.value))
+    try:
+        print(rebuild(_WORKDIR.value))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,28 @@
 """Run an experiment: ``python -m experiments.run [--config FILE] [--config.key=value ...] [--workdir DIR]``.
 
 With no ``--config`` this runs ``experiments/configs/default.py``: the embedded two-digit
-benchmark (no download), ``mean`` vs ``pcgrad`` on the same seeds, in about a minute on a 2-core
-CPU. The work dir (default ``workdirs/<config name>``) receives ``config.json``,
-``metrics.jsonl``, orbax checkpoints under ``runs/<run>/checkpoints``, ``plots/*.png`` and
-``report.md``; the comparison table is also printed. Re-running the same command with the same
-work dir resumes: finished runs are read back from the log, an interrupted run continues from its
-last checkpoint and ends bit-identical to an uninterrupted one. A work dir holding a different
-config is refused (use another ``--workdir`` or ``--fresh``).
+benchmark (no download), ``mean`` vs ``pcgrad`` on the same seeds (about two minutes on a 2-core
+CPU). The work dir (default ``workdirs/<config name>``, plus ``-<hash>`` of the ``--config.*``
+overrides when there are any) receives ``config.json``, ``metrics.jsonl``, one directory per
+phase of the study under ``phases/`` (orbax checkpoints, artifacts), ``plots/*.png`` and
+``report.md``; the comparison table is also printed. Re-running the same command resumes:
+finished phases are skipped, an interrupted run continues from its last checkpoint and ends
+bit-identical to an uninterrupted one. A work dir holding a different config is refused (use
+another ``--workdir`` or ``--fresh``). Mistakes (an unknown key, a work dir that is a file, data
+that is not downloaded, a non-finite loss, Ctrl-C) end with one message and exit status 2;
+``--verbose`` adds the traceback. ``--list`` lists the studies, data sets, models and methods.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -31,15 +36,51 @@ from experiments import config as config_lib
 from experiments import data as data_lib
 from experiments import models as models_lib
 from experiments import reports, studies
+from experiments.data.tfds_io import DataUnavailableError
 from experiments.logs import JsonlLog, atomic_write_text
 from experiments.phases import run_phases
+from experiments.train import NonFiniteLossError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Experiment config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Work dir (default: workdirs/<config name>).")
-_FRESH = flags.DEFINE_bool("fresh", False, "Delete the work dir before running.")
-_LIST = flags.DEFINE_bool("list", False, "List the studies, data sets, models and methods.")
+_FLAGS: dict[str, Any] = {}
+
+
+def define_flags() -> None:
+    """Defines the command-line flags (at ``entry()``, not at import: ml_collections parses the
+    ``--config.*`` overrides of the default config when the flag is defined)."""
+    if _FLAGS:
+        return
+    _FLAGS["config"] = config_flags.DEFINE_config_file(
+        "config", DEFAULT_CONFIG, "Experiment config file."
+    )
+    _FLAGS["workdir"] = flags.DEFINE_string(
+        "workdir",
+        None,
+        "Work dir (default: workdirs/<config name>, plus a hash of the --config.* overrides).",
+    )
+    _FLAGS["fresh"] = flags.DEFINE_bool("fresh", False, "Delete the work dir before running.")
+    _FLAGS["list"] = flags.DEFINE_bool(
+        "list", False, "List the studies, data sets, models and methods."
+    )
+    _FLAGS["verbose"] = flags.DEFINE_bool(
+        "verbose", False, "Show the full traceback of an error."
+    )
+
+
+class WorkdirError(ValueError):
+    """The work dir cannot be used (e.g. it is a file)."""
+
+
+def default_workdir(argv: list[str]) -> str:
+    """``workdirs/<config name>``; with ``--config.*`` overrides, ``workdirs/<config name>-<hash
+    of the overrides>``, so a command with other settings never collides with the plain one."""
+    name = os.path.splitext(os.path.basename(_config_path(argv).partition(":")[0]))[0]
+    overrides = sorted(a for a in argv if a.startswith("--config."))
+    if not overrides:
+        return os.path.join("workdirs", name)
+    digest = hashlib.sha1("\n".join(overrides).encode()).hexdigest()[:8]
+    return os.path.join("workdirs", f"{name}-{digest}")
 
 
 class ConfigMismatchError(ValueError):
@@ -54,6 +95,8 @@ def _comparable(config: ml_collections.ConfigDict) -> dict:
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) -> None:
     """Creates the work dir and ``config.json``; refuses a work dir made by another config."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(f"The work dir {workdir!r} is a file; give --workdir a directory.")
     if fresh and os.path.exists(workdir):
         shutil.rmtree(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -257,21 +300,46 @@ def enable_compilation_cache(directory: str | None = None) -> str:
     return directory
 
 
+#: Errors that end a run with one message and exit status 2 (the traceback only with --verbose).
+USER_ERRORS = (
+    config_lib.ConfigError,
+    ConfigMismatchError,
+    WorkdirError,
+    NonFiniteLossError,
+    DataUnavailableError,
+    FileNotFoundError,
+)
+
+
+def fail(message: str, error: BaseException | None = None) -> None:
+    if error is not None and "verbose" in _FLAGS and _FLAGS["verbose"].value:
+        traceback.print_exception(error)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    enable_compilation_cache()
-    if _LIST.value:
+    if _FLAGS["list"].value:
         print(listing())
         return
-    config = apply_named_section_overrides(_CONFIG.value, _PULLED)
-    name = os.path.splitext(os.path.basename(_config_path(sys.argv).partition(":")[0]))[0]
-    workdir = _WORKDIR.value or os.path.join("workdirs", name)
+    enable_compilation_cache()
+    workdir = _FLAGS["workdir"].value or default_workdir(sys.argv)
     try:
-        report = run_study(config, workdir, fresh=_FRESH.value)
-    except (config_lib.ConfigError, ConfigMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        config = apply_named_section_overrides(_FLAGS["config"].value, _PULLED)
+        print(f"Work dir: {os.path.abspath(workdir)}", file=sys.stderr)
+        report = run_study(config, workdir, fresh=_FLAGS["fresh"].value)
+    except NonFiniteLossError as e:
+        fail(f"{e} Work dir: {workdir}.", e)
+    except USER_ERRORS as e:
+        fail(str(e), e)
+    except KeyboardInterrupt as e:
+        fail(
+            f"interrupted. Rerunning the same command resumes from the last checkpoint "
+            f"(work dir {workdir}).",
+            e,
+        )
     print(report)
     print(f"Work dir: {os.path.abspath(workdir)}")
 
@@ -280,13 +348,16 @@ _PULLED: dict[str, dict[str, str]] = {}
 
 
 def entry() -> None:
+    """``python -m experiments.run``: checks the overrides before absl parses them (its own error
+    for an unknown key is a bare AttributeError), then runs :func:`main`."""
     try:
         check_overrides(sys.argv[1:])
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e), e)
     argv, pulled = split_named_section_overrides(sys.argv)
     _PULLED.update(pulled)
+    sys.argv[:] = argv  # the default config's overrides are parsed when its flag is defined
+    define_flags()
     app.run(main, argv=argv)
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 from experiments.data import batches, check_example, default_dataset_config, make_dataset
 from experiments.data.celeb_a import ATTRIBUTES
 from experiments.data.plant_leaves import HEALTH, LABELS, SPECIES
-from experiments.data.tfds_io import open_split
+from experiments.data.tfds_io import DataUnavailableError, MissingPackageError, open_split
 
 MOCK_EXAMPLES = 24
 
@@ -293,6 +293,28 @@ def test_plant_leaves_split_is_fixed_by_the_seed_and_images_are_cached():
 
 def test_an_unprepared_tfds_dataset_gives_a_clear_error(tmp_path):
     with pytest.raises(
-        RuntimeError, match=r"(?s)Could not open TFDS data set .mnist.*tfds build mnist"
+        DataUnavailableError,
+        match=r"(?s)Could not open TFDS data set .mnist.*not downloaded.*tfds build mnist",
     ):
         open_split("mnist", "train", data_dir=str(tmp_path), download=False)
+
+
+def test_a_missing_package_is_named_not_blamed_on_the_data(tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    def broken(*args, **kwargs):
+        raise FileNotFoundError("no dataset_info.json")
+
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError(
+            "No module named 'importlib_resources'", name="importlib_resources"
+        )
+
+    monkeypatch.setattr(tfds, "data_source", missing)
+    with pytest.raises(
+        MissingPackageError, match=r"package 'importlib_resources' is not installed"
+    ):
+        open_split("mnist", "train", data_dir=str(tmp_path), download=True)
+    monkeypatch.setattr(tfds, "data_source", broken)
+    with pytest.raises(DataUnavailableError, match="not downloaded"):
+        open_split("mnist", "train", data_dir=str(tmp_path), download=True)

@@ -37,6 +37,14 @@ class OneByOne:
         return f"OneByOne({self.description}, {self._length} examples)"
 
 
+class DataUnavailableError(RuntimeError):
+    """A data set that is not on this machine and cannot be downloaded here."""
+
+
+class MissingPackageError(DataUnavailableError):
+    """Opening a data set failed on a package that is not installed (not on missing data)."""
+
+
 def _decoders_work(source: Any) -> bool:
     """Whether the first example can be read (custom decoders can need TensorFlow).
 
@@ -75,8 +83,9 @@ def open_split(
         without them, with a warning: examples then hold decoded images.
 
     Raises:
-      RuntimeError: when TFDS cannot open the split; the message names the data set, the data
-        directory and how to prepare it.
+      MissingPackageError: when an import fails on the way (names the package to install).
+      DataUnavailableError: when TFDS cannot open the split; the message names the data set,
+        the data directory and how to prepare it.
     """
     import tensorflow_datasets as tfds  # slow import, kept out of module import time
 
@@ -92,13 +101,24 @@ def open_split(
                 sorted(decoders),
             )
             source = tfds.data_source(name, **kwargs)
+    except ImportError as error:  # a missing package, not missing data
+        cause = error
+        while cause.__cause__ is not None and not getattr(cause, "name", None):
+            cause = cause.__cause__
+        package = getattr(cause, "name", None) or str(error)
+        raise MissingPackageError(
+            f"TFDS cannot open {name!r}: the package {package!r} is not installed "
+            f"({type(error).__name__}: {error}). Install the experiment requirements "
+            f"(`pip install -r requirements.txt`, or `pip install {package}`)."
+        ) from error
     except Exception as error:
         where = data_dir or "the TFDS default data dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
-        raise RuntimeError(
+        raise DataUnavailableError(
             f"Could not open TFDS data set {name!r} split {split!r} in {where}: "
-            f"{type(error).__name__}: {error}\n"
-            f"Prepare it once on a machine with internet access (`tfds build {name} "
-            f"--file_format=array_record` or `tfds.data_source({name!r}, download=True)`) and "
-            "set the data set's `data_dir` config key to that directory."
+            f"{type(error).__name__}: {str(error)[:400]}\n"
+            f"The data set is not downloaded (no network here?). Prepare it once on a machine "
+            f"with internet access (`tfds build {name} --file_format=array_record` or "
+            f"`tfds.data_source({name!r}, download=True)`) and set the data set's `data_dir` "
+            "config key to that directory."
         ) from error
     return OneByOne(source, f"tfds:{name}/{split}")

@@ -1,0 +1,112 @@
+"""The command line as a user meets it: every mistake ends with one clear message and exit status
+2 (no traceback unless --verbose), and the work dir of a command with overrides is its own."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from experiments import run as run_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "--config.dataset.max_train_examples=256",
+    "--config.dataset.max_test_examples=64",
+    "--config.seeds=(0,)",
+    "--config.methods=('mean',)",
+    "--config.single_task=False",
+    "--config.train.batch_size=64",
+    "--config.report.progress=False",
+    "--config.report.plots=False",
+]
+
+
+def _run(*args, module="experiments.run", timeout=240):
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _assert_clean_error(proc, pattern):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.search(pattern, errors[0]), proc.stderr
+
+
+def test_unknown_or_misspelt_keys_name_the_valid_ones():
+    _assert_clean_error(
+        _run("--config.train.learning_rate=0.1"),
+        r"config.train has no 'learning_rate'; valid keys: \[.*'lr'",
+    )
+    _assert_clean_error(_run("--config.trian.lr=0.1"), r"config has no 'trian'.*'train'")
+
+
+def test_a_work_dir_that_is_a_file_and_a_missing_report_dir(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("x")
+    _assert_clean_error(_run(f"--workdir={path}"), "is a file; give --workdir a directory")
+    missing = tmp_path / "nothing_here"
+    _assert_clean_error(
+        _run(f"--workdir={missing}", module="experiments.report"), "has no metrics.jsonl"
+    )
+    assert not missing.exists()  # the report command creates nothing
+
+
+def test_a_non_finite_loss_is_one_message(tmp_path):
+    proc = _run(
+        f"--workdir={tmp_path / 'w'}",
+        *TINY,
+        "--config.train.lr=1e12",
+        "--config.train.optimizer=sgd",
+        "--config.train.momentum=0.0",
+        "--config.train.epochs=2",
+    )
+    _assert_clean_error(proc, r"Non-finite task loss at step \d+.*no checkpoint was written")
+
+
+def test_ctrl_c_says_that_rerunning_resumes(tmp_path):
+    workdir = tmp_path / "w"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            f"--workdir={workdir}",
+            *TINY,
+            "--config.train.epochs=200",
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 180
+    while time.time() < deadline and not (workdir / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-2000:]
+    assert "interrupted. Rerunning the same command resumes" in stderr
+
+
+def test_the_default_work_dir_depends_on_the_overrides():
+    plain = run_lib.default_workdir(["experiments.run"])
+    other = run_lib.default_workdir(["experiments.run", "--config.methods=('mgda',)"])
+    again = run_lib.default_workdir(["experiments.run", "--config.methods=('mgda',)"])
+    assert plain == os.path.join("workdirs", "default")
+    assert other.startswith(os.path.join("workdirs", "default-")) and other == again
+    assert run_lib.default_workdir(["x", "--config=experiments/configs/sparse_training.py"]) == (
+        os.path.join("workdirs", "sparse_training")
+    )
