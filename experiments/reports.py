@@ -56,13 +56,32 @@ def run_order(records: Sequence[dict]) -> list[str]:
     return list(dict.fromkeys(r["run"] for r in records if "run" in r))
 
 
-def _mean_std(values: Sequence[float]) -> str:
+def _mean_std(values: Sequence[float], digits: int | None = None) -> str:
+    """``mean ± std`` over seeds; ``digits`` fixed decimals, else 4 significant digits."""
     vals = [v for v in values if v is not None and not math.isnan(v)]
     if not vals:
         return "–"
+    if digits is not None:
+        if len(vals) == 1:
+            return f"{vals[0]:.{digits}f}"
+        return f"{np.mean(vals):.{digits}f} ± {np.std(vals, ddof=1):.{digits}f}"
     if len(vals) == 1:
         return f"{vals[0]:.4g}"
     return f"{np.mean(vals):.4g} ± {np.std(vals, ddof=1):.2g}"
+
+
+#: Metrics stored as fractions in [0, 1] and shown in % (accuracy is already a percentage).
+PERCENT_FRACTIONS = ("macro_f1",)
+
+
+def display_name(metric: str) -> str:
+    return f"{metric} %" if metric in PERCENT_FRACTIONS else metric
+
+
+def _display(metric: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    return 100.0 * value if metric in PERCENT_FRACTIONS else value
 
 
 def single_task_reference(
@@ -101,11 +120,13 @@ def comparison_table(records: Sequence[dict], tasks: Sequence[TaskSpec]) -> str:
     train = _by_run(records, "train")
     ref = single_task_reference(records, tasks)
     have_ref = len(ref) == len(tasks)
+    # per-task and flat Δm can only differ when some task has more than one Δm metric
+    both_dm = any(len(DELTA_M_METRICS[t.kind]) > 1 for t in tasks)
     header = ["method", "seeds"]
     for t in tasks:
-        header += [f"{t.name} {m}" for m in REPORTED_METRICS[t.kind]]
+        header += [f"{t.name} {display_name(m)}" for m in REPORTED_METRICS[t.kind]]
     if have_ref:
-        header += ["Δm% per-task", "Δm% flat"]
+        header += ["Δm% per-task", "Δm% flat"] if both_dm else ["Δm%"]
     header += ["p% all", "p% last half", "mean cos", "ms/step", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label in run_order(records):
@@ -116,13 +137,19 @@ def comparison_table(records: Sequence[dict], tasks: Sequence[TaskSpec]) -> str:
         row = [label, str(len(runs))]
         for t in tasks:
             for m in REPORTED_METRICS[t.kind]:
-                row.append(_mean_std([r["test"][t.name][m] for r in runs if t.name in r["test"]]))
+                row.append(
+                    _mean_std(
+                        [_display(m, r["test"][t.name][m]) for r in runs if t.name in r["test"]]
+                    )
+                )
         if have_ref:
-            if single:
-                row += ["", ""]
-            else:
-                row.append(_mean_std([_delta_m(r, tasks, ref, "per_task") for r in runs]))
-                row.append(_mean_std([_delta_m(r, tasks, ref, "flat") for r in runs]))
+            aggregations = ("per_task", "flat") if both_dm else ("per_task",)
+            for aggregation in aggregations:
+                row.append(
+                    ""
+                    if single
+                    else _mean_std([_delta_m(r, tasks, ref, aggregation) for r in runs])
+                )
         if len(runs[0]["tasks"]) < 2:  # no task pairs
             row += ["", "", ""]
         else:
@@ -135,7 +162,7 @@ def comparison_table(records: Sequence[dict], tasks: Sequence[TaskSpec]) -> str:
                 )
                 for r in runs
             ]
-            row.append(_mean_std(cos))
+            row.append(_mean_std(cos, digits=4))
         row.append(_mean_std([1e3 * r["seconds_per_step"] for r in runs]))
         row.append(_mean_std([r.get("wall_seconds", math.nan) for r in runs]))
         lines.append("| " + " | ".join(row) + " |")
@@ -151,7 +178,16 @@ def comparison_table(records: Sequence[dict], tasks: Sequence[TaskSpec]) -> str:
         notes.append(
             "Δm%: relative improvement over the single-task runs (higher is better); per-task: mean "
             "over each task's metrics, then over tasks (Recon); flat: mean over all metrics (ST)."
+            + (
+                ""
+                if both_dm
+                else " Here every task has one Δm metric, so the two aggregations are equal."
+            )
         )
+    notes.append(
+        "Accuracy and macro F1 in %. plots/weights.png shows each method's weights on its own "
+        "scale: mean's sum to 1, PCGrad's (the sum of projected gradients) to about K, MGDA's to 1."
+    )
     return "\n".join(lines + notes)
 
 
@@ -186,12 +222,45 @@ def _smooth(y: np.ndarray, width: int) -> np.ndarray:
     return np.convolve(padded, kernel, mode="valid")
 
 
-def _plot_curves(ax, curves, smooth: int = 1) -> None:
+def run_colors(runs: Sequence[str]) -> dict[str, Any]:
+    """One distinct colour per run (tab10 up to 10 runs, tab20 up to 20, then a continuous map),
+    the same in every plot of a report."""
+    runs = list(dict.fromkeys(runs))
+    n = len(runs)
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20" if n <= 20 else "turbo")
+    return {run: cmap(i if n <= 20 else i / max(n - 1, 1)) for i, run in enumerate(runs)}
+
+
+def _plot_curves(ax, curves, smooth: int = 1, colors: Mapping[str, Any] | None = None) -> None:
+    colors = colors or run_colors(list(curves))
     for run, (x, mean, lo, hi) in curves.items():
-        (line,) = ax.plot(x, _smooth(mean, smooth), label=run, lw=1.4)
+        (line,) = ax.plot(x, _smooth(mean, smooth), label=run, lw=1.4, color=colors.get(run))
         if smooth <= 1:
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
     ax.grid(alpha=0.3)
+
+
+def _figure_legend(fig, axes, ncol_max: int = 6) -> None:
+    """One legend for the whole figure, below the panels (every panel shares the runs)."""
+    handles, labels = {}, {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+            labels.setdefault(label, label)
+    if handles:
+        ncol = min(ncol_max, len(handles))
+        fig.legend(
+            list(handles.values()),
+            list(labels),
+            loc="lower center",
+            ncol=ncol,
+            fontsize=8,
+            frameon=False,
+        )
+        rows = math.ceil(len(handles) / ncol)
+        fig.tight_layout(rect=(0, 0.05 * rows + 0.02, 1, 1))
+    else:
+        fig.tight_layout()
 
 
 def _grid(n: int, width: float = 4.2, height: float = 3.2):
@@ -208,14 +277,15 @@ def plot_losses(records, tasks, path: str) -> None:
         r for r in records if r.get("kind") == "train" and not r["run"].startswith(SINGLE_PREFIX)
     ]
     fig, axes = _grid(len(tasks))
+    colors = run_colors(run_order(train))
     for ax, task in zip(axes, tasks, strict=True):
         curves = _curves(train, "step", lambda r, t=task.name: r["loss"].get(t))
-        _plot_curves(ax, curves, smooth=5)
+        _plot_curves(ax, curves, smooth=5, colors=colors)
         ax.set_title(f"training loss: {task.name}")
         ax.set_xlabel("step")
+        ax.set_ylabel(f"{task.name} loss (log scale)")
         ax.set_yscale("log")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    _figure_legend(fig, axes)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -223,16 +293,19 @@ def plot_losses(records, tasks, path: str) -> None:
 def plot_test_metrics(records, tasks, path: str) -> None:
     evals = [r for r in records if r.get("kind") == "eval"]
     fig, axes = _grid(len(tasks))
+    colors = run_colors(run_order(evals))
     for ax, task in zip(axes, tasks, strict=True):
         metric = REPORTED_METRICS[task.kind][0]
         curves = _curves(
-            evals, "epoch", lambda r, t=task.name, m=metric: r["metrics"].get(t, {}).get(m)
+            evals,
+            "epoch",
+            lambda r, t=task.name, m=metric: _display(m, r["metrics"].get(t, {}).get(m)),
         )
-        _plot_curves(ax, curves)
+        _plot_curves(ax, curves, colors=colors)
         ax.set_title(f"test {metric}: {task.name}")
         ax.set_xlabel("epoch")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+        ax.set_ylabel(f"{display_name(metric)} ({task.name})")
+    _figure_legend(fig, axes)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -242,16 +315,17 @@ def plot_incidence(records, path: str) -> None:
         r for r in records if r.get("kind") == "train" and not r["run"].startswith(SINGLE_PREFIX)
     ]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
-    _plot_curves(ax1, _curves(train, "step", lambda r: r["incidence"]), smooth=20)
+    colors = run_colors(run_order(train))
+    _plot_curves(ax1, _curves(train, "step", lambda r: r["incidence"]), smooth=20, colors=colors)
     ax1.set_title("conflict incidence p% (moving average)")
     ax1.set_xlabel("step")
     ax1.set_ylabel("% task pairs with cos < 0")
-    _plot_curves(ax2, _curves(train, "step", lambda r: r["mean_cos"]), smooth=20)
+    _plot_curves(ax2, _curves(train, "step", lambda r: r["mean_cos"]), smooth=20, colors=colors)
     ax2.axhline(0, color="k", lw=0.6)
     ax2.set_title("mean pairwise cosine (moving average)")
     ax2.set_xlabel("step")
-    ax1.legend(fontsize=8)
-    fig.tight_layout()
+    ax2.set_ylabel("mean cos(g_i, g_j)")
+    _figure_legend(fig, (ax1, ax2))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -278,8 +352,9 @@ def plot_cos_histogram(records, path: str, edges: Sequence[float] = RECON_BINS) 
     fig, ax = plt.subplots(figsize=(8, 3.6))
     width = 0.8 / max(1, len(hists))
     x = np.arange(len(labels))
+    colors = run_colors(list(hists))
     for i, (run, h) in enumerate(hists.items()):
-        ax.bar(x + i * width - 0.4 + width / 2, h, width, label=run)
+        ax.bar(x + i * width - 0.4 + width / 2, h, width, label=run, color=colors[run])
     ax.set_xticks(x, labels)
     ax.set_yscale("symlog", linthresh=1)
     ax.set_ylabel("% of (step, pair) events")
@@ -313,6 +388,7 @@ def plot_weights(records, tasks, path: str) -> None:
                 ax.plot(x, _smooth(mean, 5), label=task.name, lw=1.2)
         ax.set_title(f"weights: {run}")
         ax.set_xlabel("step")
+        ax.set_ylabel("w_k in d = sum_k w_k g_k")
         ax.grid(alpha=0.3)
         if len(tasks) <= 10:
             ax.legend(fontsize=7)

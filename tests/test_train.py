@@ -144,7 +144,7 @@ def test_run_study_writes_every_report_file_and_resumes_from_the_log(tmp_path):
         assert os.path.exists(os.path.join(workdir, name))
     for name in ("losses", "test_metrics", "conflict_incidence", "cos_histogram", "weights"):
         assert os.path.getsize(os.path.join(workdir, "plots", f"{name}.png")) > 10_000
-    assert "| mean |" in report and "| pcgrad |" in report and "Δm% flat" in report
+    assert "| mean |" in report and "| pcgrad |" in report and "| Δm% |" in report
     records = list(JsonlLog(os.path.join(workdir, "metrics.jsonl")).records())
     summaries = [r for r in records if r["kind"] == "summary"]
     assert {r["run"] for r in summaries} == {"mean", "pcgrad", "single:left", "single:right"}
