@@ -16,4 +16,3 @@ if _MISSING:
         "'experiments' extra (`pip install -e '.[experiments]'`) or `pip install -r "
         "requirements.txt`. The library alone (`import mtl_jax`) needs neither."
     )
-

@@ -63,9 +63,7 @@ def define_flags() -> None:
     _FLAGS["list"] = flags.DEFINE_bool(
         "list", False, "List the studies, data sets, models and methods."
     )
-    _FLAGS["verbose"] = flags.DEFINE_bool(
-        "verbose", False, "Show the full traceback of an error."
-    )
+    _FLAGS["verbose"] = flags.DEFINE_bool("verbose", False, "Show the full traceback of an error.")
 
 
 class WorkdirError(ValueError):

@@ -10,10 +10,11 @@ Step (``make_train_step``), for a shared encoder and per-task heads::
     head updates     <- optimizer on each head's own gradient
 
 With a sharing spec (``RunSpec.sharing_fn``: per-task copies such as modulation scales, per-task
-masks such as LaSS's), the encoder runs through ``mtl.per_task`` (the shared prefix once, then one
-stream per task), the Jacobian comes from ``mtl.value_and_jacobian`` of the loss vector, the
-aggregator is wrapped in ``mtl.multitask`` so copied leaves get their own task's gradient, and the
-tracker measures the shared leaves only.
+masks such as LaSS's; ``RunSpec.branch_fn``: Recon's branched layers, BatchNorm statistics
+included), the encoder runs through ``mtl.per_task`` (the shared prefix once, then one stream per
+task), one gradient tree comes from ``mtl.value_and_grads`` (Jacobian rows for the shared leaves,
+each copy's and each head's own task's gradient), the aggregator sees the shared leaves through
+``mtl.shared_rows``, and the tracker measures the remaining shared leaves only.
 
 The Gram matrices the tracker and the aggregator compute from the same Jacobian are the same XLA
 computation inside the one jitted step, so the conflict metrics cost almost nothing
@@ -38,7 +39,7 @@ import inspect
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -63,6 +64,7 @@ from experiments.loop import (
 from experiments.phases import Artifacts
 from experiments.tasks import TaskSpec
 from mtl_jax import lass as lass_lib
+from mtl_jax import recon as recon_lib
 from mtl_jax import sharing as sharing_lib
 from mtl_jax import sparse as sparse_lib
 
@@ -91,6 +93,11 @@ class RunSpec:
         trainable coordinates (``True``) or on the full encoder Jacobian (``False``).
       sharing_fn: ``encoder params -> sharing spec`` (``mtl_jax.sharing``), computed from the run's
         initial encoder parameters; the encoder then runs through ``mtl.per_task``.
+      branch_fn: ``() -> layer names`` (Recon): these encoder layers get per-task copies of their
+        parameters and BatchNorm statistics (:func:`mtl_jax.recon.branch`) at the start of the
+        run; called once, when the run starts (it may read an earlier phase's artifact).
+      branch_init: ``"copy"`` (every copy starts from the layer's initial value; the paper) or
+        ``"fresh"`` (copy t from the model initialised with another key; the official code).
       init_from: the ``run_id`` (phase name) of a finished run of the same work dir whose final
         parameters (and BatchNorm statistics), its ``final`` artifact, this run starts from; its
         optimizer starts fresh.
@@ -107,6 +114,8 @@ class RunSpec:
     encoder_mask_fn: Callable[[PyTree], PyTree] | None = None
     measure_masked: bool = True
     sharing_fn: Callable[[PyTree], PyTree] | None = None
+    branch_fn: Callable[[], Sequence[str]] | None = None
+    branch_init: str = "copy"
     init_from: str | None = None
     epochs: int | None = None
     model: Any = None
@@ -140,6 +149,7 @@ class Problem:
     tracker: mtl.ConflictTracker
     strategy: str = "vmap"
     sharing: PyTree | None = None  # encoder sharing spec (per-task mode) or None
+    state_sharing: PyTree | None = None  # spec of the encoder's state (Recon: branched BN stats)
     kind: str = "jacobian"  # "jacobian" | "loss" (a scalarizer) | "representation" (MGDA-UB style)
     measure_mask: PyTree | None = None  # conflicts measured on the Jacobian masked by it (ST)
     post_step: Any = None  # the scalarizer whose post_step needs the losses after the step (FAMO)
@@ -196,7 +206,11 @@ def _mask_rows(jac: PyTree, mask: PyTree) -> PyTree:
 
 
 def _encoder_forward(problem: Problem, enc_state: dict, train: bool) -> Callable:
-    """``(encoder params, x) -> (z, new_state)``; with a sharing spec, ``z`` has a task axis."""
+    """``(encoder params, x) -> (z, new_state)``; with a sharing spec, ``z`` has a task axis.
+
+    In per-task mode the parameters *and* the state go through ``mtl.per_task`` with their specs:
+    a branched BatchNorm's statistics (``[K, ...]``, COPIED in ``problem.state_sharing``) give
+    each task stream its own row, shared statistics are one array for every stream."""
     model = problem.model
 
     def apply(p, x):
@@ -204,10 +218,18 @@ def _encoder_forward(problem: Problem, enc_state: dict, train: bool) -> Callable
 
     if problem.sharing is None:
         return apply
+    state_spec = problem.state_sharing
+    if state_spec is None:
+        state_spec = jax.tree.map(lambda _: sharing_lib.SHARED, enc_state)
     forward = sharing_lib.per_task(
-        lambda p, x: apply(p, x), problem.sharing, len(problem.streams), has_state=True
+        lambda v, x: apply_module(
+            model.encoder, v["params"], {k: v[k] for k in v if k != "params"}, x, train
+        ),
+        {"params": problem.sharing, **state_spec},
+        len(problem.streams),
+        has_state=True,
     )
-    return forward
+    return lambda p, x: forward({"params": p, **enc_state}, x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,37 +264,58 @@ def _structured_grads(problem: Problem, state: TrainState, x, targets):
 
 
 def _per_task_grads(problem: Problem, state: TrainState, x, targets):
-    """Sharing spec: per-task encoder streams; Jacobian of the loss vector over all parameters."""
-    model, head_states = problem.model, state.model_state["heads"]
-    stream = {t.name: i for i, t in enumerate(problem.streams)}
-    forward = _encoder_forward(problem, state.model_state["encoder"], True)
+    """Sharing spec: per-task encoder streams and ONE gradient tree from
+    :func:`mtl_jax.per_task_grads`: each task's loss is differentiated inside its own stream
+    (unrolled over the tasks, whose heads differ), so the shared (and masked) encoder leaves get
+    their Jacobian rows, each copied leaf and each head its own task's gradient, and nothing is
+    ever K x K -- neither the leaves nor the activations after the branch.
 
-    def loss_vector(params):
-        z, enc_state = forward(params["encoder"], x)
-        losses, new_heads = [], {}
-        for task in problem.tasks:
-            z_t = jax.tree.map(lambda a, i=stream[task.name]: a[i], z)
-            pred, new_heads[task.name] = apply_module(
-                model.heads[task.name],
-                params["heads"][task.name],
-                head_states[task.name],
-                z_t,
-                True,
-            )
-            losses.append(losses_lib.task_loss(task, pred, targets[task.name]))
-        return jnp.stack(losses), (enc_state, {**head_states, **new_heads})
+    Streams of tasks the run does not train (single-task fine-tuning of a shared model) give no
+    loss and no rows. Heads must have no mutable state in this mode."""
+    model = problem.model
+    trained = [i for i, t in enumerate(problem.streams) if t in problem.tasks]
+    if any(jax.tree.leaves(state.model_state["heads"])):
+        raise ValueError("Per-task (sharing) runs need heads without mutable state.")
 
-    (losses, (enc_state, new_heads)), jac = mtl.value_and_jacobian(
-        loss_vector, has_aux=True, strategy=problem.strategy
-    )(state.params)
-    return losses, jac["encoder"], jac["heads"], enc_state, new_heads, None
+    def task_loss(view, enc_state_t, t, x, targets):
+        task = problem.streams[t]
+        z, new_state = apply_module(model.encoder, view["encoder"], enc_state_t, x, True)
+        if task not in problem.tasks:
+            return jnp.zeros((), jnp.float32), new_state
+        pred, _ = apply_module(model.heads[task.name], view["heads"][task.name], {}, z, True)
+        return losses_lib.task_loss(task, pred, targets[task.name]), new_state
+
+    enc_state = state.model_state["encoder"]
+    state_spec = problem.state_sharing
+    if state_spec is None:
+        state_spec = jax.tree.map(lambda _: sharing_lib.SHARED, enc_state)
+    spec = {
+        "encoder": problem.sharing,
+        "heads": jax.tree.map(lambda _: sharing_lib.SHARED, state.params["heads"]),
+    }
+    grad_fn = mtl.per_task_grads(
+        task_loss,
+        spec,
+        len(problem.streams),
+        has_state=True,
+        state_spec=state_spec,
+        unroll=True,
+        task_specific={"encoder": False, "heads": True},
+    )
+    (losses, new_enc_state), grads = grad_fn(state.params, enc_state, x, targets)
+    enc_grads = grads["encoder"]
+    if len(trained) < len(problem.streams):  # rows of the trained tasks only
+        index = jnp.asarray(trained)
+        copied = sharing_lib.spec_task_specific(problem.sharing)  # a prefix of the encoder tree
+        enc_grads = jax.tree.map(
+            lambda c, sub: sub if c else jax.tree.map(lambda g: g[index], sub), copied, enc_grads
+        )
+        losses = losses[index]
+    return losses, enc_grads, grads["heads"], new_enc_state, state.model_state["heads"], None
 
 
 def _scale_head_grads(problem: Problem, head_grads: dict, weights: jax.Array) -> dict:
-    """Head k's gradient times task k's weight (heads of untrained tasks keep their zeros).
-
-    In per-task mode the heads' gradients still have their task rows (summed later by
-    ``heads_tx``); every row of head k is task k's, so the same scaling applies."""
+    """Head k's gradient times task k's weight (heads of untrained tasks keep their zeros)."""
     index = {t.name: k for k, t in enumerate(problem.tasks)}
     return {
         name: jax.tree.map(lambda g, k=index[name]: g * weights[k].astype(g.dtype), grads)
@@ -399,6 +442,7 @@ def build_problem(
     *,
     mask: PyTree | None = None,
     sharing: PyTree | None = None,
+    state_sharing: PyTree | None = None,
 ) -> Problem:
     """The transforms for the encoder and heads and the conflict tracker of one run."""
     num_tasks = len(tasks)
@@ -410,11 +454,11 @@ def build_problem(
             f"{spec.method}: representation-gradient methods need one shared representation; a "
             "sharing spec gives every task its own stream."
         )
-    if sharing is not None:  # copied leaves (per-task modulation scales) get their own gradient
-        aggregator = mtl.multitask(aggregator, sharing_lib.spec_task_specific(sharing))
+    if sharing is not None:  # copied leaves (Recon's copies, modulation) get their own gradient
+        aggregator = mtl.shared_rows(aggregator, sharing_lib.spec_task_specific(sharing))
     masks = () if mask is None else (sparse_lib.apply_mask(mask),)
     opt = optim.optimizer(config.train, steps_per_epoch)
-    heads_tx = opt if sharing is None else optax.chain(mtl.sum_rows(), opt)
+    heads_tx = opt
     granularity = {"global": "global", "module": mtl.by_module, "leaf": "leaf"}[
         config.conflict.granularity
     ]
@@ -436,6 +480,7 @@ def build_problem(
         tracker=tracker,
         strategy=config.train.jacobian_strategy,
         sharing=sharing,
+        state_sharing=state_sharing,
         kind=kind,
         post_step=post_step,
         measure_mask=mask if spec.measure_masked else None,
@@ -705,6 +750,35 @@ def _sharing_info(sharing: PyTree | None, mask: PyTree | None) -> dict:
     return info
 
 
+def branch_encoder(model, streams, input_shape, spec: RunSpec, params: dict, model_state: dict):
+    """Recon's re-architecture of the run's initial encoder: ``spec.branch_fn()``'s layers get
+    per-task copies (parameters and BatchNorm statistics).
+
+    Returns ``(params, model_state, param spec, state spec, info)``; ``info`` names the branched
+    layers and the parameter increase (absolute and % of the un-branched encoder)."""
+    layers = list(spec.branch_fn())
+    num = len(streams)
+    variables = {"params": params["encoder"], **model_state["encoder"]}
+    fresh = None
+    if spec.branch_init == "fresh":  # copy t from the model initialised with another key
+        fresh = []
+        for t in range(num):
+            p, s = initial_params(model, streams, input_shape, 1_000_003 * (spec.seed + 1) + t)
+            fresh.append({"params": p["encoder"], **s["encoder"]})
+    branched, full_spec = recon_lib.branch(
+        variables, layers, num, init=spec.branch_init, fresh_variables=fresh
+    )
+    increase = recon_lib.parameter_increase(variables["params"], branched["params"])
+    params = {**params, "encoder": branched["params"]}
+    model_state = {
+        **model_state,
+        "encoder": {k: v for k, v in branched.items() if k != "params"},
+    }
+    state_spec = {k: v for k, v in full_spec.items() if k != "params"}
+    info = {"branched_layers": layers, "parameter_increase": increase}
+    return params, model_state, full_spec["params"], state_spec, info
+
+
 def train_run(
     config: ml_collections.ConfigDict,
     data: Any,
@@ -744,10 +818,25 @@ def train_run(
     sharing = None if spec.sharing_fn is None else spec.sharing_fn(params["encoder"])
     if sharing is not None and spec.init_from is None:
         params["encoder"] = sharing_lib.copy_per_task(params["encoder"], sharing, len(streams))
+    state_sharing, branch_info = None, {}
+    if spec.branch_fn is not None:
+        if sharing is not None or spec.init_from is not None:
+            raise ValueError(f"Run {spec.run_id}: branch_fn excludes sharing_fn and init_from.")
+        params, model_state, sharing, state_sharing, branch_info = branch_encoder(
+            model, streams, data.input_shape, spec, params, model_state
+        )
     initial_encoder = params["encoder"]
 
     problem = build_problem(
-        config, tasks, streams, model, spec, steps_per_epoch, mask=mask, sharing=sharing
+        config,
+        tasks,
+        streams,
+        model,
+        spec,
+        steps_per_epoch,
+        mask=mask,
+        sharing=sharing,
+        state_sharing=state_sharing,
     )
     template = init_state(problem, params, model_state)
     manager = checkpoint_manager(os.path.join(artifacts.phase_dir(spec.run_id), "checkpoints"))
@@ -763,7 +852,7 @@ def train_run(
     earlier = [r for r in _run_records(log, "conflict", spec) if r["step"] <= start]
     wall_before = float(earlier[-1].get("wall_seconds", 0.0)) if earlier else 0.0
     began = time.perf_counter()
-    info = {**dict(spec.info), **_sharing_info(sharing, mask)}
+    info = {**dict(spec.info), **_sharing_info(sharing, mask), **branch_info}
     if restored is None:
         log.write(
             {

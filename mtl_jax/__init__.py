@@ -9,7 +9,7 @@ representation-gradient (MGDA-UB) path (:mod:`mtl_jax.representation`), per-task
 (:mod:`mtl_jax.lass`) and the modules they need (:mod:`mtl_jax.modules`).
 """
 
-from mtl_jax import lass, modules, sharing, sparse, weighting
+from mtl_jax import lass, modules, recon, sharing, sparse, weighting
 from mtl_jax.aggregate import (
     AGGREGATORS,
     AggregatorState,
@@ -36,6 +36,7 @@ from mtl_jax.aggregate import (
     nocl,
     pcgrad,
     random_weighting,
+    shared_rows,
     sum,
     sum_rows,
     upgrad,
@@ -59,7 +60,7 @@ from mtl_jax.gramian import (
     leaf_gramians,
     leaf_groups,
 )
-from mtl_jax.jacobian import mtl_value_and_grad, value_and_jacobian
+from mtl_jax.jacobian import mtl_value_and_grad, value_and_grads, value_and_jacobian
 from mtl_jax.lass import lass_masks, lass_spec, magnitude_mask, subnetwork_sizes
 from mtl_jax.modules import TaskModulation, modulation_spec
 from mtl_jax.representation import (
@@ -86,9 +87,12 @@ from mtl_jax.sharing import (
     match_paths,
     merge_specs,
     per_task,
+    per_task_grads,
+    shared_view,
     spec_from_masks,
     spec_task_specific,
     task_params,
+    task_specific_leaves,
 )
 from mtl_jax.sparse import (
     MaskState,
@@ -175,13 +179,17 @@ __all__ = [
     "pairwise_cosines",
     "pcgrad",
     "per_task",
+    "per_task_grads",
     "post_step_in_state",
     "psn_k",
     "psn_mask",
     "random_mask",
     "random_weighting",
+    "recon",
     "representation_value_and_grad",
     "reverse_mask",
+    "shared_rows",
+    "shared_view",
     "sharing",
     "sparse",
     "spec_from_masks",
@@ -190,7 +198,9 @@ __all__ = [
     "sum",
     "sum_rows",
     "task_params",
+    "task_specific_leaves",
     "upgrad",
+    "value_and_grads",
     "value_and_jacobian",
     "weighting",
 ]

@@ -11,7 +11,13 @@ Two entry points (DESIGN.md section 1):
   per-task gradients with respect to the shared representation ``z`` are returned too (what
   MGDA-UB / Aligned-MTL-UB aggregate).
 
-Both are pure function transformations: the returned functions can be ``jax.jit``-ed, and they work
+* :func:`value_and_grads` is the general case of shared and task-specific parameters in one tree
+  (heads, Recon's per-task copies, modulation scales): one forward pass, Jacobian rows for the
+  shared leaves only, and the ordinary gradient of the summed loss for the task-specific leaves,
+  so they cost O(K x leaf), never a ``[K, K, ...]`` Jacobian. :func:`mtl_jax.shared_rows`
+  turns that tree into updates for all parameters in one ``optax.chain``.
+
+All are pure function transformations: the returned functions can be ``jax.jit``-ed, and they work
 for any pure ``apply(params, x)``: Flax Linen ``model.apply``, Flax NNX (``nnx.split`` /
 ``nnx.merge``), Equinox or plain JAX.
 """
@@ -24,9 +30,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.sharing import task_specific_leaves
+
 PyTree = Any
 
-__all__ = ["STRATEGIES", "mtl_value_and_grad", "value_and_jacobian"]
+__all__ = [
+    "STRATEGIES",
+    "mtl_value_and_grad",
+    "value_and_grads",
+    "value_and_jacobian",
+]
 
 
 def _check_loss_vector(losses: Any, where: str) -> None:
@@ -266,5 +279,109 @@ def mtl_value_and_grad(
         (encoder_jac,) = _map_pullback(pullback, rep_grads, chunk_size, strategy)
         first = (losses, (encoder_aux, head_aux)) if has_aux else losses
         return first, encoder_jac, head_grads, rep_grads
+
+    return fn
+
+
+# --------------------------------------------------------------------------------------------
+# One gradient tree: Jacobian rows for shared leaves, ordinary gradients for task-specific ones
+
+
+def value_and_grads(
+    loss_fn: Callable[..., Any],
+    task_specific: PyTree | Callable[[PyTree], PyTree],
+    *,
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+    strategy: str = "vmap",
+) -> Callable[..., Any]:
+    """Task losses and ONE gradient tree: Jacobian rows for shared leaves, plain gradients elsewhere.
+
+    ``loss_fn(params, *args, **kwargs)`` returns the loss vector ``f32[K]``. The returned function
+    gives ``(losses, grads)`` where ``grads`` has the structure of ``params`` and
+
+    * a **shared** leaf gets its task Jacobian rows, ``[K, *shape]`` (row k = d loss_k / d leaf);
+    * a **task-specific** leaf (a head, Recon's per-task copies ``[K, ...]``, per-task modulation
+      scales) gets the ordinary gradient of ``sum_k loss_k``, ``[*shape]``. Only its own task's
+      loss reaches it, so this IS its own-task gradient: for a copied leaf ``[K, ...]``, copy t
+      receives exactly ``d loss_t / d copy_t``.
+
+    One forward pass (``jax.vjp`` over all parameters), the K pullbacks of the one-hot
+    cotangents (batched as in :func:`value_and_jacobian`) of which only the shared outputs are
+    used, and one more pullback of the all-ones cotangent for the task-specific leaves. Under
+    ``jax.jit`` XLA removes the unused task-specific outputs of the K pullbacks, so task-specific
+    leaves cost O(K x leaf) time and memory, never a ``[K, K, ...]`` Jacobian
+    (tests/test_grads_tree.py checks the compiled program; ``benchmarks/grads_tree.py`` measures
+    it). Without ``jit`` every operation runs eagerly and the dead rows are computed and
+    discarded: jit the train step.
+
+    What stays quadratic: the K pullbacks of the joint loss vector carry every task's cotangent
+    through everything downstream of the first task-specific leaf, so activations after a
+    branch (per-task streams, heads' outputs) get ``[K, K, batch, ...]`` cotangents, row t being
+    zero outside stream t. When the model is a per-task forward (:func:`mtl_jax.per_task`),
+    :func:`mtl_jax.sharing.per_task_grads` gives the same tree without them (the gradient is
+    taken inside the task ``vmap``).
+
+    :func:`mtl_jax.shared_rows` turns ``grads`` into updates for all parameters::
+
+      grad_fn = mtl.value_and_grads(loss_fn, task_specific={"encoder": False, "heads": True})
+      tx = optax.chain(mtl.shared_rows(mtl.pcgrad(), {"encoder": False, "heads": True}),
+                       optax.adam(1e-3))
+      losses, grads = grad_fn(params, batch)                # encoder [K, ...], heads [...]
+      updates, opt_state = tx.update(grads, opt_state, params, task_losses=losses)
+
+    With a sharing spec (e.g. from :func:`mtl_jax.recon.branch`) pass the spec itself:
+    ``mtl.value_and_grads(loss_fn, spec)``.
+
+    Args:
+      loss_fn: ``(params, *args, **kwargs) -> losses[K]`` (``(losses, aux)`` with ``has_aux``);
+        only the first argument is differentiated.
+      task_specific: which leaves are task-specific: a bool pytree or a sharing spec (the
+        structure of ``params`` or a prefix), or a callable ``params -> either``; see
+        :func:`mtl_jax.sharing.task_specific_leaves`.
+      has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+      chunk_size: as in :func:`value_and_jacobian`, for the K pullbacks of the shared rows.
+      strategy: as in :func:`value_and_jacobian`: ``"vmap"``, ``"unroll"`` or ``"scan"``.
+
+    Returns:
+      ``fn(params, *args, **kwargs) -> (losses, grads)``, or ``((losses, aux), grads)``.
+
+    Raises:
+      ValueError: if ``task_specific`` does not match ``params`` or the losses are not a vector.
+    """
+    _check_strategy(strategy, chunk_size)
+
+    def fn(params: PyTree, *args: Any, **kwargs: Any) -> Any:
+        specific = jax.tree.leaves(task_specific_leaves(task_specific, params))
+        leaves, treedef = jax.tree.flatten(params)
+        shared_idx = [i for i, s in enumerate(specific) if not s]
+        specific_idx = [i for i, s in enumerate(specific) if s]
+
+        def split_loss(shared: list[Any], own: list[Any]) -> Any:
+            full = list(leaves)
+            for i, x in zip(shared_idx, shared, strict=True):
+                full[i] = x
+            for i, x in zip(specific_idx, own, strict=True):
+                full[i] = x
+            return loss_fn(treedef.unflatten(full), *args, **kwargs)
+
+        primals = ([leaves[i] for i in shared_idx], [leaves[i] for i in specific_idx])
+        if has_aux:
+            losses, pullback, aux = jax.vjp(split_loss, *primals, has_aux=True)
+        else:
+            losses, pullback = jax.vjp(split_loss, *primals)
+        _check_loss_vector(losses, "loss_fn")
+        out = list(leaves)
+        if shared_idx:
+            basis = jnp.eye(losses.shape[0], dtype=losses.dtype)
+            rows = _map_pullback(lambda c: pullback(c)[0], basis, chunk_size, strategy)
+            for i, g in zip(shared_idx, rows, strict=True):
+                out[i] = g
+        if specific_idx:
+            own = pullback(jnp.ones_like(losses))[1]
+            for i, g in zip(specific_idx, own, strict=True):
+                out[i] = g
+        grads = treedef.unflatten(out)
+        return ((losses, aux), grads) if has_aux else (losses, grads)
 
     return fn

@@ -45,6 +45,10 @@ that ``apply`` returns come out of the ``vmap`` with a task axis and are reduced
   variances (the within-task part of the pooled variance).
 * Alternatively a BatchNorm built with ``axis_name`` equal to :func:`per_task`'s ``axis_name``
   pools its batch statistics over the task streams during the forward itself.
+* A layer whose parameters are copied but whose statistics are not (a spec built from parameter
+  paths only) is an error, not a silent average: build the spec over the whole variables with
+  :func:`layer_spec` (layers named as :func:`layer_key` gives them; :func:`mtl_jax.recon.branch`
+  does this), or pass ``state_spec`` explicitly.
 """
 
 from __future__ import annotations
@@ -58,27 +62,37 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from mtl_jax import _tree
+from mtl_jax.gramian import by_module
 
 PyTree = Any
 PathFilter = Callable[[str], bool] | str | None
 
 __all__ = [
+    "COLLECTIONS",
     "COPIED",
     "SHARED",
     "Masked",
     "Sharing",
     "check_spec",
     "copy_per_task",
+    "layer_key",
+    "layer_names",
+    "layer_spec",
     "make_spec",
     "match_paths",
     "merge_specs",
     "path_filter",
     "per_task",
+    "per_task_grads",
+    "reduce_task_state",
+    "shared_view",
     "spec_from_masks",
     "spec_task_specific",
     "task_params",
+    "task_specific_leaves",
 ]
 
 
@@ -278,6 +292,66 @@ def make_spec(params: PyTree, copied: PathFilter | bool = False) -> PyTree:
     )
 
 
+#: Top-level keys dropped by :func:`layer_key`: Flax Linen's collections, so that a layer's
+#: parameters (``params/BatchNorm_0/scale``) and statistics (``batch_stats/BatchNorm_0/mean``)
+#: have one key. NNX states have no collection level (``bn/scale/value``, ``bn/mean/value``).
+COLLECTIONS: tuple[str, ...] = ("params", "batch_stats")
+
+
+def layer_key(path: str, collections: Sequence[str] = COLLECTIONS) -> str:
+    """The layer (module) a leaf belongs to, without its collection.
+
+    :func:`mtl_jax.by_module` of the path (a module's kernel and bias, or a BatchNorm's scale,
+    bias, mean and var, form one layer), with a leading Flax collection name dropped:
+    ``'params/Conv_0/kernel' -> 'Conv_0'``, ``'batch_stats/bn1/mean' -> 'bn1'``,
+    ``'bn1/scale' -> 'bn1'``, ``'encoder/conv0/kernel/value' -> 'encoder/conv0'`` (NNX).
+    """
+    key = by_module(path)
+    head, sep, rest = key.partition("/")
+    return rest if sep and head in collections else key
+
+
+def layer_names(tree: PyTree, collections: Sequence[str] = COLLECTIONS) -> list[str]:
+    """The layers of ``tree`` (see :func:`layer_key`), in order of first appearance."""
+    return list(dict.fromkeys(layer_key(p, collections) for p in _paths(tree)))
+
+
+def layer_spec(
+    tree: PyTree, layers: Sequence[str], collections: Sequence[str] = COLLECTIONS
+) -> PyTree:
+    """A spec shaped like ``tree``: :data:`COPIED` for every leaf of the named layers, else SHARED.
+
+    Built over the whole variables (parameters *and* BatchNorm statistics), so a copied
+    BatchNorm layer keeps per-task statistics in :func:`per_task` (``has_state=True``); built over
+    a state tree alone it is the ``state_spec`` of :func:`per_task`. Layer names are those of
+    :func:`layer_key` (with or without the collection: ``'BatchNorm_0'`` and
+    ``'params/BatchNorm_0'`` name the same layer), e.g. the groups of a
+    :class:`mtl_jax.ConflictTracker` built with ``granularity=mtl.by_module``.
+
+    Example::
+
+      variables = model.init(key, x)              # {"params": ..., "batch_stats": ...}
+      spec = layer_spec(variables, ["Conv_1", "BatchNorm_1"])
+      variables = copy_per_task(variables, spec, num_tasks=2)
+      forward = per_task(apply, spec, 2, has_state=True)   # per-task BatchNorm_1 statistics
+
+    Raises:
+      ValueError: for a layer name that matches no leaf (listing the layers there are).
+    """
+    wanted = {layer_key(name + "/_", collections) for name in layers}
+    present = layer_names(tree, collections)
+    unknown = [name for name in layers if layer_key(name + "/_", collections) not in present]
+    if unknown:
+        raise ValueError(
+            f"Layers not found: {unknown}. Layers of the tree: [{_listing(present)}] "
+            "(names as mtl.sharing.layer_key gives them)."
+        )
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: COPIED if layer_key(_tree.path_str(p), collections) in wanted else SHARED,
+        tree,
+    )
+
+
 def merge_specs(*specs: PyTree) -> PyTree:
     """Combines specs of the same structure leaf by leaf: a non-shared marker wins over SHARED.
 
@@ -342,6 +416,86 @@ def spec_task_specific(spec: PyTree) -> PyTree:
     return jax.tree_util.tree_map_with_path(
         lambda p, m: _normalize(m, _tree.path_str(p)) is COPIED, spec, is_leaf=_is_marker
     )
+
+
+def _is_label(x: Any) -> bool:
+    return isinstance(x, bool | Sharing | Masked) or (
+        isinstance(x, str) and x in ("shared", "copied")
+    )
+
+
+def _label_value(label: Any, path: str) -> bool:
+    if isinstance(label, bool):
+        return label
+    if isinstance(label, Masked):
+        return False  # one theta for every task: it gets Jacobian rows
+    if isinstance(label, str) and label in ("shared", "copied"):
+        return Sharing(label) is COPIED
+    raise ValueError(
+        f"task_specific entry {path!r} is {label!r}; expected a bool (True: task-specific) or a "
+        "sharing-spec marker (mtl.SHARED, mtl.COPIED, mtl.Masked(mask))."
+    )
+
+
+def task_specific_leaves(
+    task_specific: PyTree | Callable[[PyTree], PyTree], params: PyTree
+) -> PyTree:
+    """Expands ``task_specific`` to a bool pytree with the full structure of ``params``.
+
+    Args:
+      task_specific: a pytree of bools (``True``: task-specific) or a sharing spec
+        (:data:`COPIED` -> task-specific; :data:`SHARED` and
+        :class:`Masked` -> shared, since a masked leaf is one array for all tasks), with
+        the structure of ``params`` or a prefix of it; or a callable ``params -> such a tree``.
+      params: the parameters.
+
+    Returns:
+      A bool pytree shaped like ``params``.
+
+    Raises:
+      ValueError: if the structure does not match (naming the leaves) or an entry is neither a
+        bool nor a marker.
+
+    Example::
+
+      task_specific_leaves({"encoder": False, "heads": True}, params)
+    """
+    labels = task_specific(params) if callable(task_specific) else task_specific
+    try:
+        full = jax.tree.map(
+            lambda lab, sub: jax.tree.map(lambda _: lab, sub), labels, params, is_leaf=_is_label
+        )
+    except (ValueError, TypeError) as err:
+        lab_paths = [
+            _tree.path_str(p)
+            for p, _ in jax.tree_util.tree_flatten_with_path(labels, is_leaf=_is_label)[0]
+        ]
+        par_paths = [_tree.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+        def covered(path: str, prefixes: list[str]) -> bool:
+            return any(q == "" or path == q or path.startswith(q + "/") for q in prefixes)
+
+        unmatched = [p for p in par_paths if not covered(p, lab_paths)]
+        extra = [q for q in lab_paths if not any(covered(p, [q]) for p in par_paths)]
+        raise ValueError(
+            "task_specific does not match the parameters (it must have their structure or a "
+            f"prefix of it). Parameter leaves without a label: [{_listing(unmatched)}]; "
+            f"labels without parameters: [{_listing(extra)}]."
+        ) from err
+    return jax.tree_util.tree_map_with_path(
+        lambda p, lab: _label_value(lab, _tree.path_str(p)), full, is_leaf=_is_label
+    )
+
+
+def shared_view(tree: PyTree, task_specific: PyTree | Callable[[PyTree], PyTree]) -> PyTree:
+    """``tree`` with its task-specific leaves replaced by ``optax.MaskedNode``: the shared part.
+
+    What conflict metrics are measured on (Recon: "the remaining shared parameters"):
+    ``tracker.init(shared_view(params, spec))``, ``tracker.update(cstate, shared_view(grads,
+    spec))``. ``task_specific`` as in :func:`task_specific_leaves` (a spec or a bool tree).
+    """
+    labels = task_specific_leaves(task_specific, tree)
+    return jax.tree.map(lambda s, x: optax.MaskedNode() if s else x, labels, tree)
 
 
 def copy_per_task(params: PyTree, spec: PyTree, num_tasks: int) -> PyTree:
@@ -430,7 +584,30 @@ def _state_markers(state: PyTree, spec: PyTree, state_spec: PyTree | None) -> li
             hits = [m for p, m in by_path.items() if p.endswith("/" + path)]
             found = hits[0] if len(hits) == 1 else SHARED
         markers.append(_normalize(found, path))
+    _check_copied_layers_keep_state(state, markers, by_path)
     return markers
+
+
+def _check_copied_layers_keep_state(
+    state: PyTree, markers: list[Marker], spec_by_path: dict[str, Any]
+) -> None:
+    """No silent averaging: a state leaf of a layer whose parameters are copied must be copied."""
+    copied_layers = {layer_key(p) for p, m in spec_by_path.items() if _normalize(m, p) is COPIED}
+    bad = []
+    for path, marker in zip(_paths(state), markers, strict=True):
+        layer = layer_key(path)
+        if marker is not COPIED and any(
+            c == layer or c.endswith("/" + layer) for c in copied_layers
+        ):
+            bad.append(path)
+    if bad:
+        raise ValueError(
+            f"State leaves [{_listing(bad)}] belong to layers whose parameters are copied per "
+            "task, but the spec does not copy them, so per_task would average their per-task "
+            "values. Build the spec over the whole variables (mtl.sharing.layer_spec(variables, "
+            "layers) or mtl.recon.branch) and copy_per_task them too, or pass state_spec "
+            "explicitly (SHARED there averages them on purpose)."
+        )
 
 
 def _reduce_state(
@@ -530,3 +707,176 @@ def per_task(
         return outs, _reduce_state(state, spec, state_spec, state_reduction)
 
     return fn
+
+
+def per_task_grads(
+    task_loss_fn: Callable[..., Any],
+    spec: PyTree,
+    num_tasks: int,
+    *,
+    has_state: bool = False,
+    state_spec: PyTree | None = None,
+    state_reduction: StateReduction = "mean",
+    axis_name: str | None = None,
+    unroll: bool = False,
+    task_specific: PyTree | None = None,
+) -> Callable[..., Any]:
+    """Task losses and the gradient tree of a per-task model, with no task-by-task term at all.
+
+    ``task_loss_fn(view_t, t, *args, **kwargs)`` is task t's loss on its view of the parameters
+    (the view of :func:`per_task`: shared leaves as they are, copied leaves' row t, masked leaves
+    ``theta * M_t``); ``t`` is the task index (a traced int: index stacked heads or targets with
+    it). The returned function runs ``jax.value_and_grad`` of it for every task under ONE
+    ``jax.vmap`` over the tasks, with ``in_axes=None`` for shared leaves. The gradient is taken
+    inside the ``vmap``, so
+
+    * everything before the first task-specific leaf runs forward once (it does not depend on
+      the task), its backward once per task: the K Jacobian rows of the shared prefix;
+    * each task's stream after the branch is differentiated with its own loss only: O(K x
+      activation) and O(K x leaf) everywhere. Differentiating the joint loss vector instead
+      (:func:`mtl_jax.value_and_grads`, :func:`mtl_jax.value_and_jacobian`) pulls every task's
+      cotangent back through every task's stream: ``[K, K, batch, ...]`` activation
+      cotangents after the branch (``benchmarks/grads_tree.py`` measures both).
+
+    The gradient tree has the format of :func:`mtl_jax.value_and_grads` with ``task_specific=
+    spec``: shared and masked leaves get their Jacobian rows ``[K, *shape]``, copied leaves
+    ``[K, *shape]`` where copy t holds ``d loss_t / d copy_t``. Give it to
+    ``optax.chain(mtl.shared_rows(aggregator, spec), optimizer)``.
+
+    Mutable state (``has_state``): the function takes ``(params, state, *args)`` and
+    ``task_loss_fn(view_t, state_t, t, *args)`` returns ``(loss_t, new_state_t)``; ``state_t``
+    is task t's view of the state (copied leaves' row t, e.g. a branched BatchNorm's
+    statistics) and the K new states are reduced as in :func:`per_task` (copied leaves keep
+    their K rows, shared ones are averaged). The state is not differentiated.
+
+    Args:
+      task_loss_fn: ``(view_t, t, *args, **kwargs) -> loss_t`` (a scalar), or with
+        ``has_state`` ``(view_t, state_t, t, *args, **kwargs) -> (loss_t, new_state_t)``.
+      spec: the sharing spec of the parameters (or a prefix of it), as in :func:`per_task`.
+      num_tasks: K.
+      has_state: see above.
+      state_spec: spec of the state (e.g. ``spec["batch_stats"]`` of
+        :func:`mtl_jax.recon.branch` for a state ``variables["batch_stats"]``); by default
+        matched by path with ``spec`` as in :func:`per_task`.
+      state_reduction, axis_name: as in :func:`per_task`.
+      unroll: call ``task_loss_fn`` once per task with ``t`` a Python int (K traced copies of
+        the loss instead of one ``vmap``), for tasks whose losses differ in structure
+        (heterogeneous heads, picked by ``heads[names[t]]``). XLA's common-subexpression
+        elimination merges the K identical shared-prefix forwards; compile time grows with K.
+        Not with ``axis_name``.
+      task_specific: more task-specific leaves that are not copies, e.g. one head per task
+        (each used by one task's loss only), :data:`SHARED` in ``spec``: a bool pytree (or a
+        spec, or a prefix) as in :func:`task_specific_leaves`. Their K rows are summed, so each
+        gets its own task's gradient ``[*shape]``, the format of :func:`mtl_jax.value_and_grads`;
+        give the same labels to :func:`mtl_jax.shared_rows`.
+
+    Returns:
+      ``fn(params, *args, **kwargs) -> (losses[K], grads)``, or with ``has_state``
+      ``fn(params, state, *args, **kwargs) -> ((losses[K], new_state), grads)``.
+
+    Example::
+
+      branched, spec = mtl.recon.branch(variables, layers, K)   # Linen, with BatchNorm
+      def task_loss(params, stats, t, x, ys):
+          out, new = model.apply({"params": params, "batch_stats": stats}, x,
+                                 mutable=["batch_stats"])
+          return jnp.mean((out - ys[t]) ** 2), new["batch_stats"]
+      fn = per_task_grads(task_loss, spec["params"], K, has_state=True,
+                          state_spec=spec["batch_stats"])
+      (losses, stats), grads = jax.jit(fn)(branched["params"], branched["batch_stats"], x, ys)
+    """
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks must be >= 1; got {num_tasks}.")
+    if unroll and axis_name is not None:
+        raise ValueError("per_task_grads: axis_name needs the task vmap; use unroll=False.")
+
+    def fn(params: PyTree, *args: Any, **kwargs: Any) -> Any:
+        check_spec(spec, params, num_tasks)
+        markers = _expand(spec, params)
+        leaves, treedef = jax.tree.flatten(params)
+        batched = [
+            x if m is COPIED else _mask_bool(m.mask) if isinstance(m, Masked) else None
+            for m, x in zip(markers, leaves, strict=True)
+        ]
+        if has_state:
+            if not args:
+                raise ValueError(
+                    "per_task_grads(has_state=True) is called as fn(params, state, ...)."
+                )
+            state, args = args[0], args[1:]
+            s_markers = _state_markers(state, spec, state_spec)
+            s_leaves, s_treedef = jax.tree.flatten(state)
+            s_batched = [
+                x if m is COPIED else None for m, x in zip(s_markers, s_leaves, strict=True)
+            ]
+        else:
+            s_batched = None
+
+        def one(batched_t: list[Any], s_batched_t: list[Any] | None, t: jax.Array) -> Any:
+            def loss_of_view(own: list[Any], shared: list[Any]) -> Any:
+                view = []
+                for m, x, b, o in zip(markers, shared, batched_t, own, strict=True):
+                    if m is COPIED:
+                        view.append(o)
+                    elif isinstance(m, Masked):
+                        view.append(_masked_value(x, b))
+                    else:
+                        view.append(x)
+                view = treedef.unflatten(view)
+                if not has_state:
+                    return task_loss_fn(view, t, *args, **kwargs)
+                state_t = s_treedef.unflatten(
+                    [
+                        b if m is COPIED else x
+                        for m, x, b in zip(s_markers, s_leaves, s_batched_t, strict=True)
+                    ]
+                )
+                return task_loss_fn(view, state_t, t, *args, **kwargs)
+
+            own = [b if m is COPIED else None for m, b in zip(markers, batched_t, strict=True)]
+            shared = [None if m is COPIED else x for m, x in zip(markers, leaves, strict=True)]
+            value, (g_own, g_shared) = jax.value_and_grad(
+                loss_of_view, argnums=(0, 1), has_aux=has_state
+            )(own, shared)
+            grads = [
+                go if m is COPIED else gs
+                for m, go, gs in zip(markers, g_own, g_shared, strict=True)
+            ]
+            return value, grads
+
+        if unroll:
+            row = lambda xs, t: None if xs is None else [None if x is None else x[t] for x in xs]
+            results = [one(row(batched, t), row(s_batched, t), t) for t in range(num_tasks)]
+            value, grads = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
+        else:
+            value, grads = jax.vmap(one, axis_size=num_tasks, axis_name=axis_name)(
+                batched, s_batched, jnp.arange(num_tasks)
+            )
+        if task_specific is not None:
+            labels = jax.tree.leaves(task_specific_leaves(task_specific, params))
+            grads = [
+                jnp.sum(g, axis=0) if lab and m is not COPIED else g
+                for g, lab, m in zip(grads, labels, markers, strict=True)
+            ]
+        grads = treedef.unflatten(grads)
+        if not has_state:
+            return value, grads
+        losses, new_state = value
+        return (losses, _reduce_state(new_state, spec, state_spec, state_reduction)), grads
+
+    return fn
+
+
+def reduce_task_state(
+    state: PyTree,
+    spec: PyTree,
+    *,
+    state_spec: PyTree | None = None,
+    state_reduction: StateReduction = "mean",
+) -> PyTree:
+    """Reduces a state with a task axis (leaves ``[K, ...]``) as :func:`per_task` does.
+
+    Copied state leaves keep their K rows; shared ones are reduced with ``state_reduction``;
+    a layer whose parameters are copied but whose statistics are not is an error.
+    """
+    return _reduce_state(state, spec, state_spec, state_reduction)

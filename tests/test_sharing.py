@@ -404,3 +404,50 @@ def test_nnx_per_task_forward_jacobian_and_batch_stats():
     tx = optax.chain(mtl.multitask(mtl.pcgrad(), spec_task_specific(spec)), optax.sgd(0.1))
     updates, _ = tx.update(jac, tx.init(stacked), stacked)
     assert updates["branch"]["kernel"][...].shape == (K, H, H)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer-based specs over the whole variables (parameters and statistics)
+
+
+def test_layer_key_and_layer_spec_cover_parameters_and_statistics():
+    from mtl_jax.sharing import layer_key, layer_names, layer_spec
+
+    assert layer_key("params/Conv_0/kernel") == "Conv_0"
+    assert layer_key("batch_stats/bn1/mean") == "bn1"
+    assert layer_key("encoder/conv0/kernel/value") == "encoder/conv0"
+    assert layer_key("bn1/scale") == "bn1"
+    variables = BNBranchy().init(jax.random.PRNGKey(0), _x(n=8))
+    assert layer_names(variables) == ["bn0", "bn1", "branch", "out", "trunk"]  # sorted keys
+    spec = layer_spec(variables, ["params/bn1", "branch"])
+    assert spec["params"]["bn1"] == {"scale": COPIED, "bias": COPIED}
+    assert spec["batch_stats"]["bn1"] == {"mean": COPIED, "var": COPIED}
+    assert spec["params"]["branch"]["kernel"] is COPIED
+    assert spec["batch_stats"]["bn0"]["mean"] is SHARED
+    # over a state tree alone: the state spec of per_task
+    assert layer_spec(variables["batch_stats"], ["bn1"])["bn1"]["var"] is COPIED
+    with pytest.raises(ValueError, match=r"Layers not found: \['bn7'\]"):
+        layer_spec(variables, ["bn7"])
+
+
+def test_copied_batchnorm_statistics_are_never_silently_averaged():
+    # a spec made from the parameters' paths only: bn1's scale/bias copied, its statistics not
+    _, x, _, _, apply = _bn_setup(copied="params/branch/")
+    variables = BNBranchy().init(jax.random.PRNGKey(0), x)
+    spec = make_spec(variables, copied=match_paths("^params/branch/", "^params/bn1/"))
+    stacked = copy_per_task(variables, spec, K)
+    with pytest.raises(ValueError, match=r"batch_stats/bn1/mean.*copied per task.*layer_spec"):
+        per_task(apply, spec, K, has_state=True)(stacked, x)
+    # an explicit state spec averages them on purpose
+    state_spec = make_spec({"batch_stats": stacked["batch_stats"]})
+    _, state = per_task(apply, spec, K, has_state=True, state_spec=state_spec)(stacked, x)
+    assert state["batch_stats"]["bn1"]["mean"].shape == (H,)
+
+
+def test_shared_view_hides_task_specific_leaves():
+    _, _, _, spec, stacked = _setup()
+    view = mtl.shared_view(stacked, spec)
+    assert isinstance(view["params"]["branch"]["kernel"], optax.MaskedNode)
+    assert view["params"]["trunk"]["kernel"].shape == (D, H)
+    groups = mtl.ConflictTracker(K, granularity=mtl.by_module).groups(view)
+    assert groups == ["global", "params/out", "params/trunk"]

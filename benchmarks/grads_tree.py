@@ -1,0 +1,206 @@
+"""One gradient tree (``mtl.value_and_grads``) versus today's two paths: time and peak memory.
+
+Model (issues 12 and 14): a Recon-branched MLP. ``trunk`` D->H (shared), ``branch`` H->H copied
+per task (``[K, H, H]``, Recon's per-task copy), ``out`` H->H shared but run once per task stream,
+then K heads H->C (task-specific); batch B, mean squared error. Every variant is one jitted
+function from the parameters to the updates of ALL parameters (aggregator ``mtl.mean`` on the
+shared leaves, then SGD), so only the gradient machinery differs:
+
+* ``grads_tree``: ``mtl.value_and_grads(loss, task_specific)`` -> shared leaves ``[K, ...]``,
+  copies and heads their ordinary gradient -> ``optax.chain(mtl.shared_rows(mean), sgd)``.
+* ``per_task_grads``: ``mtl.per_task_grads(task_loss, spec, K)``: the gradient of each task's
+  own loss inside the task ``vmap`` (the shared prefix runs forward once; no ``[K, K, ...]``
+  activation cotangents after the branch, which the joint-loss paths all have) -> the same
+  ``shared_rows`` chain. ``per_task_grads[unroll]``: the same with ``unroll=True`` (one traced
+  loss per task, for heterogeneous heads).
+* ``jacobian``: ``mtl.value_and_jacobian`` of all parameters (copies get a ``[K, K, H, H]``
+  Jacobian, heads ``[K, H, C]``) -> ``optax.chain(mtl.multitask(mean, labels), sgd)``.
+* ``mtl_value_and_grad``: the encoder (trunk, copies, out) gets K Jacobian rows (copies
+  ``[K, K, H, H]``), the K stacked heads their own gradients -> ``multitask(mean)`` on the
+  encoder, SGD on both.
+
+Every variant is checked to give the same updates before it is timed (``--no-check`` skips it).
+Columns: median ms per call (``--repeats`` calls after a warm-up), and the compiled program's
+memory from ``jax.jit(f).lower(...).compile().memory_analysis()``: temp + output bytes (the
+arguments are the same for all three). Ratios are against ``grads_tree`` in the same run.
+
+Usage::
+
+  python benchmarks/grads_tree.py                          # K = 2, 10, 40
+  python benchmarks/grads_tree.py --ks 2 10 --hidden 64 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import mtl_jax as mtl
+
+
+def _dense(key: jax.Array, n_in: int, n_out: int) -> dict:
+    return {"w": jax.random.normal(key, (n_in, n_out)) / np.sqrt(n_in), "b": jnp.zeros(n_out)}
+
+
+def _layer(p: dict, x: jax.Array) -> jax.Array:
+    return x @ p["w"] + p["b"]
+
+
+def make_problem(k: int, d: int, h: int, c: int, b: int):
+    keys = jax.random.split(jax.random.PRNGKey(0), 4 + k)
+    body = {
+        "trunk": _dense(keys[0], d, h),
+        "branch": _dense(keys[1], h, h),
+        "out": _dense(keys[2], h, h),
+    }
+    spec = {"trunk": mtl.SHARED, "branch": mtl.COPIED, "out": mtl.SHARED}
+    body = mtl.copy_per_task(body, spec, k)
+    heads = jax.vmap(lambda kk: _dense(kk, h, c))(keys[4:])  # stacked [K, ...]
+    params = {"body": body, "heads": heads}
+    x = jax.random.normal(keys[3], (b, d))
+    ys = jax.random.normal(keys[3], (k, b, c))
+
+    def apply_body(p: dict, x: jax.Array) -> jax.Array:
+        z = jax.nn.relu(_layer(p["trunk"], x))
+        z = jax.nn.relu(_layer(p["branch"], z))
+        return jax.nn.relu(_layer(p["out"], z))
+
+    encode = mtl.per_task(apply_body, spec, k)  # [K, B, H]: one stream per task
+
+    def head_loss(hp: dict, z: jax.Array, y: jax.Array) -> jax.Array:
+        return jnp.mean((_layer(hp, z) - y) ** 2)
+
+    def losses(params: dict, x: jax.Array, ys: jax.Array) -> jax.Array:
+        z = encode(params["body"], x)
+        return jax.vmap(head_loss)(params["heads"], z, ys)
+
+    def task_loss(view: dict, t: jax.Array, x: jax.Array, ys: jax.Array) -> jax.Array:
+        return head_loss(view["heads"], apply_body(view["body"], x), ys[t])
+
+    task_specific = {"body": spec, "heads": mtl.COPIED}
+    return params, x, ys, losses, encode, head_loss, task_loss, task_specific
+
+
+def make_variants(k: int, d: int, h: int, c: int, b: int) -> tuple[dict[str, Callable], tuple]:
+    params, x, ys, losses, encode, head_loss, task_loss, task_specific = make_problem(k, d, h, c, b)
+    sgd = optax.sgd(0.1)
+
+    tx_new = optax.chain(mtl.shared_rows(mtl.mean(), task_specific), sgd)
+    grads_fn = mtl.value_and_grads(losses, task_specific)
+
+    def grads_tree(params, x, ys):
+        task_losses, grads = grads_fn(params, x, ys)
+        return tx_new.update(grads, tx_new.init(params), params, task_losses=task_losses)[0]
+
+    per_task_fn = mtl.per_task_grads(task_loss, task_specific, k)
+
+    def per_task_grads(params, x, ys):
+        task_losses, grads = per_task_fn(params, x, ys)
+        return tx_new.update(grads, tx_new.init(params), params, task_losses=task_losses)[0]
+
+    unrolled_fn = mtl.per_task_grads(task_loss, task_specific, k, unroll=True)
+
+    def per_task_grads_unroll(params, x, ys):
+        task_losses, grads = unrolled_fn(params, x, ys)
+        return tx_new.update(grads, tx_new.init(params), params, task_losses=task_losses)[0]
+
+    labels = mtl.task_specific_leaves(task_specific, params)
+    tx_jac = optax.chain(mtl.multitask(mtl.mean(), labels), sgd)
+    jac_fn = mtl.value_and_jacobian(losses)
+
+    def jacobian(params, x, ys):
+        task_losses, jac = jac_fn(params, x, ys)
+        return tx_jac.update(jac, tx_jac.init(params), params, task_losses=task_losses)[0]
+
+    # encoder = the per-task body; its output z[t] feeds head t; heads stacked under one vmap
+    tx_enc = optax.chain(mtl.multitask(mtl.mean(), labels["body"]), sgd)
+
+    def mtl_value_and_grad(params, x, ys):
+        # mtl_value_and_grad gives every head the same z; the per-task body returns [K, B, H],
+        # so each head picks its stream: z[t] via a one-hot of the task index (heads are vmapped)
+        onehot = jnp.eye(k)
+
+        def head(hp_and_t, z, y):
+            hp, e = hp_and_t
+            return head_loss(hp, jnp.tensordot(e, z, axes=1), y)
+
+        fn = mtl.mtl_value_and_grad(lambda p, x: encode(p, x), head)
+        task_losses, enc_jac, head_grads, _ = fn(params["body"], (params["heads"], onehot), x, ys)
+        enc_upd = tx_enc.update(
+            enc_jac, tx_enc.init(params["body"]), params["body"], task_losses=task_losses
+        )[0]
+        head_upd = sgd.update(head_grads[0], sgd.init(params["heads"]), params["heads"])[0]
+        return {"body": enc_upd, "heads": head_upd}
+
+    variants = {
+        "grads_tree": grads_tree,
+        "per_task_grads": per_task_grads,
+        "per_task_grads[unroll]": per_task_grads_unroll,
+        "jacobian": jacobian,
+        "mtl_value_and_grad": mtl_value_and_grad,
+    }
+    return variants, (params, x, ys)
+
+
+def measure(fn: Callable, args: tuple, repeats: int) -> tuple[float, int]:
+    compiled = jax.jit(fn).lower(*args).compile()
+    mem = compiled.memory_analysis()
+    peak = int(mem.temp_size_in_bytes + mem.output_size_in_bytes) if mem is not None else -1
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times), peak
+
+
+def check_equal(variants: dict[str, Callable], args: tuple) -> None:
+    """All three paths give the same updates (mean aggregator)."""
+    ref = jax.jit(variants["grads_tree"])(*args)
+    for fn in variants.values():
+        out = jax.jit(fn)(*args)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), out, ref)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ks", type=int, nargs="+", default=[2, 10, 40])
+    parser.add_argument("--in-dim", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--no-check", action="store_true", help="skip the equality check")
+    args = parser.parse_args()
+    print(
+        f"# {platform.node()} {jax.devices()[0].device_kind} jax {jax.__version__}; "
+        f"D={args.in_dim} H={args.hidden} C={args.classes} B={args.batch}, "
+        f"median of {args.repeats}"
+    )
+    header = f"{'K':>3} {'variant':<24} {'ms':>9} {'x time':>7} {'MiB':>9} {'x mem':>7}"
+    print(header)
+    print("-" * len(header))
+    for k in args.ks:
+        variants, fn_args = make_variants(k, args.in_dim, args.hidden, args.classes, args.batch)
+        if not args.no_check:
+            check_equal(variants, fn_args)
+        results = {name: measure(fn, fn_args, args.repeats) for name, fn in variants.items()}
+        base_ms, base_mem = results["grads_tree"]
+        for name, (ms, mem) in results.items():
+            print(
+                f"{k:>3} {name:<24} {ms:>9.2f} {ms / base_ms:>7.2f} {mem / 2**20:>9.1f} "
+                f"{mem / base_mem:>7.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
