@@ -16,10 +16,18 @@ each G to weights with a :class:`~mtl_jax.weighting.base.Weighting`, and return
 ``sum_k w_k g_k`` group by group: two passes over the Jacobian plus a K x K solve.
 
 State: :class:`AggregatorState` keeps the PRNG key, the weighting's own state, and the weights and
-Gram matrices of the last step (``mtl.last_weights(state)``, ``mtl.last_gram(state)``). Their
-shapes need K: pass ``num_tasks=K`` to get a fixed-shape state from ``init`` (needed for
-``lax.scan`` loops and by stateful methods); without it the logged weights are allocated at the
-first update, and a jitted step retraces once.
+Gram matrices of the last step (``mtl.last_weights(state)``, ``mtl.last_gram(state)``). The state
+has the same structure, shapes and dtypes from ``init`` on (``optax.apply_if_finite``,
+``lax.scan`` carries and ``optax.MultiSteps`` need that; a jitted step compiles once). ``init``
+sees the parameters, not the Jacobian, so K is known there only from ``num_tasks=K`` or from a
+vector of K entries (``linear`` weights, ``pref_vector``): with K known the state logs the last
+weights and Gram matrices; without it the logs are empty (and ``mtl.last_weights`` says to pass
+``num_tasks``). Methods whose own state needs K (GradVac, EMA weights, ExcessMTL, Nash-MTL with
+``update_weights_every > 1``) raise a ``ValueError`` at ``init`` without it.
+
+Per-group weightings (``granularity="leaf"`` or a grouping function) run as one batched solve:
+the groups' Gram matrices are stacked ``[n_groups, K, K]`` and the weighting is ``vmap``-ed over
+them (one solver in the compiled program, whatever the model's depth).
 
 Bad input: a Jacobian whose leaves disagree on K, a Jacobian that does not match the parameters,
 or ``task_losses`` of the wrong length raise ``ValueError`` at trace time. Non-finite gradients or
@@ -115,7 +123,10 @@ def _float_dtype() -> jnp.dtype:
 
 
 def _empty_logs(groups: Sequence[str], num_tasks: int | None) -> tuple[dict, dict]:
-    k = 0 if num_tasks is None else int(num_tasks)
+    """Zero logs ``({group: w[K]}, {group: G[K, K]})``; none (empty dicts) when K is unknown."""
+    if num_tasks is None:
+        return {}, {}
+    k = int(num_tasks)
     dtype = _float_dtype()
     weights = {g: jnp.zeros((k,), dtype) for g in groups}
     gram = {g: jnp.zeros((k, k), dtype) for g in groups}
@@ -126,12 +137,18 @@ def _validate(
     jac: PyTree, params: PyTree | None, task_losses: Any, num_tasks: int | None, name: str
 ) -> int:
     k = _tree.task_axis_size(jac)
+    if k == 0:
+        raise ValueError(
+            f"{name}: the task Jacobian has K=0 tasks (an empty leading axis); an aggregator "
+            "needs at least one task gradient."
+        )
     if params is not None:
         _tree.check_jacobian_matches(jac, params)
     _tree.check_task_losses(task_losses, k)
     if num_tasks is not None and k != num_tasks:
         raise ValueError(
-            f"{name} was built with num_tasks={num_tasks}, but the Jacobian has K={k}."
+            f"{name} was built for {num_tasks} tasks (num_tasks={num_tasks}, or a per-task "
+            f"vector of length {num_tasks}), but the Jacobian has K={k}."
         )
     return k
 
@@ -159,7 +176,18 @@ def _map_unmasked(tree: PyTree, fn: Callable[[int, jax.Array], jax.Array]) -> Py
 
 
 def _cast_like(new: dict[str, jax.Array], old: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    return {g: v.astype(old[g].dtype) if g in old else v for g, v in new.items()}
+    """The new logs in the dtypes of the old ones; no logs when the state keeps none."""
+    return {g: new[g].astype(v.dtype) for g, v in old.items()}
+
+
+def _infer_num_tasks(num_tasks: int | None, vector: Any, name: str) -> int | None:
+    """``num_tasks``, else the length of a per-task vector (weights, preference) when given."""
+    if vector is None:
+        return num_tasks
+    length = len(vector)
+    if num_tasks is not None and num_tasks != length:
+        raise ValueError(f"{name}: num_tasks={num_tasks} but the per-task vector has {length}.")
+    return length
 
 
 def guarded_weigh(
@@ -197,6 +225,70 @@ def guarded_weigh(
     return jax.lax.cond(finite, solve, skip, None)
 
 
+def _stack(trees: Sequence[PyTree]) -> PyTree:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _unstack(tree: PyTree, num: int) -> list[PyTree]:
+    return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(num)]
+
+
+def batched_weighting(weighting: Weighting) -> Weighting:
+    """``weighting`` over a stack of groups: ``weigh(G[n, K, K], states[n], keys[n], losses)``.
+
+    One ``vmap``: the compiled program holds one solver for all groups (the losses are shared).
+    """
+
+    def weigh(grams: jax.Array, states: PyTree, keys: jax.Array, losses: Any = None) -> Any:
+        one = lambda gram, state, key: weighting.weigh(gram, state, key, losses)
+        return jax.vmap(one)(grams, states, keys)
+
+    return Weighting(init=weighting.init, weigh=weigh)
+
+
+def _weigh_groups(
+    weighting: Weighting,
+    grams: dict[str, jax.Array],
+    inner: dict[str, PyTree],
+    keys: jax.Array,
+    task_losses: Any,
+    batch: bool,
+) -> tuple[dict[str, jax.Array], dict[str, PyTree]]:
+    """Weights and new states ``{group: w[K]}``, ``{group: state}`` for every group.
+
+    ``batch``: one guarded, ``vmap``-ed solve over the stacked groups (any non-finite group or
+    loss makes every group's weights NaN and keeps every state); otherwise one guarded solve per
+    group in a Python loop (the layout before batching, kept for benchmarks/by_module.py).
+    """
+    groups = list(grams)
+    if batch and len(groups) > 1:
+        stacked = jnp.stack([grams[g] for g in groups])
+        finite = _finite_mask(stacked, task_losses)
+        w, states = guarded_weigh(
+            batched_weighting(weighting),
+            stacked,
+            _stack([inner[g] for g in groups]),
+            keys,
+            task_losses,
+            finite,
+        )
+        outs = zip(_unstack(w, len(groups)), _unstack(states, len(groups)), strict=True)
+        per_group = {g: (w_g, s_g, finite) for g, (w_g, s_g) in zip(groups, outs, strict=True)}
+    else:
+        per_group = {}
+        for group, group_key in zip(groups, keys, strict=True):
+            finite = _finite_mask(grams[group], task_losses)
+            w_g, s_g = guarded_weigh(
+                weighting, grams[group], inner[group], group_key, task_losses, finite
+            )
+            per_group[group] = (w_g, s_g, finite)
+    weights = {
+        g: jnp.where(finite & jnp.all(jnp.isfinite(w_g)), w_g, jnp.nan)
+        for g, (w_g, _, finite) in per_group.items()
+    }
+    return weights, {g: s_g for g, (_, s_g, _) in per_group.items()}
+
+
 def from_weighting(
     weighting: Weighting,
     *,
@@ -204,6 +296,7 @@ def from_weighting(
     seed: int = 0,
     num_tasks: int | None = None,
     name: str = "aggregator",
+    _batch_groups: bool = True,
 ) -> Transform:
     """Builds an aggregator from a Gram-space :class:`~mtl_jax.weighting.base.Weighting`.
 
@@ -212,8 +305,10 @@ def from_weighting(
       granularity: where G is computed and the weights applied: ``"global"``, ``"leaf"`` or a
         callable ``path -> group`` (e.g. :func:`mtl_jax.by_module`).
       seed: seed of the PRNG key kept in the state.
-      num_tasks: K, for a fixed-shape state from ``init`` (required by stateful weightings).
+      num_tasks: K: the state then logs the last weights and Gram matrices (``last_weights``);
+        required by weightings whose own state needs K.
       name: used in error messages.
+      _batch_groups: private; ``False`` solves the groups one by one (benchmark baseline).
     """
     if num_tasks is not None and num_tasks < 1:
         raise ValueError(f"num_tasks must be >= 1; got {num_tasks}.")
@@ -243,13 +338,9 @@ def from_weighting(
             )
         key, sub = jax.random.split(state.key)
         keys = jax.random.split(sub, len(grams))
-        weights, inner = {}, {}
-        for (group, gram), group_key in zip(grams.items(), keys, strict=True):
-            finite = _finite_mask(gram, task_losses)
-            w, inner[group] = guarded_weigh(
-                weighting, gram, state.inner[group], group_key, task_losses, finite
-            )
-            weights[group] = jnp.where(finite & jnp.all(jnp.isfinite(w)), w, jnp.nan)
+        weights, inner = _weigh_groups(
+            weighting, grams, state.inner, keys, task_losses, _batch_groups
+        )
         groups = leaf_groups(jac, granularity)
         updates = _map_unmasked(jac, lambda i, leaf: combine(weights[groups[i]], leaf))
         new_state = AggregatorState(
@@ -297,6 +388,13 @@ def from_weights_fn(
         w, inner = weights_fn(jac, gram, state.inner[inner_key], sub, task_losses, extra_args)
         finite = _finite_mask(gram, task_losses) & jnp.all(jnp.isfinite(w))
         w = jnp.where(finite, w, jnp.nan)
+        # Non-finite input leaves the method's own state unchanged (the module's contract).
+        old_inner = state.inner[inner_key]
+        inner = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old).astype(jnp.result_type(old)),
+            inner,
+            old_inner,
+        )
         updates = _map_unmasked(jac, lambda i, leaf: combine(w, leaf))
         new_state = AggregatorState(
             key,
@@ -321,6 +419,7 @@ def sum(*, num_tasks: int | None = None) -> Transform:
 
 def linear(weights: Sequence[float] | jax.Array, *, num_tasks: int | None = None) -> Transform:
     """A constant combination ``sum_k weights[k] g_k``."""
+    num_tasks = _infer_num_tasks(num_tasks, weights, "linear")
     return from_weighting(linear_weighting(weights), num_tasks=num_tasks, name="linear")
 
 
@@ -437,7 +536,7 @@ def aligned_mtl(
     return from_weighting(
         aligned_mtl_weighting(scale_mode, pref_vector),
         granularity=granularity,
-        num_tasks=num_tasks,
+        num_tasks=_infer_num_tasks(num_tasks, pref_vector, "aligned_mtl"),
         name="aligned_mtl",
     )
 
@@ -453,7 +552,10 @@ def upgrad(
     Exact projections (:mod:`mtl_jax.weighting._qp`); non-conflicting, linear under scaling.
     """
     return from_weighting(
-        upgrad_weighting(pref_vector), granularity=granularity, num_tasks=num_tasks, name="upgrad"
+        upgrad_weighting(pref_vector),
+        granularity=granularity,
+        num_tasks=_infer_num_tasks(num_tasks, pref_vector, "upgrad"),
+        name="upgrad",
     )
 
 
@@ -467,7 +569,7 @@ def dualproj(
     return from_weighting(
         dualproj_weighting(pref_vector),
         granularity=granularity,
-        num_tasks=num_tasks,
+        num_tasks=_infer_num_tasks(num_tasks, pref_vector, "dualproj"),
         name="dualproj",
     )
 
@@ -483,7 +585,10 @@ def config(
     Expressed as a weighting of G, see :mod:`mtl_jax.weighting.config`.
     """
     return from_weighting(
-        config_weighting(pref_vector), granularity=granularity, num_tasks=num_tasks, name="config"
+        config_weighting(pref_vector),
+        granularity=granularity,
+        num_tasks=_infer_num_tasks(num_tasks, pref_vector, "config"),
+        name="config",
     )
 
 
@@ -731,9 +836,12 @@ def _find_states(state: PyTree) -> list[AggregatorState]:
     return found
 
 
-def _unwrap_groups(logs: dict[str, jax.Array]) -> jax.Array | dict[str, jax.Array] | None:
-    if not logs or any(v.shape[0] == 0 for v in logs.values()):
-        return None
+def _unwrap_groups(logs: dict[str, jax.Array], what: str) -> jax.Array | dict[str, jax.Array]:
+    if not logs:
+        raise ValueError(
+            f"This aggregator's state keeps no {what}: it was built without the number of tasks. "
+            "Pass num_tasks=K to the aggregator (e.g. mtl.upgrad(num_tasks=K)) to log them."
+        )
     if set(logs) == {GLOBAL}:
         return logs[GLOBAL]
     return dict(logs)
@@ -742,18 +850,22 @@ def _unwrap_groups(logs: dict[str, jax.Array]) -> jax.Array | dict[str, jax.Arra
 def last_weights(state: PyTree) -> jax.Array | dict[str, jax.Array] | None:
     """The weights ``w[K]`` of the last step of the (first) aggregator inside an optax state.
 
-    Returns an array for ``granularity="global"``, a ``{group: w}`` dict otherwise, and ``None``
-    before the first step (when ``num_tasks`` was not given) or if the state holds no
-    Gram-space aggregator.
+    Returns an array for ``granularity="global"``, a ``{group: w}`` dict otherwise (zeros before
+    the first step), and ``None`` if the state holds no aggregator that logs weights (GradDrop,
+    a plain optimizer).
+
+    Raises:
+      ValueError: if the aggregator was built without ``num_tasks`` (and K could not be inferred
+        from a per-task vector): its state has no room for the weights.
     """
     states = _find_states(state)
-    return _unwrap_groups(states[0].weights) if states else None
+    return _unwrap_groups(states[0].weights, "weights") if states else None
 
 
 def last_gram(state: PyTree) -> jax.Array | dict[str, jax.Array] | None:
     """The Gram matrices ``G[K, K]`` of the last step, like :func:`last_weights`."""
     states = _find_states(state)
-    return _unwrap_groups(states[0].gram) if states else None
+    return _unwrap_groups(states[0].gram, "Gram matrices") if states else None
 
 
 AGGREGATORS: dict[str, Callable[..., Transform]] = {

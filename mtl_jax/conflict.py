@@ -14,7 +14,8 @@ Gram computations), and everything is pure and jit-able.
   ``2 |g_i| |g_j| / (|g_i|^2 + |g_j|^2)``.
 * :class:`ConflictTracker`: a pure ``init`` / ``update`` tracker (its state is a pytree, so it lives
   inside a jitted train step) that accumulates, per parameter group, the number of (step, pair)
-  events with ``cos < S`` -- Recon's S-conflict score -- and the conflict incidence over time.
+  events with ``cos < S`` -- Recon's S-conflict score -- the conflict incidence over time, and
+  per task pair the sum of cosines (the pair's mean cosine over training) and a histogram.
 
 With K = 1 there are no pairs: the cosine vector is empty and the incidence is 0.
 """
@@ -41,6 +42,7 @@ __all__ = [
     "cosine_histogram",
     "magnitude_similarity",
     "mean_pairwise_cosine",
+    "pair_bin_one_hot",
     "pair_indices",
     "pairwise_cosines",
 ]
@@ -81,6 +83,12 @@ def cosine_histogram(cos: jax.Array, edges: Sequence[float] = RECON_BINS) -> jax
     Bin b holds ``edges[b + 1] <= x < edges[b]``; the top bin also holds ``x = edges[0]``, so
     every value in ``[edges[-1], edges[0]]`` is counted exactly once.
     """
+    return jnp.sum(pair_bin_one_hot(cos, edges), axis=0, dtype=jnp.int32)
+
+
+def pair_bin_one_hot(cos: jax.Array, edges: Sequence[float] = RECON_BINS) -> jax.Array:
+    """``int32[len(cos), nbins]``: row p is the one-hot bin of ``cos[p]`` (bins of
+    :func:`cosine_histogram`, first bin = highest cosines)."""
     desc = np.asarray(edges, dtype=np.float64)
     if desc.ndim != 1 or desc.shape[0] < 2 or np.any(np.diff(desc) >= 0):
         raise ValueError(
@@ -90,8 +98,7 @@ def cosine_histogram(cos: jax.Array, edges: Sequence[float] = RECON_BINS) -> jax
     nbins = desc.shape[0] - 1
     # ascending bin index a holds asc[a] <= x < asc[a+1]; the last also holds x == asc[-1]
     a = jnp.clip(jnp.searchsorted(asc, cos, side="right") - 1, 0, nbins - 1)
-    counts = jnp.zeros(nbins, jnp.int32).at[a].add(1)
-    return counts[::-1]
+    return jax.nn.one_hot(nbins - 1 - a, nbins, dtype=jnp.int32)
 
 
 def magnitude_similarity(gram: jax.Array) -> jax.Array:
@@ -112,6 +119,13 @@ class ConflictState(NamedTuple):
       histogram: cumulative counts per cosine bin, ``int32[len(edges) - 1]``.
       last_incidence: p% of the last step.
       last_mean_cos: mean pairwise cosine of the last step.
+      pair_cos_sum: per pair ``i < j`` (order of :func:`pair_indices`), the sum over steps of
+        ``cos(g_i, g_j)``, ``float[C(K, 2)]``; divided by ``steps`` it is the pair's mean cosine
+        over training (:meth:`ConflictTracker.mean_pair_cosines`).
+      pair_histogram: per pair, cumulative counts per cosine bin, ``int32[C(K, 2), nbins]``
+        (row p sums to ``steps``); summed over pairs it is ``histogram``. With one task (no
+        pairs) both per-pair fields are empty dicts (checkpointers refuse zero-size arrays).
+        Kept for ``"global"`` only unless the tracker's ``pair_groups`` is ``"all"``.
     """
 
     steps: jax.Array
@@ -120,6 +134,8 @@ class ConflictState(NamedTuple):
     histogram: dict[str, jax.Array]
     last_incidence: dict[str, jax.Array]
     last_mean_cos: dict[str, jax.Array]
+    pair_cos_sum: dict[str, jax.Array]
+    pair_histogram: dict[str, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +158,9 @@ class ConflictTracker:
       threshold: the conflict threshold of the incidence p% (0: the sparse-training paper).
       edges: histogram bin edges, descending (default: Recon's bins).
       num_tasks: K (the number of pairs is C(K, 2)).
+      pair_groups: where the per-pair statistics (``pair_cos_sum``, ``pair_histogram``) are
+        kept: ``"global"`` (default; C(K, 2) values, small logs) or ``"all"`` (every group too;
+        C(K, 2) x groups, e.g. 780 pairs x 42 groups x 5 bins for 40 tasks on ResNet-18).
     """
 
     num_tasks: int
@@ -149,10 +168,16 @@ class ConflictTracker:
     severity: float = 0.0
     threshold: float = 0.0
     edges: tuple[float, ...] = RECON_BINS
+    pair_groups: str = "global"
 
     def __post_init__(self) -> None:
         if self.num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1; got {self.num_tasks}.")
+        if self.pair_groups not in ("global", "all"):
+            raise ValueError(
+                f"pair_groups must be 'global' (per-pair statistics of the whole parameter set "
+                f"only) or 'all' (also per group); got {self.pair_groups!r}."
+            )
         if not -1.0 < self.severity <= 0.0:
             raise ValueError(f"Recon's severity S must be in (-1, 0]; got {self.severity}.")
 
@@ -166,6 +191,7 @@ class ConflictTracker:
 
     def init(self, params: PyTree) -> ConflictState:
         groups = self.groups(params)
+        paired = (groups if self.pair_groups == "all" else [GLOBAL]) if self.num_pairs else []
         zeros = {g: jnp.zeros((), jnp.int32) for g in groups}
         nbins = len(self.edges) - 1
         dtype = jnp.zeros(()).dtype
@@ -176,6 +202,9 @@ class ConflictTracker:
             histogram={g: jnp.zeros((nbins,), jnp.int32) for g in groups},
             last_incidence={g: jnp.zeros((), dtype) for g in groups},
             last_mean_cos={g: jnp.zeros((), dtype) for g in groups},
+            # no pairs (K = 1): empty dicts, since checkpointers refuse zero-size arrays
+            pair_cos_sum={g: jnp.zeros((self.num_pairs,), dtype) for g in paired},
+            pair_histogram={g: jnp.zeros((self.num_pairs, nbins), jnp.int32) for g in paired},
         )
 
     def grams(self, jac: PyTree) -> dict[str, jax.Array]:
@@ -197,7 +226,7 @@ class ConflictTracker:
         missing = set(state.severe) - set(grams)
         if missing:
             raise ValueError(f"Gram matrices missing for tracked groups {sorted(missing)}.")
-        severe, conflicts, hist, inc, mean_cos = {}, {}, {}, {}, {}
+        severe, conflicts, hist, inc, mean_cos, pair_sum, pair_hist = ({} for _ in range(7))
         for group in state.severe:
             G = grams[group]
             if G.shape != (self.num_tasks, self.num_tasks):
@@ -215,7 +244,14 @@ class ConflictTracker:
                 state.last_incidence[group].dtype
             )
             mean_cos[group] = mean_pairwise_cosine(G).astype(state.last_mean_cos[group].dtype)
-        return ConflictState(state.steps + 1, severe, conflicts, hist, inc, mean_cos)
+            if group in state.pair_cos_sum:
+                pair_sum[group] = state.pair_cos_sum[group] + cos.astype(
+                    state.pair_cos_sum[group].dtype
+                )
+                pair_hist[group] = state.pair_histogram[group] + pair_bin_one_hot(cos, self.edges)
+        return ConflictState(
+            state.steps + 1, severe, conflicts, hist, inc, mean_cos, pair_sum, pair_hist
+        )
 
     def mean_incidence(self, state: ConflictState) -> dict[str, jax.Array]:
         """Mean p% over the tracked steps, per group (0 before any step or when K = 1)."""
@@ -224,6 +260,12 @@ class ConflictTracker:
             g: jnp.where(denom > 0, 100.0 * c / jnp.maximum(denom, 1), 0.0)
             for g, c in state.conflicts.items()
         }
+
+    def mean_pair_cosines(self, state: ConflictState) -> dict[str, jax.Array]:
+        """Mean cosine over the tracked steps per pair ``i < j``: ``{group: [C(K, 2)]}`` (0 before
+        any step; ``{}`` with one task)."""
+        steps = jnp.maximum(state.steps, 1)
+        return {g: s / steps.astype(s.dtype) for g, s in state.pair_cos_sum.items()}
 
     def s_scores(self, state: ConflictState) -> dict[str, int]:
         """Recon's S-conflict score per group (host-side ints), excluding ``"global"``."""

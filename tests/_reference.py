@@ -95,6 +95,49 @@ def cagrad_ref(J: np.ndarray, c: float) -> np.ndarray:
     return g0 + (s / norm * gw if norm > 0 else 0.0)
 
 
+def cagrad_primal_ref(J: np.ndarray, c: float) -> tuple[np.ndarray, float]:
+    """Liu et al. 2021, eq. 3 (the primal): ``max_d min_i g_i . d`` s.t. ``|d - g0| <= c |g0|``.
+
+    Solved by SLSQP on ``(d, t)``: maximise ``t`` s.t. ``J d >= t`` and the ball, from ``d = g0``
+    and (when ``c >= 1``) from ``d = 0``. Returns ``(d, optimal value)``; the value is unique even
+    where ``d`` is not (a Pareto-stationary point with ``c >= 1``: every feasible ``d`` in the
+    dual cone is optimal, value 0).
+    """
+    g0 = J.mean(axis=0)
+    r2 = (c * np.linalg.norm(g0)) ** 2
+    scale = float(np.max(np.abs(J))) or 1.0  # an all-zero J: any d is optimal, value 0
+    Js, g0s, r2s = J / scale, g0 / scale, r2 / scale**2
+
+    constraints = [
+        {
+            "type": "ineq",
+            "fun": lambda z: Js @ z[:-1] - z[-1],
+            "jac": lambda z: np.hstack([Js, -np.ones((Js.shape[0], 1))]),
+        },
+        {
+            "type": "ineq",
+            "fun": lambda z: r2s - np.sum((z[:-1] - g0s) ** 2),
+            "jac": lambda z: np.append(-2.0 * (z[:-1] - g0s), 0.0),
+        },
+    ]
+    starts = [g0s] + ([np.zeros_like(g0s)] if c >= 1 else [])
+    best = None
+    for d0 in starts:
+        z0 = np.append(d0, np.min(Js @ d0) if len(Js) else 0.0)
+        res = minimize(
+            lambda z: -z[-1],
+            z0,
+            jac=lambda z: np.append(np.zeros(len(z) - 1), -1.0),
+            constraints=constraints,
+            method="SLSQP",
+            options={"ftol": 1e-15, "maxiter": 2000},
+        )
+        value = float(np.min(Js @ res.x[:-1]))
+        if best is None or value > best[1]:
+            best = (res.x[:-1], value)
+    return best[0] * scale, best[1] * scale**2
+
+
 def imtl_g_ref(J: np.ndarray) -> np.ndarray:
     """Liu et al. 2021 (IMTL), Sec. 3.2 closed form: a_{2:K} = g_1 U^T (D U^T)^{-1}."""
     u = J / np.linalg.norm(J, axis=1, keepdims=True)
@@ -195,6 +238,21 @@ def fairgrad_ref(J: np.ndarray, alpha: float) -> np.ndarray:
         max_nfev=20000,
     )
     return J.T @ res.x
+
+
+def aligned_mtl_weights_ref(G: np.ndarray, pref=None) -> np.ndarray:
+    """Senushkin et al. 2023, Alg. 1 in weight space (``scale_mode="min"``): with
+    ``G = V diag(lam) V^T`` (NumPy eigh), ``w = sqrt(lam_min) V_r diag(lam_r^-1/2) V_r^T p`` over
+    the kept eigenvalues (rank tolerance ``max(lam) K eps``, official); ``J^T w`` is then
+    ``sqrt(lam_min) U V^T p`` of :func:`aligned_mtl_ref`."""
+    k = G.shape[0]
+    pref = np.ones(k) if pref is None else pref
+    lam, V = np.linalg.eigh(G)
+    kept = lam > lam.max() * k * np.finfo(float).eps
+    if not np.any(kept):
+        return pref.astype(float)
+    Vr, lr = V[:, kept], lam[kept]
+    return np.sqrt(lr.min()) * Vr @ ((Vr.T @ pref) / np.sqrt(lr))
 
 
 def aligned_mtl_ref(J: np.ndarray, scale_mode: str = "min", pref=None) -> np.ndarray:

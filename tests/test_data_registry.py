@@ -7,6 +7,8 @@ from experiments.data import DATASETS, default_dataset_config, make_dataset
 
 EXPECTED = {
     "multi_digits",
+    "digit_transforms",
+    "arrays",
     "multi_mnist",
     "multi_fashion",
     "multi_fashion_mnist",
@@ -67,6 +69,13 @@ def test_partial_configs_take_the_defaults():
     assert (len(data.train), len(data.test)) == (64, 32)
     config = ml_collections.ConfigDict({"name": "multi_digits", "max_train_examples": 10})
     assert len(make_dataset(config).train) == 10
+
+
+def test_digit_transforms_tasks_are_a_config_key():
+    config = default_dataset_config("digit_transforms")
+    assert config.tasks == ("digit", "rotation", "thickness")
+    config.update(tasks=("digit", "flip", "scale"), num_train=20, num_test=10)
+    assert make_dataset(config).task_names == ("digit", "flip", "scale")
 
 
 def test_a_config_that_is_not_a_mapping_is_a_type_error():

@@ -108,7 +108,7 @@ def test_nnx_jacobian_and_pcgrad_step():
         )
 
     # by_module groups NNX paths ('trunk1/kernel/value' -> 'trunk1')
-    tx = optax.chain(mtl.pcgrad(granularity=mtl.by_module), optax.adam(1e-2))
+    tx = optax.chain(mtl.pcgrad(granularity=mtl.by_module, num_tasks=2), optax.adam(1e-2))
     opt_state = tx.init(state)
     updates, opt_state = tx.update(jac, opt_state, state)
     assert set(mtl.last_weights(opt_state)) == {"trunk1", "trunk2", "head_a", "head_b"}

@@ -9,26 +9,36 @@ amplified by the conditioning of the passive Gram block (<= ~2e-5 relative on th
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
 import mtl_jax as mtl
 from tests import _matrices as M
 from tests import _properties as P
+from tests import _reference as R
 
 KS = (2, 40)  # the float32 shapes every property test shares (K = 1 is tested on its own)
 FAMILIES = ("normal", "conflicting", "rank_deficient")
 
 # name -> {property: setting}. Non-conflicting modes: "always"; "k2" (two tasks only);
 # "solvable" (when some direction improves every task: the bargaining methods' system has no
-# solution otherwise); "independent" (linearly independent gradients).
+# solution otherwise); "independent" (linearly independent gradients); "feasible" (CAGrad: when a
+# non-conflicting direction lies in the ball |d - g0| <= c |g0|, i.e. when the projection of g0
+# onto the dual cone does, the update does not conflict).
+CAGRAD_C = {"cagrad": 0.5, "cagrad_1": 1.0, "cagrad_2": 2.0}
+# A Pareto-stationary point (the origin inside the hull of the gradients): d = 0 is optimal for
+# c >= 1 (issue 11's peer-suite case).
+STATIONARY = np.array([[2.0, 1.0], [-1.0, 0.5], [-1.0, -1.0]])
 CLAIMS: dict[str, dict] = {
     "mean": dict(permutation=1e-6, homogeneous=(1.0, 1e-6), linear=1e-5, mean_when_agree=1e-6),
     "sum": dict(permutation=1e-6, homogeneous=(1.0, 1e-6), linear=1e-5),
     "linear": dict(homogeneous=(1.0, 1e-6), linear=1e-5),
     "pcgrad": dict(non_conflicting=("k2", 1e-5), homogeneous=(1.0, 5e-5), sum_when_agree=1e-5),
     "mgda": dict(non_conflicting=("always", 1e-5), permutation=2e-5, homogeneous=(1.0, 5e-5)),
-    "cagrad": dict(permutation=2e-5, homogeneous=(1.0, 5e-5)),
+    "cagrad": dict(non_conflicting=("feasible", 1e-5), permutation=2e-5, homogeneous=(1.0, 5e-5)),
+    "cagrad_1": dict(non_conflicting=("feasible", 1e-5), permutation=2e-5, homogeneous=(1.0, 5e-5)),
+    "cagrad_2": dict(non_conflicting=("feasible", 1e-5), permutation=2e-5, homogeneous=(1.0, 5e-5)),
     "imtl_g": dict(permutation=2e-5, homogeneous=(1.0, 5e-5)),
     "graddrop": dict(homogeneous=(1.0, 1e-5)),
     "gradvac": dict(homogeneous=(1.0, 5e-5), sum_when_agree=1e-5),
@@ -102,19 +112,44 @@ def test_finite_on_degenerate_input(name):
 def test_non_conflicting(name):
     mode, rtol = CLAIMS[name]["non_conflicting"]
     checked = 0
-    for k in KS:
+    stationary = np.pad(STATIONARY, ((0, 0), (0, M.P - 2)))
+    samples = [(k, kind) for k in KS for kind in M.KINDS] + [(3, "stationary")]
+    for k, kind in samples:
         if mode == "k2" and k != 2:
             continue
-        for kind in M.KINDS:
-            for scale in M.SCALES:
-                J = scale * M.sample(kind, k)
-                if mode == "solvable" and not P.has_common_ascent(J):
-                    continue
-                if mode == "independent" and np.linalg.matrix_rank(J) < k:
-                    continue
-                P.assert_non_conflicting(name, J, rtol, f"K={k} {kind} x{scale:g}")
-                checked += 1
+        for scale in M.SCALES:
+            J = scale * (stationary if kind == "stationary" else M.sample(kind, k))
+            if mode == "solvable" and not P.has_common_ascent(J):
+                continue
+            if mode == "independent" and np.linalg.matrix_rank(J) < k:
+                continue
+            if mode == "feasible" and not _cagrad_can_avoid_conflict(J, CAGRAD_C[name]):
+                continue
+            P.assert_non_conflicting(name, J, rtol, f"K={k} {kind} x{scale:g}")
+            checked += 1
     assert checked >= 6
+
+
+def _cagrad_can_avoid_conflict(J: np.ndarray, c: float) -> bool:
+    """Some ``d`` with ``J d >= 0`` lies in ``|d - g0| <= c |g0|`` (NNLS projection of g0)."""
+    g0 = J.mean(axis=0)
+    nearest = R.dualproj_ref(J)  # the point of the dual cone nearest to g0
+    return bool(np.linalg.norm(nearest - g0) <= c * np.linalg.norm(g0) * (1 - 1e-6))
+
+
+def test_cagrad_is_not_conflicting_at_a_pareto_stationary_point():
+    """Issue 11: J = [[2, 1], [-1, 0.5], [-1, -1]], c in {1, 2}: d = 0 is feasible and optimal;
+    the update was (0, -0.167) (J d = (-0.168, -0.084, 0.168)) with weights ~1e6."""
+    for name in ("cagrad_1", "cagrad_2"):
+        for dtype in (np.float32, np.float64):
+            with jax.enable_x64(dtype == np.float64):
+                J = np.pad(STATIONARY, ((0, 0), (0, M.P - 2)))
+                d, state = P.run(name, J, dtype=dtype)
+                w = np.asarray(mtl.last_weights(state))
+            tol = 1e-5 if dtype == np.float32 else 1e-12
+            assert np.linalg.norm(d) <= tol * 3, (name, dtype, d[:2])
+            assert np.min(J @ d) >= -tol * 5, (name, dtype, J @ d)
+            assert np.max(np.abs(w)) < 10, (name, dtype, w)
 
 
 @pytest.mark.parametrize("name", claiming("permutation"))
@@ -190,6 +225,8 @@ def test_reproducible_for_a_seed(name):
 # Single task: the update is a positive multiple of the gradient (which one is documented).
 SINGLE_TASK_FACTOR = {
     "cagrad": lambda g: 1.5,  # g0 + c |g0| g0 / |g0|
+    "cagrad_1": lambda g: 2.0,
+    "cagrad_2": lambda g: 3.0,
     "nash_mtl": lambda g: 1.0 / np.linalg.norm(g),  # g / |g| (norm sqrt(K) = 1, not clipped)
     "nash_mtl_unclipped": lambda g: 1.0 / np.linalg.norm(g),
     "fairgrad": lambda g: 1.0 / np.linalg.norm(g),  # w = 1/|g|

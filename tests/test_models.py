@@ -68,7 +68,7 @@ def _targets(tasks, batch, hw, seed=0):
 
 
 def test_registry_and_default_configs():
-    assert set(MODELS) == {"mlp", "lenet", "resnet18", "small_cnn", "segnet"}
+    assert set(MODELS) == {"mlp", "lenet", "resnet18", "small_cnn", "small_resnet", "segnet"}
     for name, entry in MODELS.items():
         cfg = default_model_config(name)
         assert cfg.name == name
@@ -233,6 +233,7 @@ GRAD_CASES = [
     ("lenet", {}, DIGITS, (16, 16, 1)),
     ("resnet18", {"width": 4, "stage_sizes": (1, 1, 1, 1), "feature_dim": 16}, DIGITS, (36, 36, 1)),
     ("small_cnn", SMALL_CNN, PLANTS, SMALL_SHAPE),
+    ("small_resnet", {"widths": (2, 4, 4), "feature_dim": 8}, DIGITS, (8, 8, 1)),
     ("segnet", {"filters": (4, 8)}, NYU, (16, 16, 3)),
 ]
 
@@ -264,7 +265,7 @@ def test_forward_and_mtl_value_and_grad(name, overrides, tasks, shape):
     assert set(head_grads) == {t.name for t in tasks}
     assert jax.tree.leaves(rep_grads)[0].shape[0] == k
     has_bn = "batch_stats" in state["encoder"]
-    assert has_bn == (name in ("resnet18", "small_cnn", "segnet"))
+    assert has_bn == (name in ("resnet18", "small_cnn", "small_resnet", "segnet"))
     if has_bn:
         assert jax.tree.structure(enc_state) == jax.tree.structure(state["encoder"])
         changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), enc_state, state["encoder"])
@@ -294,3 +295,108 @@ def test_jacobian_rows_are_per_task_gradients_through_batchnorm():
     jax.tree.map(close, enc_jac, jac["encoder"])
     for i, t in enumerate(DIGITS):
         jax.tree.map(lambda g, j, i=i: close(g, j[i]), head_grads[t.name], jac["heads"][t.name])
+
+
+# --------------------------------------------------------------------------- small_resnet
+
+TRANSFORMS = (
+    TaskSpec("digit", "classification", 10),
+    TaskSpec("rotation", "classification", 4),
+    TaskSpec("thickness", "classification", 3),
+)
+TINY_RESNET = {"widths": (2, 4, 4), "feature_dim": 8}
+
+
+def test_small_resnet_blocks_and_recon_layers():
+    model = make_model(default_model_config("small_resnet"), TRANSFORMS, (16, 16, 1))
+    params, state = model.split(_abstract_init(model, (16, 16, 1)))
+    assert set(params["encoder"]) == {"stem", "block1", "block2", "block3", "neck"}
+    groups = mtl.group_names({"params": params["encoder"]}, mtl.by_module)
+    # stem conv + bn; block1 2 convs + 2 BNs; block2/3 also a downsample conv + BN; neck fc
+    assert len(groups) == 19
+    assert sum(g.endswith(("bn", "bn1", "bn2", "downsample_1")) for g in groups) == 9
+    assert set(state["encoder"]) == {"batch_stats"}
+    # widths 8/16/32, 3x3 convs without bias, 1x1 downsample
+    enc = params["encoder"]
+    assert enc["stem"]["conv"]["kernel"].shape == (3, 3, 1, 8)
+    assert enc["block3"]["conv2"]["kernel"].shape == (3, 3, 32, 32)
+    assert enc["block3"]["downsample_0"]["kernel"].shape == (1, 1, 16, 32)
+    assert enc["neck"]["fc"]["kernel"].shape == (32, 32)
+    assert _num_params(params["heads"]["rotation"]) == 32 * 4 + 4
+
+
+def test_small_resnet_encoder_blocks_chain_to_the_encoder():
+    from experiments.models.small_resnet import BLOCK_NAMES, encoder_blocks
+
+    config = _config("small_resnet", **TINY_RESNET)
+    model = make_model(config, TRANSFORMS, (8, 8, 1))
+    variables = _init(model, (8, 8, 1), seed=2)["encoder"]
+    blocks = encoder_blocks(config, (8, 8, 1))
+    assert [b.name for b in blocks] == list(BLOCK_NAMES)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8, 8, 1)), jnp.float32)
+    y = x
+    for block in blocks:  # each block applied with its own slice of the encoder's variables
+        own = {k: v[block.name] for k, v in variables.items() if block.name in v}
+        y = block.apply(own, y, train=False)
+    np.testing.assert_allclose(y, model.encoder.apply(variables, x, train=False), rtol=1e-6)
+    assert y.shape == (3, 8)
+
+
+def test_small_resnet_bad_configs():
+    with pytest.raises(ValueError, match="widths must be three"):
+        make_model(_config("small_resnet", widths=(4, 8)), TRANSFORMS, (16, 16, 1))
+    with pytest.raises(ValueError, match="strides must be three values"):
+        make_model(_config("small_resnet", strides=(1, 3, 2)), TRANSFORMS, (16, 16, 1))
+    with pytest.raises(ValueError, match="too small for 3 stride-2 blocks"):
+        make_model(_config("small_resnet", strides=(2, 2, 2)), TRANSFORMS, (4, 4, 1))
+
+
+def test_small_resnet_nnx_matches_linen():
+    """Same module names and shapes; with the Linen weights copied in, the same predictions in
+    eval mode (running statistics) and train mode (batch statistics)."""
+    from flax import nnx
+
+    from experiments.models.small_resnet import make_nnx_model
+
+    config = _config("small_resnet", **TINY_RESNET)
+    shape = (8, 8, 1)
+    linen = make_model(config, TRANSFORMS, shape)
+    variables = _init(linen, shape, seed=4)
+    x = jnp.asarray(np.random.default_rng(1).normal(1.0, 1.0, (4, *shape)), jnp.float32)
+    _, variables = linen.apply(variables, x, train=True)  # non-trivial running statistics
+    params, state = linen.split(variables)
+
+    model = make_nnx_model(config, TRANSFORMS, shape, seed=0)
+    nnx_params = nnx.state(model, nnx.Param)
+    linen_groups = mtl.group_names({"params": params["encoder"]}, mtl.by_module)
+    nnx_groups = mtl.group_names(nnx_params["encoder"], mtl.by_module)
+    assert sorted(g.removeprefix("params/") for g in linen_groups) == sorted(nnx_groups)
+    assert _num_params(nnx_params) == _num_params(params)
+    assert [type(b).__name__ for b in model.encoder.blocks] == [
+        "NNXStem",
+        *["NNXBasicBlock"] * 3,
+        "NNXNeck",
+    ]
+
+    pure = nnx.to_pure_dict(nnx.state(model))
+    enc_stats = state["encoder"]["batch_stats"]
+
+    def fill(tree, linen_params, stats):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                fill(value, linen_params.get(key, {}), stats.get(key, {}) if stats else {})
+            elif key in linen_params:
+                tree[key] = linen_params[key]
+            else:
+                tree[key] = stats[key]
+
+    fill(pure["encoder"], params["encoder"], enc_stats)
+    for name in pure["heads"]:
+        fill(pure["heads"][name], params["heads"][name], {})
+    nnx.update(model, pure)
+    for train in (False, True):
+        model.train() if train else model.eval()
+        got = model(x)
+        want, _ = linen.apply(variables, x, train=train)
+        for t in TRANSFORMS:
+            np.testing.assert_allclose(got[t.name], want[t.name], rtol=1e-5, atol=1e-5)

@@ -22,7 +22,15 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from experiments.data import arrays, celeb_a, dense, multi_digits, multi_mnist, plant_leaves
+from experiments.data import (
+    arrays,
+    celeb_a,
+    dense,
+    digit_transforms,
+    multi_digits,
+    multi_mnist,
+    plant_leaves,
+)
 from experiments.data.core import MultiTaskData
 
 __all__ = [
@@ -54,6 +62,12 @@ DATASETS: dict[str, DatasetEntry] = {
         multi_digits.build,
         multi_digits.DEFAULTS,
         "embedded, no download: two scikit-learn 8x8 digits on a 12x12 canvas; tasks left/right",
+    ),
+    "digit_transforms": DatasetEntry(
+        digit_transforms.build,
+        digit_transforms.DEFAULTS,
+        "embedded, no download: one scikit-learn digit, transformed; tasks digit + how it was "
+        "transformed (rotation, flip, thickness, scale), which compete",
     ),
     **{
         variant: DatasetEntry(

@@ -9,16 +9,17 @@ that model's hyper-parameters (``default_model_config(name)`` lists them with th
     variables = model.init(jax.random.PRNGKey(0), (36, 36, 1))
     params, state = model.split(variables)
 
-==============  ==========================================================  ======================
-name            architecture (source)                                       task kinds
-==============  ==========================================================  ======================
-``mlp``         flatten -> shared MLP -> per-task MLP heads (CPU default)   classification
-``lenet``       Sener & Koltun's MultiLeNet (Multi-MNIST)                   classification
-``resnet18``    Recon's ResNet-18 + fc 512->100 + ReLU, heads 100->10       classification
-``small_cnn``   small BatchNorm CNN (plant_leaves)                          classification
-``segnet``      MTAN's SegNet encoder-decoder, per-pixel heads (NYUv2)      segmentation, depth,
-                                                                            normals
-==============  ==========================================================  ======================
+================  ==========================================================  ======================
+name              architecture (source)                                       task kinds
+================  ==========================================================  ======================
+``mlp``           flatten -> shared MLP -> per-task MLP heads (CPU default)   classification
+``lenet``         Sener & Koltun's MultiLeNet (Multi-MNIST)                   classification
+``resnet18``      Recon's ResNet-18 + fc 512->100 + ReLU, heads 100->10       classification
+``small_cnn``     small BatchNorm CNN (plant_leaves)                          classification
+``small_resnet``  residual BN CNN, 5 named blocks, 19 modules (CPU ResNet)  classification
+``segnet``        MTAN's SegNet encoder-decoder, per-pixel heads (NYUv2)      segmentation, depth,
+                                                                              normals
+================  ==========================================================  ======================
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 
 import ml_collections
 
-from experiments.models import lenet, mlp, resnet, segnet, small_cnn
+from experiments.models import lenet, mlp, resnet, segnet, small_cnn, small_resnet
 from experiments.models.base import ClassifierHead, DenseHead, MultiTaskModel
 from experiments.tasks import TaskSpec
 
@@ -64,6 +65,12 @@ MODELS: dict[str, ModelEntry] = {
     ),
     "small_cnn": ModelEntry(
         small_cnn.DEFAULTS, small_cnn.TASK_KINDS, small_cnn.build, "small BN CNN (plant_leaves)"
+    ),
+    "small_resnet": ModelEntry(
+        small_resnet.DEFAULTS,
+        small_resnet.TASK_KINDS,
+        small_resnet.build,
+        "small residual BN CNN, 5 named blocks (CPU stand-in for ResNet-18)",
     ),
     "segnet": ModelEntry(
         segnet.DEFAULTS, segnet.TASK_KINDS, segnet.build, "MTAN's SegNet (dense tasks)"
@@ -125,7 +132,8 @@ def make_model(
                 + (
                     "Use 'segnet' for dense tasks."
                     if t.kind != "classification"
-                    else "Use 'mlp', 'lenet', 'resnet18' or 'small_cnn' for classification."
+                    else "Use 'mlp', 'lenet', 'resnet18', 'small_cnn' or 'small_resnet' for "
+                    "classification."
                 )
             )
     shape = tuple(int(d) for d in input_shape)

@@ -1,13 +1,23 @@
 """``compare``: every method of ``config.methods`` on every seed (+ single-task references).
 
-One phase per run (``<method>__seed<s>``); the report is the base comparison table and plots.
-It owns no config section: ``methods``, ``method_kwargs`` and ``single_task`` are base keys.
+One phase per run (``<method>__seed<s>``); the report is the base comparison table and plots,
+and, with two or more tasks, the conflict summary (:mod:`experiments.conflict_summary`):
+``conflict_summary.json`` at the work dir's root (per method, seed and task pair the mean
+cosine over training and Recon's bin shares on the shared encoder; per module its S-conflict
+score and the ranking's stability across seeds; test metrics and Δm%), a pair x pair heat map
+and the per-module ranking. It owns no config section: ``methods``, ``method_kwargs`` and
+``single_task`` are base keys.
 """
 
 from __future__ import annotations
 
+import json
+import os
+
 import ml_collections
 
+from experiments import conflict_summary as summary_lib
+from experiments.logs import atomic_write_text
 from experiments.phases import Phase
 from experiments.studies.base import (
     Study,
@@ -40,9 +50,35 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_methods(config, config.methods)
 
 
+def report(records, tasks, config, workdir: str) -> str:
+    """The conflict summary section (and its JSON and plots); empty with a single task."""
+    if len(tasks) < 2:
+        return ""
+    summary = summary_lib.conflict_summary(records, tasks)
+    atomic_write_text(
+        os.path.join(workdir, "conflict_summary.json"),
+        json.dumps(summary, indent=2, allow_nan=True) + "\n",
+    )
+    text = summary_lib.conflict_summary_section(summary)
+    if config.report.plots:
+        plots = os.path.join(workdir, "plots")
+        os.makedirs(plots, exist_ok=True)
+        for name, plot in (
+            ("pair_cosines", summary_lib.plot_pair_heatmap),
+            ("module_ranking", summary_lib.plot_module_ranking),
+        ):
+            try:
+                plot(summary, os.path.join(plots, f"{name}.png"))
+            except ValueError:  # nothing to plot (e.g. no per-module scores)
+                continue
+            text += f"\n\n![{name}.png](plots/{name}.png)"
+    return text
+
+
 STUDY = Study(
     name="compare",
     description="every method of config.methods on every seed, plus single-task references",
     phases=phases,
     validate=validate,
+    report=report,
 )

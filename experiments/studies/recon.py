@@ -29,7 +29,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
@@ -37,6 +36,7 @@ import numpy as np
 
 from experiments import reports
 from experiments.config import check_keys
+from experiments.conflict_summary import mean_std, spearman
 from experiments.logs import atomic_write_text
 from experiments.phases import Artifacts, Phase
 from experiments.studies.base import (
@@ -189,22 +189,6 @@ def _shares(record: dict, num_pairs: int) -> tuple[float, float]:
     return below_s, below_severe
 
 
-def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    ra = np.argsort(np.argsort(a, kind="stable"), kind="stable").astype(float)
-    rb = np.argsort(np.argsort(b, kind="stable"), kind="stable").astype(float)
-    if np.std(ra) == 0 or np.std(rb) == 0:
-        return math.nan
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def _mean_std(values: Sequence[float]) -> dict[str, float]:
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    if not vals:
-        return {"mean": math.nan, "std": math.nan, "n": 0}
-    std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-    return {"mean": float(np.mean(vals)), "std": std, "n": len(vals)}
-
-
 def recon_summary(records, tasks, config, workdir: str) -> dict[str, Any]:
     """The content of ``recon_summary.json`` (see the module docstring)."""
     artifacts = Artifacts(workdir)
@@ -271,7 +255,7 @@ def recon_summary(records, tasks, config, workdir: str) -> dict[str, Any]:
             if not rows:
                 continue
             entry = {
-                key: _mean_std([r[key] for r in rows])
+                key: mean_std([r[key] for r in rows])
                 for key in (
                     "below_s",
                     "below_severe",
@@ -282,10 +266,10 @@ def recon_summary(records, tasks, config, workdir: str) -> dict[str, Any]:
                 )
             }
             if "delta_m" in rows[0]:
-                entry["delta_m"] = _mean_std([r["delta_m"] for r in rows])
+                entry["delta_m"] = mean_std([r["delta_m"] for r in rows])
             entry["test"] = {
                 t.name: {
-                    m: _mean_std([r["test"][t.name][m] for r in rows])
+                    m: mean_std([r["test"][t.name][m] for r in rows])
                     for m in reports.REPORTED_METRICS[t.kind]
                 }
                 for t in tasks
@@ -306,7 +290,7 @@ def recon_summary(records, tasks, config, workdir: str) -> dict[str, Any]:
     pairs = list(itertools.combinations(sorted(score_vectors), 2))
     names = list(next(iter(score_vectors.values()))) if score_vectors else []
     out["ranking_spearman"] = {
-        f"{a}-{b}": _spearman(
+        f"{a}-{b}": spearman(
             [score_vectors[a][n] for n in names], [score_vectors[b][n] for n in names]
         )
         for a, b in pairs
@@ -403,9 +387,9 @@ def report(records, tasks, config, workdir: str) -> str:
     ]
 
     def cell(entry: dict, digits: int = 2) -> str:
-        if entry["n"] == 0 or math.isnan(entry["mean"]):
+        if math.isnan(entry["mean"]):
             return "–"
-        if entry["n"] == 1:
+        if len(summary["seeds"]) == 1:
             return f"{entry['mean']:.{digits}f}"
         return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
 

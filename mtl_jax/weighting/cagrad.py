@@ -18,6 +18,10 @@ solved exactly by Wolfe's algorithm on a translated Gram matrix; the outer probl
 1-D problem whose optimality condition ``rho^2 = |g_w(rho)|^2`` is solved by the Illinois
 (safeguarded regula falsi) method, after geometric bisection while the ends are far apart, on the bracket ``(0, max_k |g_k|]``. All of it runs on G.
 
+At a Pareto-stationary point (the origin in the hull of the gradients, ``c >= 1``) the dual optimum
+has ``g_w = 0`` and the reconstruction above is undefined; :func:`cagrad_weights` then returns
+another primal optimum, the projection of ``g0`` onto the dual cone (see there).
+
 Departure from the official code (Cranial-XIX/CAGrad): it solves the dual with scipy's SLSQP on
 ``sqrt(w^T G w + 1e-8)`` on the host; this solver is exact up to the root-finding tolerance, runs
 under jit, and needs no smoothing.
@@ -32,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.weighting._minnorm import min_norm_weights
+from mtl_jax.weighting._qp import project_weights
 from mtl_jax.weighting.base import Weighting, diag_scale, stateless
 
 __all__ = ["cagrad_dual_weights", "cagrad_weighting", "cagrad_weights"]
@@ -97,18 +102,47 @@ def cagrad_dual_weights(gram: jax.Array, c: float, max_iter: int = 60) -> jax.Ar
     return jnp.where(start_done, w_lo, w)
 
 
+def _worst_improvement(G: jax.Array, w: jax.Array) -> jax.Array:
+    """``min_i g_i . d`` for ``d = J^T w``: CAGrad's primal objective, in Gram space."""
+    return jnp.min(G @ w)
+
+
 @functools.partial(jax.jit, static_argnames=("c", "rescale"))
 def cagrad_weights(gram: jax.Array, c: float = 0.5, rescale: bool = False) -> jax.Array:
-    """CAGrad's final weights: ``1/K + c |g0| w* / |g_w*|`` (divided by ``1 + c^2`` if rescale)."""
+    """CAGrad's final weights: ``1/K + c |g0| w* / |g_w*|`` (divided by ``1 + c^2`` if rescale).
+
+    The reconstruction divides by ``|g_w*|``, which is 0 when the origin is in the convex hull of
+    the task gradients (a Pareto-stationary point) and ``c >= 1``: the dual optimum is then 0 at
+    ``g_w* = 0``, and ``g_w* / |g_w*|`` is rounding noise (a conflicting update with weights of
+    ~1e6). The primal optimum is still well defined: ``max_d min_i g_i . d`` over the ball
+    ``|d - g0| <= c |g0|``. So the update is the better, by that objective, of two feasible
+    candidates: the dual reconstruction, and the projection of ``g0`` onto the dual cone
+    ``{d : J d >= 0}`` (DualProj's direction, :mod:`mtl_jax.weighting._qp`) when it lies in the
+    ball. The projection is the point of the cone nearest to ``g0``, so it is in the ball whenever
+    any non-conflicting direction is: the update never conflicts where a non-conflicting one is
+    feasible. Away from that degeneracy the reconstruction is optimal and is kept.
+    """
     num = gram.shape[0]
     dtype = gram.dtype
+    eps = float(jnp.finfo(dtype).eps)
     G = gram / diag_scale(gram)
     mean_w = jnp.full(num, 1.0 / num, dtype)
-    radius = c * jnp.sqrt(jnp.clip(mean_w @ G @ mean_w, 0.0))
+    g0_sq = jnp.clip(mean_w @ G @ mean_w, 0.0)
+    radius = c * jnp.sqrt(g0_sq)
     w = cagrad_dual_weights(gram, c)
     gw_norm = jnp.sqrt(jnp.clip(w @ G @ w, 0.0))
     ok = (gw_norm > 0) & (radius > 0)
     weights = mean_w + jnp.where(ok, radius / jnp.where(ok, gw_norm, 1.0), 0.0) * w
+    if c > 0:
+        projected = project_weights(G, mean_w)
+        step = projected - mean_w
+        distance_sq = jnp.clip(step @ G @ step, 0.0)
+        # Rounding of the quadratic forms in G: a few ulps of |step|^T |G| |step| and of g0_sq.
+        absG = jnp.abs(G)
+        slack = 16.0 * num * eps * (jnp.abs(step) @ absG @ jnp.abs(step) + mean_w @ absG @ mean_w)
+        inside = distance_sq <= radius * radius + slack
+        better = _worst_improvement(G, projected) > _worst_improvement(G, weights)
+        weights = jnp.where(inside & better, projected, weights)
     return weights / (1.0 + c * c) if rescale else weights
 
 
