@@ -1,6 +1,6 @@
 """Pytree helpers shared by the library: leaf paths, task-axis checks.
 
-A *task Jacobian* (DESIGN.md, "Data model") is a pytree shaped like the parameters whose every
+A *task Jacobian* (docs/design/DESIGN.md, "Data model") is a pytree shaped like the parameters whose every
 leaf has a leading task axis of size K: ``jac[leaf].shape == (K, *param[leaf].shape)``. The
 helpers here validate that contract and raise errors that name the offending leaves.
 """

@@ -2,7 +2,7 @@
 
 Every aggregator returns an ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
 task Jacobian (leaves ``[K, *param.shape]``) and returns a gradient pytree shaped like the
-parameters, so it chains in front of any optax optimizer (DESIGN.md section 3)::
+parameters, so it chains in front of any optax optimizer (docs/design/DESIGN.md section 3)::
 
   tx = optax.chain(mtl.pcgrad(seed=0), optax.adam(1e-3))
   state = tx.init(params)

@@ -1,6 +1,6 @@
 """Conflict metrics from Gram matrices: cosines, incidence p%, Recon histograms and S-scores.
 
-Two tasks conflict when ``cos(g_i, g_j) < 0`` (METHODS.md section 0). Everything here is computed
+Two tasks conflict when ``cos(g_i, g_j) < 0`` (docs/design/METHODS.md section 0). Everything here is computed
 from ``G = J J^T`` (global or per group, :mod:`mtl_jax.gramian`), so it costs O(K^2) on top of the
 Gram matrices an aggregator computes anyway (inside one jitted step XLA shares the identical
 Gram computations), and everything is pure and jit-able.

@@ -1,7 +1,7 @@
 """Gram space: ``G = J J^T`` of the task Jacobian, cosines, and parameter groupings.
 
 Almost every gradient-manipulation method returns ``d = sum_k w_k g_k`` with weights that depend
-on the task gradients only through the K x K Gram matrix (DESIGN.md section 2). The Jacobian is
+on the task gradients only through the K x K Gram matrix (docs/design/DESIGN.md section 2). The Jacobian is
 never flattened into one K x P matrix: :func:`leaf_gramians` computes one ``[K, K]`` block per
 leaf (``einsum('k...,l...->kl')``) and groups sum their leaves' blocks.
 

@@ -1,6 +1,6 @@
 """Per-task gradients: the task Jacobian in one forward pass and K batched backward passes.
 
-Two entry points (DESIGN.md section 1):
+Two entry points (docs/design/DESIGN.md section 1):
 
 * :func:`value_and_jacobian` differentiates a function returning a loss *vector* ``f32[K]``. It
   runs the forward pass once (``jax.vjp``) and maps the pullback over the K one-hot cotangents

@@ -2,7 +2,7 @@
 
 Lin et al., "Learning Language Specific Sub-network for Multilingual Machine Translation"
 (ACL 2021), as used for image tasks by Alison, Jonathan & Suhartono (CommIT 18(1), 2024;
-METHODS.md section 3). Checked against the official code (NLP-Playground/LaSS,
+docs/design/METHODS.md section 3). Checked against the official code (NLP-Playground/LaSS,
 ``toolbox/generate_mask.py``). The procedure:
 
 1. train the multi-task model;

@@ -1,4 +1,4 @@
-"""Recon: reducing conflicting gradients from the root (Shi et al., ICLR 2023; METHODS.md section 1).
+"""Recon: reducing conflicting gradients from the root (Shi et al., ICLR 2023; docs/design/METHODS.md section 1).
 
 Recon finds the shared layers whose task gradients conflict most often and gives each task its own
 copy of them. The pieces, each usable in a custom training loop:
@@ -144,7 +144,7 @@ def layer_scores(tracker: ConflictTracker, state: ConflictState) -> dict[str, in
     """Recon's S-conflict score per layer: the number of (step, pair) events with ``cos < S``.
 
     Summed over every step of the search run and all C(K, 2) task pairs -- the count, not a rate
-    (METHODS.md section 1, step 2). Host-side ints in the order of the parameters.
+    (docs/design/METHODS.md section 1, step 2). Host-side ints in the order of the parameters.
 
     Example::
 

@@ -1,4 +1,4 @@
-"""Per-task parameter views: shared, copied and masked parameters (DESIGN.md section 5).
+"""Per-task parameter views: shared, copied and masked parameters (docs/design/DESIGN.md section 5).
 
 A model is written once, as a pure ``apply(params, *args)``. A *sharing spec* is a pytree shaped
 like the parameters (or a prefix of them) whose leaves say, per parameter leaf:
@@ -37,7 +37,7 @@ that ``apply`` returns come out of the ``vmap`` with a task axis and are reduced
 * state leaves whose spec is :data:`COPIED` (per-task BatchNorm copies, made with
   :func:`copy_per_task` like any other copied leaf) keep their K rows: each task updates its own;
 * every other state leaf belongs to a shared layer and is reduced over the task axis with
-  ``state_reduction`` (default ``"mean"``, as DESIGN.md section 5 suggests). A shared layer
+  ``state_reduction`` (default ``"mean"``, as docs/design/DESIGN.md section 5 suggests). A shared layer
   *before* the branch sees identical rows and keeps its value exactly (no rounding from the
   mean); a shared BatchNorm *after* the branch gets the mean of the per-task running averages.
   Since each stream uses the same batch size, the mean of the per-task running means equals the
@@ -502,7 +502,7 @@ def copy_per_task(params: PyTree, spec: PyTree, num_tasks: int) -> PyTree:
     """Adds a leading task axis to the :data:`COPIED` leaves by repetition.
 
     Every copy starts from the shared value (Recon's paper initialises the task-specific copies
-    from the shared layer; METHODS.md section 1). Shared and masked leaves are returned as they
+    from the shared layer; docs/design/METHODS.md section 1). Shared and masked leaves are returned as they
     are. The result passes :func:`check_spec` with ``num_tasks``.
 
     Args:

@@ -1,7 +1,7 @@
 """Sparse training: fixed masks of trainable parameters and the mask transform.
 
 Sparse training (ST; Zhang et al., "Proactive Gradient Conflict Mitigation in Multi-Task
-Learning: A Sparse Training Perspective", arXiv 2411.18615; METHODS.md section 4) updates only a
+Learning: A Sparse Training Perspective", arXiv 2411.18615; docs/design/METHODS.md section 4) updates only a
 fixed subset of the shared encoder's parameters, ``theta <- theta - lr * M * d`` with ``d`` the
 combined (joint or gradient-manipulated) update. The mask is computed **once, before training**,
 from the parameter magnitudes and stays fixed; decoders and heads train densely.
@@ -305,7 +305,7 @@ def psn_k(
 
     The count of a PSN mask is ``sum over units of min(k, fan_in)``, so no mask is built. The
     paper's rule of thumb: about 30% trainable for pre-trained backbones, about 60% for randomly
-    initialised ones (METHODS.md section 4).
+    initialised ones (docs/design/METHODS.md section 4).
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"psn_k: fraction must be in (0, 1]; got {fraction}.")

@@ -155,9 +155,9 @@ def test_multitask_metrics():
 # MTAN-on-NYUv2 single-task (STL) row and joint / linear-scalarisation (LS) row as printed in the
 # CAGrad (NeurIPS 2021) and Nash-MTL (ICML 2022, Table 2) papers.
 # STL: AvivNavon/nash-mtl experiments/nyuv2/utils.py `BASE` ("base results from CAGrad"; the same
-#   array is in Cranial-XIX/FAMO); METHODS.md section 4 gives mIoU 38.30 / pixel acc 63.76.
+#   array is in Cranial-XIX/FAMO); docs/design/METHODS.md section 4 gives mIoU 38.30 / pixel acc 63.76.
 # LS: Nash-MTL Table 2 (39.29 65.33 0.5493 0.2263 28.15 23.96 22.09 47.50 61.08, Δm% 5.59); mIoU
-#   and pixel acc also in METHODS.md section 4; ST's "Joint" MTAN-NYUv2 Δm% is 5.59 too.
+#   and pixel acc also in docs/design/METHODS.md section 4; ST's "Joint" MTAN-NYUv2 Δm% is 5.59 too.
 NYU_STL = {
     "segmentation": {"miou": 38.30, "pixel_acc": 63.76},
     "depth": {"abs_err": 0.6754, "rel_err": 0.2780},

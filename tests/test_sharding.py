@@ -1,4 +1,4 @@
-"""Data-parallel steps on several virtual CPU devices give the single-device result (DESIGN.md s.7)."""
+"""Data-parallel steps on several virtual CPU devices give the single-device result (docs/design/DESIGN.md s.7)."""
 
 from __future__ import annotations
 

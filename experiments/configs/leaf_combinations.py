@@ -1,4 +1,4 @@
-"""PCGrad x Modulation x LaSS on plant_leaves (Alison et al. 2024, METHODS.md section 3).
+"""PCGrad x Modulation x LaSS on plant_leaves (Alison et al. 2024, docs/design/METHODS.md section 3).
 
     python -m experiments.run --config experiments/configs/leaf_combinations.py
 

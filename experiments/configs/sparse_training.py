@@ -1,4 +1,4 @@
-"""Sparse training (Zhang et al. 2024, METHODS.md section 4) on the embedded two-digit benchmark.
+"""Sparse training (Zhang et al. 2024, docs/design/METHODS.md section 4) on the embedded two-digit benchmark.
 
     python -m experiments.run --config experiments/configs/sparse_training.py
 

@@ -11,7 +11,7 @@ bottom-right item (10 classes each).
 * ``multi_fashion``: FashionMNIST + FashionMNIST.
 * ``multi_fashion_mnist`` (Multi-Fashion+MNIST): the left item is an MNIST digit and the right one
   a FashionMNIST item. The literature does not say which slot holds which data set; the reported
-  accuracies (about 98% vs 89%) suggest task 1 is MNIST (spec/METHODS.md).
+  accuracies (about 98% vs 89%) suggest task 1 is MNIST (docs/design/METHODS.md).
 
 Train composites pair items of the TFDS ``train`` splits and test composites items of the ``test``
 splits, so no test item is seen in training. Which items and shifts composite ``i`` uses is fixed

@@ -2,7 +2,7 @@
 
 From TFDS ``plant_leaves`` (v0.1.1; Chouhan et al. 2019, Mendeley hb74ynkjcn): one ``train``
 split of 4,502 6000x4000 RGB JPEGs with 22 labels, the TFDS label order of :data:`LABELS`
-(healthy 0..10, diseased 11..21; spec/METHODS.md). The two tasks of Alison et al. (CommIT 2024):
+(healthy 0..10, diseased 11..21; docs/design/METHODS.md). The two tasks of Alison et al. (CommIT 2024):
 
 * ``species``: the P-code of the plant, P0..P11 (12 classes). Bael (P4) has only diseased images,
   Basil (P8) only healthy ones.

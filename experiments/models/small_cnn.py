@@ -1,6 +1,6 @@
 """``small_cnn``: a small BatchNorm CNN with per-task heads, for plant_leaves (species + health).
 
-The CommIT paper's CNN (its depth, widths and input size) is not published (METHODS.md section 3,
+The CommIT paper's CNN (its depth, widths and input size) is not published (docs/design/METHODS.md section 3,
 UNVERIFIED), so this is our choice, kept small enough for CPU runs on 64-96 px images:
 
 * encoder: for each ``c`` in ``channels``: ``Conv3x3(c) -> BN -> ReLU -> MaxPool2`` (``block{i}``

@@ -1,4 +1,4 @@
-"""Small Flax modules the conflict-removal methods need (DESIGN.md section 5)."""
+"""Small Flax modules the conflict-removal methods need (docs/design/DESIGN.md section 5)."""
 
 from mtl_jax.modules.modulation import (
     PARAM_NAME,

@@ -2,7 +2,7 @@
 
 The modulation module of Zhao et al. ("A Modulation Module for Multi-task Learning with
 Applications in Image Retrieval", ECCV 2018), as combined with PCGrad and LaSS by Alison,
-Jonathan & Suhartono (CommIT 18(1), 2024; METHODS.md section 3): small task-specific tensors
+Jonathan & Suhartono (CommIT 18(1), 2024; docs/design/METHODS.md section 3): small task-specific tensors
 multiply the shared feature maps after chosen convolution blocks, so that task t's forward (and
 its gradient) flows through features gated by task t's parameters.
 

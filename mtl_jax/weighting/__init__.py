@@ -1,4 +1,4 @@
-"""Pure Gram-space solvers ``G[K, K] (+ state, key, losses) -> weights[K]`` (DESIGN.md section 2)."""
+"""Pure Gram-space solvers ``G[K, K] (+ state, key, losses) -> weights[K]`` (docs/design/DESIGN.md section 2)."""
 
 from mtl_jax.weighting._minnorm import min_norm_weights
 from mtl_jax.weighting._qp import project_weights
