@@ -6,14 +6,16 @@ conflict metrics (:mod:`mtl_jax.conflict`), the Gram-space weightings they are b
 (:mod:`mtl_jax.weighting`), loss-only methods (:mod:`mtl_jax.scalarize`), the
 representation-gradient (MGDA-UB) path (:mod:`mtl_jax.representation`), per-task parameter views
 (:mod:`mtl_jax.sharing`), sparse-training masks (:mod:`mtl_jax.sparse`), LaSS masks
-(:mod:`mtl_jax.lass`) and the modules they need (:mod:`mtl_jax.modules`).
+(:mod:`mtl_jax.lass`), CoNAL's architecture search (:mod:`mtl_jax.conal`) and the modules they
+need (:mod:`mtl_jax.modules`).
 """
 
-from mtl_jax import lass, modules, recon, sharing, sparse, weighting
+from mtl_jax import conal, lass, modules, recon, sharing, sparse, weighting
 from mtl_jax.aggregate import (
     AGGREGATORS,
     AggregatorState,
     aligned_mtl,
+    apply_if_finite,
     cagrad,
     config,
     dualproj,
@@ -125,10 +127,12 @@ __all__ = [
     "Sharing",
     "TaskModulation",
     "aligned_mtl",
+    "apply_if_finite",
     "apply_mask",
     "by_module",
     "cagrad",
     "check_spec",
+    "conal",
     "config",
     "conflict_incidence",
     "copy_per_task",

@@ -225,3 +225,29 @@ def test_conflict_tracker_state_is_a_lax_scan_carry(granularity):
     jacs = jax.tree.map(lambda *xs: jnp.stack(xs), *[_jacobian(i) for i in range(3)])
     scanned, _ = jax.lax.scan(lambda s, j: (tracker.update(s, j), None), state, jacs)
     assert int(scanned.steps) == 3
+
+
+@pytest.mark.parametrize("case", DEFAULTS)
+def test_mtl_apply_if_finite_wraps_the_whole_chain(case):
+    # mtl.apply_if_finite around aggregator + optimizer: the rejected branch is shaped like the
+    # chain's output, so the wrapped form type-checks; a NaN step is skipped with every state kept
+    tx = mtl.apply_if_finite(optax.chain(_build(case), optax.sgd(0.1)), 3)
+    params = _params()
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, jac, losses):
+        updates, state = tx.update(jac, state, params, task_losses=losses)
+        return optax.apply_updates(params, updates), state
+
+    params, state = step(params, state, _jacobian(0), _losses(0))
+    assert bool(state.last_finite)
+    bad = jax.tree.map(lambda x: x.at[0].set(jnp.nan), _jacobian(1))
+    kept, new_state = step(params, state, bad, _losses(1))
+    assert not bool(new_state.last_finite) and int(new_state.notfinite_count) == 1
+    jax.tree.map(np.testing.assert_array_equal, kept, params)
+    jax.tree.map(np.testing.assert_array_equal, new_state.inner_state, state.inner_state)
+    params, state = step(kept, new_state, _jacobian(2), _losses(2))
+    assert bool(state.last_finite)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+    assert step._cache_size() == 1
