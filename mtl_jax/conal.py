@@ -134,6 +134,8 @@ __all__ = [
     "block_grouping",
     "block_param_counts",
     "branch_weights",
+    "default_arch_optimizer",
+    "default_weight_optimizer",
     "discretise",
     "inherit_params",
     "linen_block",
