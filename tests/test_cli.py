@@ -90,11 +90,15 @@ def test_ctrl_c_says_that_rerunning_resumes(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # pytest-xdist workers ignore SIGINT and a child inherits that: restore the default so
+        # the run gets KeyboardInterrupt as from a terminal's Ctrl-C
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 180
-    while time.time() < deadline and not (workdir / "metrics.jsonl").exists():
-        time.sleep(0.1)
-    time.sleep(1.0)
+    log = workdir / "metrics.jsonl"
+    while time.time() < deadline and not (log.exists() and '"kind": "train"' in log.read_text()):
+        time.sleep(0.1)  # until training has started
+    assert proc.poll() is None, "the run ended before the interrupt"
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-2000:]
