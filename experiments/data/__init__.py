@@ -7,6 +7,8 @@ sources, input shape, provenance) from a config made by ``default_dataset_config
 Registered data sets (:data:`DATASETS`):
 
 * ``multi_digits``: the embedded benchmark (scikit-learn's 8x8 digits, two per canvas); offline.
+* ``digit_transforms``: embedded, one digit per image, transformed; tasks digit vs rotation vs
+  stroke thickness, whose gradients conflict; offline.
 * ``multi_mnist``, ``multi_fashion``, ``multi_fashion_mnist``: TFDS mnist / fashion_mnist
   composites on a 36x36 canvas.
 * ``celeb_a``: TFDS celeb_a, 40 (or a subset of) binary attribute tasks.
