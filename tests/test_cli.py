@@ -76,24 +76,28 @@ def test_a_non_finite_loss_is_one_message(tmp_path):
 
 def test_ctrl_c_says_that_rerunning_resumes(tmp_path):
     workdir = tmp_path / "w"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "experiments.run",
-            f"--workdir={workdir}",
-            *TINY,
-            "--config.train.epochs=200",
-        ],
-        cwd=ROOT,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # pytest-xdist workers ignore SIGINT and a child inherits that: restore the default so
-        # the run gets KeyboardInterrupt as from a terminal's Ctrl-C
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    # pytest-xdist workers ignore SIGINT and a child inherits that: give the child the default
+    # disposition (no preexec_fn: forking a JAX process can deadlock), so the run gets
+    # KeyboardInterrupt as from a terminal's Ctrl-C
+    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "experiments.run",
+                f"--workdir={workdir}",
+                *TINY,
+                "--config.train.epochs=200",
+            ],
+            cwd=ROOT,
+            env=dict(os.environ, JAX_PLATFORMS="cpu"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.time() + 180
     log = workdir / "metrics.jsonl"
     while time.time() < deadline and not (log.exists() and '"kind": "train"' in log.read_text()):
