@@ -192,10 +192,7 @@ def init_params(model, tasks, input_shape, key) -> tuple[dict, dict]:
 def shared_view(tree: PyTree, spec: PyTree | None) -> PyTree:
     """``tree`` with the spec's COPIED leaves hidden (``optax.MaskedNode``): the shared parameters,
     on which conflicts are measured."""
-    if spec is None:
-        return tree
-    specific = sharing_lib.spec_task_specific(spec)
-    return jax.tree.map(lambda s, x: optax.MaskedNode() if s else x, specific, tree)
+    return tree if spec is None else mtl.shared_view(tree, spec)
 
 
 def _mask_rows(jac: PyTree, mask: PyTree) -> PyTree:
