@@ -93,8 +93,10 @@ from mtl_jax.sharing import (
     shared_view,
     spec_from_masks,
     spec_task_specific,
+    split_masks,
     task_params,
     task_specific_leaves,
+    with_masks,
 )
 from mtl_jax.sparse import (
     MaskState,
@@ -198,6 +200,7 @@ __all__ = [
     "sparse",
     "spec_from_masks",
     "spec_task_specific",
+    "split_masks",
     "subnetwork_sizes",
     "sum",
     "sum_rows",
@@ -207,4 +210,5 @@ __all__ = [
     "value_and_grads",
     "value_and_jacobian",
     "weighting",
+    "with_masks",
 ]

@@ -21,6 +21,15 @@ pruning step and the bookkeeping (:func:`subnetwork_sizes`)::
   forward = mtl.per_task(model.apply, spec, num_tasks=K)
   print(mtl.subnetwork_sizes(spec))
 
+The spec holds the masks as constants, which ``jit`` bakes into the program. To keep them as
+ordinary (shardable) arrays, split them off with :func:`mtl_jax.sharing.split_masks` and give
+them at call time::
+
+  structure, masks = mtl.split_masks(spec)
+  forward = jax.jit(mtl.per_task(model.apply, structure, num_tasks=K))
+  outs = forward(params, x, masks=masks)      # same values; new masks do not recompile
+  print(mtl.subnetwork_sizes(masks))
+
 Which tensors are pruned (a documented option). LaSS prunes weight matrices only: names with
 ``weight`` that are neither embeddings nor LayerNorm; biases are never pruned. Here a leaf is
 pruned when it is inside ``include`` and is a weight tensor (``ndim >= 2``: Dense/Conv kernels);
@@ -177,6 +186,12 @@ def lass_spec(
 def _stacked_masks(masks_or_spec: PyTree) -> list[tuple[str, np.ndarray]]:
     is_masked = lambda x: isinstance(x, Masked)
     flat, _ = jax.tree_util.tree_flatten_with_path(masks_or_spec, is_leaf=is_masked)
+    slots = [_tree.path_str(p) for p, x in flat if is_masked(x) and x.mask is None]
+    if slots:
+        raise ValueError(
+            f"subnetwork_sizes: the spec's Masked leaves [{_tree._listing(slots)}] are mask "
+            "slots (their masks were split off by mtl.split_masks); pass the masks instead."
+        )
     if any(is_masked(x) for _, x in flat):
         return [(_tree.path_str(p), np.asarray(x.mask) != 0) for p, x in flat if is_masked(x)]
     return [
@@ -190,8 +205,9 @@ def subnetwork_sizes(masks_or_spec: PyTree) -> dict[str, Any]:
     """Per-task sub-network sizes and overlaps (host-side numbers, for the experiment's report).
 
     Args:
-      masks_or_spec: stacked masks (leaves ``[K, *shape]``, e.g. :func:`lass_masks`) -- every leaf
-        counts -- or a sharing spec, whose :class:`~mtl_jax.sharing.Masked` leaves count.
+      masks_or_spec: stacked masks (leaves ``[K, *shape]``, e.g. :func:`lass_masks` or the masks
+        of :func:`~mtl_jax.sharing.split_masks`) -- every array leaf counts -- or a sharing spec,
+        whose :class:`~mtl_jax.sharing.Masked` leaves count.
 
     Returns:
       ``{"kept": int[K], "total": n, "fraction": float[K], "overlap": int[K, K]

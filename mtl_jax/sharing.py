@@ -9,6 +9,23 @@ like the parameters (or a prefix of them) whose leaves say, per parameter leaf:
 * :class:`Masked` ``(mask)`` -- one shared array ``theta`` and a mask ``M: [K, *shape]``
   (bool or 0/1); task t uses ``theta * M_t`` (LaSS, :mod:`mtl_jax.lass`).
 
+Masks as arrays. A spec's masks are Python constants of the functions built from it, so under
+``jit`` they are baked into the compiled program (one constant of ``K x |theta|`` per masked
+leaf) and cannot be sharded. :func:`split_masks` splits a spec into its *structure* (the masked
+leaves become mask slots, ``Masked()``) and a pytree of mask arrays, given at call time as the
+``masks=`` keyword of the functions of :func:`per_task` and :func:`per_task_grads`: ordinary
+arguments of the program (no constant, no recompilation when their values change; keep them in
+the train state or pass them to the step, sharded like the parameters)::
+
+  structure, masks = mtl.split_masks(spec)          # masks: {path: [K, *shape]} as a pytree
+  forward = jax.jit(mtl.per_task(model.apply, structure, num_tasks=K))
+  outs = forward(params, x, masks=masks)            # == per_task(model.apply, spec, K)(params, x)
+
+With a spec that holds its masks, ``masks=`` is optional and, when given, replaces them. The
+masks pytree has the structure of the spec with ``None`` at every unmasked leaf (or any pytree
+with the same paths to the masked leaves, e.g. a nested dict holding only them); a missing,
+extra or wrongly shaped mask is a ``ValueError`` naming its path.
+
 :func:`per_task` turns ``apply`` into the forward of all K tasks at once, by ``jax.vmap`` over the
 task axis with ``in_axes=None`` for shared leaves and ``0`` for copied leaves and masks::
 
@@ -91,8 +108,10 @@ __all__ = [
     "shared_view",
     "spec_from_masks",
     "spec_task_specific",
+    "split_masks",
     "task_params",
     "task_specific_leaves",
+    "with_masks",
 ]
 
 
@@ -115,13 +134,17 @@ class Masked:
     """A shared parameter ``theta`` that task t sees as ``theta * M_t``.
 
     Attributes:
-      mask: ``[K, *param.shape]``, bool or 0/1. It is a constant of the spec (computed once, e.g.
-        by :func:`mtl_jax.lass.lass_masks`), not a traced value.
+      mask: ``[K, *param.shape]``, bool or 0/1, a constant of the spec (computed once, e.g. by
+        :func:`mtl_jax.lass.lass_masks`); or ``None`` (``Masked()``): a *mask slot*, whose mask
+        is an array given at call time (``masks=`` of :func:`per_task` and
+        :func:`per_task_grads`; see :func:`split_masks`).
     """
 
-    mask: Any
+    mask: Any = None
 
     def __repr__(self) -> str:
+        if self.mask is None:
+            return "Masked(<mask given at call time>)"
         return f"Masked(mask={tuple(np.shape(self.mask))})"
 
 
@@ -213,7 +236,7 @@ def _prefix_of(prefix: str, path: str) -> bool:
 def _infer_k(markers: list[Marker], shapes: list[tuple], paths: list[str]) -> dict[int, list[str]]:
     sizes: dict[int, list[str]] = {}
     for m, shape, path in zip(markers, shapes, paths, strict=True):
-        if isinstance(m, Masked):
+        if isinstance(m, Masked) and m.mask is not None:
             mshape = np.shape(m.mask)
             if len(mshape) >= 1:
                 sizes.setdefault(mshape[0], []).append(path)
@@ -227,7 +250,8 @@ def check_spec(spec: PyTree, params: PyTree, num_tasks: int | None = None) -> in
 
     Checks that ``spec`` has the structure of ``params`` (or of a prefix), that every
     :data:`COPIED` leaf is ``[K, ...]`` and every :class:`Masked` mask is ``[K, *param.shape]``,
-    and that all of them agree on K (and with ``num_tasks`` when given).
+    and that all of them agree on K (and with ``num_tasks`` when given). Mask slots
+    (``Masked()``, see :func:`split_masks`) have no mask to check.
 
     Returns:
       K, or ``num_tasks`` (``None`` if the spec is all :data:`SHARED` and ``num_tasks`` is None).
@@ -243,11 +267,14 @@ def check_spec(spec: PyTree, params: PyTree, num_tasks: int | None = None) -> in
     for m, shape, path in zip(markers, shapes, paths, strict=True):
         if m is COPIED and len(shape) == 0:
             problems.append(f"{path}: COPIED but a scalar (needs a leading task axis)")
-        if isinstance(m, Masked):
+        if isinstance(m, Masked) and m.mask is not None:
             mshape = tuple(np.shape(m.mask))
-            if mshape[1:] != shape or len(mshape) != len(shape) + 1:
+            wrong_k = num_tasks is not None and len(mshape) >= 1 and mshape[0] != num_tasks
+            if mshape[1:] != shape or len(mshape) != len(shape) + 1 or wrong_k:
+                expected = f"(K, *{shape})" if num_tasks is None else str((num_tasks, *shape))
                 problems.append(
-                    f"{path}: mask {mshape} for a parameter {shape} (needs (K, *{shape}))"
+                    f"{path}: mask has shape {mshape}, expected {expected} (K, *param.shape) "
+                    f"for the parameter {shape}"
                 )
             dtype = jnp.result_type(m.mask)
             if not (np.issubdtype(dtype, np.bool_) or np.issubdtype(dtype, np.number)):
@@ -407,6 +434,140 @@ def spec_from_masks(masks: PyTree) -> PyTree:
     return jax.tree.map(one, masks)
 
 
+def _is_masked_marker(x: Any) -> bool:
+    return isinstance(x, Masked)
+
+
+def _masked_entries(spec: PyTree) -> list[tuple[str, Masked]]:
+    """``(path, marker)`` of every :class:`Masked` leaf of ``spec`` (flattening order)."""
+    flat = jax.tree_util.tree_flatten_with_path(spec, is_leaf=_is_marker)[0]
+    return [(_tree.path_str(p), m) for p, m in flat if isinstance(m, Masked)]
+
+
+def _mask_slots(spec: PyTree) -> list[str]:
+    return [path for path, m in _masked_entries(spec) if m.mask is None]
+
+
+def split_masks(spec: PyTree) -> tuple[PyTree, PyTree]:
+    """Splits a spec into its structure and its masks, so the masks can be ordinary arrays.
+
+    The structure is ``spec`` with every :class:`Masked` ``(M)`` leaf replaced by a mask slot
+    ``Masked()``; it is a static description (no arrays, tiny) to build
+    :func:`per_task` / :func:`per_task_grads` from. The masks are a pytree with the structure of
+    ``spec`` holding ``M`` (as a ``jax.Array``, dtype kept) at the masked leaves and ``None``
+    elsewhere; give them at call time (``fn(params, x, masks=masks)``), e.g. from the train
+    state or as a step argument, so that under ``jit`` they are arguments of the program -- not
+    constants baked into it -- and can be sharded; new mask values do not recompile.
+
+    Example::
+
+      spec = mtl.lass_spec(finetuned, prune_fraction=0.5, include="^encoder/")
+      structure, masks = mtl.split_masks(spec)
+      grad_fn = jax.jit(mtl.per_task_grads(task_loss, structure, K))
+      losses, grads = grad_fn(params, x, y, masks=masks)
+
+    Args:
+      spec: a sharing spec whose :class:`Masked` leaves hold their masks.
+
+    Returns:
+      ``(structure, masks)``; ``with_masks(structure, masks)`` gives ``spec`` back.
+
+    Raises:
+      ValueError: if a :class:`Masked` leaf of ``spec`` is already a mask slot.
+    """
+    slots = _mask_slots(spec)
+    if slots:
+        raise ValueError(
+            f"split_masks: the spec's leaves [{_listing(slots)}] are already mask slots "
+            "(Masked() without a mask); split the spec that holds the masks."
+        )
+    structure = jax.tree.map(
+        lambda m: Masked() if isinstance(m, Masked) else m, spec, is_leaf=_is_marker
+    )
+    masks = jax.tree.map(
+        lambda m: jnp.asarray(m.mask) if isinstance(m, Masked) else None, spec, is_leaf=_is_marker
+    )
+    return structure, masks
+
+
+def with_masks(spec: PyTree, masks: PyTree) -> PyTree:
+    """``spec`` with its :class:`Masked` leaves holding the arrays of ``masks`` (jit-able).
+
+    The inverse of :func:`split_masks`. ``masks`` is matched to the masked leaves by path: the
+    second output of :func:`split_masks` (``None`` at unmasked leaves), or any pytree with the
+    same paths to the masked leaves (e.g. a nested dict holding only them). The arrays may be
+    traced; a spec leaf that holds a mask already gets the given one instead.
+
+    Raises:
+      ValueError: naming the masked leaves without a mask, the masks without a masked leaf, and
+        mask leaves that are not arrays.
+    """
+    entries = _masked_entries(spec)
+    flat = jax.tree_util.tree_flatten_with_path(masks)[0]
+    given = {_tree.path_str(p): x for p, x in flat}
+    not_arrays = [
+        f"{path} ({type(x).__name__})"
+        for path, x in given.items()
+        if not hasattr(x, "shape") or not hasattr(x, "dtype")
+    ]
+    wanted = [path for path, _ in entries]
+    wanted_set = set(wanted)
+    missing = [path for path in wanted if path not in given]
+    extra = [path for path in given if path not in wanted_set]
+    if missing or extra or not_arrays:
+        raise ValueError(
+            "The masks do not match the spec's Masked leaves: masked leaves without a mask: "
+            f"[{_listing(missing)}]; masks without a masked leaf: [{_listing(extra)}]; mask "
+            f"leaves that are not arrays: [{_listing(not_arrays)}]. Build them with "
+            "mtl.split_masks(spec) (None at unmasked leaves) or as a pytree with the masked "
+            "leaves' paths."
+        )
+    return jax.tree_util.tree_map_with_path(
+        lambda p, m: Masked(given[_tree.path_str(p)]) if isinstance(m, Masked) else m,
+        spec,
+        is_leaf=_is_marker,
+    )
+
+
+def _check_mask_arrays(spec: PyTree, params: PyTree, num_tasks: int) -> None:
+    """Every mask given at call time is ``[K, *param.shape]`` of a bool or numeric dtype."""
+    markers = _expand(spec, params)
+    problems = []
+    for (p, x), m in zip(jax.tree_util.tree_flatten_with_path(params)[0], markers, strict=True):
+        if not isinstance(m, Masked):
+            continue
+        path, given, expected = (
+            _tree.path_str(p),
+            tuple(np.shape(m.mask)),
+            (num_tasks, *np.shape(x)),
+        )
+        if given != expected:
+            problems.append(f"{path}: got shape {given}, expected {expected} (K, *param.shape)")
+        dtype = np.dtype(m.mask.dtype)
+        if not (np.issubdtype(dtype, np.bool_) or np.issubdtype(dtype, np.number)):
+            problems.append(f"{path}: dtype {dtype} is neither bool nor numeric")
+    if problems:
+        raise ValueError("Invalid masks: " + "; ".join(problems[:8]))
+
+
+def _spec_at_call(
+    spec: PyTree, masks: PyTree | None, params: PyTree, num_tasks: int, caller: str
+) -> PyTree:
+    """The spec a call uses: ``spec`` itself, or with the call's ``masks`` in its Masked leaves."""
+    if masks is None:
+        slots = _mask_slots(spec)
+        if slots:
+            raise ValueError(
+                f"{caller}: the spec's Masked leaves [{_listing(slots)}] are mask slots; pass "
+                "their masks at call time: fn(params, ..., masks=masks), masks from "
+                "mtl.split_masks(spec)."
+            )
+        return spec
+    filled = with_masks(spec, masks)
+    _check_mask_arrays(filled, params, num_tasks)
+    return filled
+
+
 def spec_task_specific(spec: PyTree) -> PyTree:
     """The ``task_specific`` labels for :func:`mtl_jax.multitask`: ``True`` for COPIED leaves.
 
@@ -536,12 +697,18 @@ def _masked_value(theta: jax.Array, mask_t: jax.Array) -> jax.Array:
     return jnp.where(mask_t, theta, jnp.zeros((), theta.dtype))
 
 
-def task_params(params: PyTree, spec: PyTree, task: int) -> PyTree:
+def task_params(params: PyTree, spec: PyTree, task: int, masks: PyTree | None = None) -> PyTree:
     """Task ``task``'s view of the parameters, usable with the plain ``apply``.
 
     Copied leaves give their row ``task``, masked leaves ``theta * M_task``, shared leaves
     themselves. ``per_task(apply, spec, K)(params, x)[t] == apply(task_params(params, spec, t), x)``.
+    ``masks``: the masks of a spec with mask slots (see :func:`split_masks`).
     """
+    if masks is not None or _mask_slots(spec):
+        k = check_spec(spec, params)
+        if k is None:
+            k = int(np.shape(jax.tree.leaves(masks)[0])[0]) if jax.tree.leaves(masks) else 1
+        spec = _spec_at_call(spec, masks, params, k, "task_params")
     check_spec(spec, params)
     markers = _expand(spec, params)
     leaves, treedef = jax.tree.flatten(params)
@@ -648,7 +815,9 @@ def per_task(
 
     Works with any pure apply: Flax Linen (``model.apply`` on variables), Flax NNX
     (``lambda state, x: nnx.merge(graphdef, state)(x)``), Equinox or plain JAX. ``fn`` is
-    jit-able; ``spec`` (and its masks) are constants of the trace.
+    jit-able; ``spec`` is a constant of the trace, and so are the masks it holds. Give a spec
+    with mask slots (:func:`split_masks`) and the masks at call time, ``fn(params, *args,
+    masks=masks, **kwargs)``, to make them arguments of the program instead.
 
     Args:
       apply_fn: ``(params, *args, **kwargs) -> out`` or, with ``has_state``, ``-> (out, state)``
@@ -667,17 +836,23 @@ def per_task(
 
     Returns:
       ``fn(params, *args, **kwargs) -> outs`` (every leaf ``[K, ...]``), or ``(outs, state)``.
+      When ``spec`` has :class:`Masked` leaves, the keyword ``masks`` is ``fn``'s own (the masks
+      as arrays, see :func:`split_masks`; required for mask slots) and is not passed to
+      ``apply_fn``.
 
     Raises:
-      ValueError: (at trace time) if ``spec`` does not match ``params`` or K disagrees, naming the
-        leaves.
+      ValueError: (at trace time) if ``spec`` does not match ``params`` or K disagrees, or the
+        masks do not match the spec, naming the leaves.
     """
     if num_tasks < 1:
         raise ValueError(f"num_tasks must be >= 1; got {num_tasks}.")
+    takes_masks = bool(_masked_entries(spec))
 
     def fn(params: PyTree, *args: Any, **kwargs: Any) -> Any:
-        check_spec(spec, params, num_tasks)
-        markers = _expand(spec, params)
+        masks = kwargs.pop("masks", None) if takes_masks else None
+        spec_now = _spec_at_call(spec, masks, params, num_tasks, "per_task")
+        check_spec(spec_now, params, num_tasks)
+        markers = _expand(spec_now, params)
         leaves, treedef = jax.tree.flatten(params)
         batched = [
             x if m is COPIED else _mask_bool(m.mask) if isinstance(m, Masked) else None
@@ -772,7 +947,9 @@ def per_task_grads(
 
     Returns:
       ``fn(params, *args, **kwargs) -> (losses[K], grads)``, or with ``has_state``
-      ``fn(params, state, *args, **kwargs) -> ((losses[K], new_state), grads)``.
+      ``fn(params, state, *args, **kwargs) -> ((losses[K], new_state), grads)``. When ``spec``
+      has :class:`Masked` leaves, the keyword ``masks`` is ``fn``'s own (the masks as arrays,
+      see :func:`split_masks`; required for mask slots), not passed to ``task_loss_fn``.
 
     Example::
 
@@ -789,10 +966,13 @@ def per_task_grads(
         raise ValueError(f"num_tasks must be >= 1; got {num_tasks}.")
     if unroll and axis_name is not None:
         raise ValueError("per_task_grads: axis_name needs the task vmap; use unroll=False.")
+    takes_masks = bool(_masked_entries(spec))
 
     def fn(params: PyTree, *args: Any, **kwargs: Any) -> Any:
-        check_spec(spec, params, num_tasks)
-        markers = _expand(spec, params)
+        masks = kwargs.pop("masks", None) if takes_masks else None
+        spec_now = _spec_at_call(spec, masks, params, num_tasks, "per_task_grads")
+        check_spec(spec_now, params, num_tasks)
+        markers = _expand(spec_now, params)
         leaves, treedef = jax.tree.flatten(params)
         batched = [
             x if m is COPIED else _mask_bool(m.mask) if isinstance(m, Masked) else None
