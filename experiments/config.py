@@ -14,6 +14,8 @@ A config file is a Python module whose ``get_config()`` returns an ``ml_collecti
 * ``train``: optimizer and loop settings (:func:`train_defaults`).
 * ``conflict``: the tracker's ``granularity`` (``global`` | ``module`` | ``leaf``), Recon's
   ``severity`` S and the incidence ``threshold``.
+* ``parallel``: the devices and hosts a run uses (:func:`parallel_defaults`,
+  :mod:`experiments.parallel`): every visible device by default, the batch sharded over them.
 * a study's own section (``sparse`` for ``sparse_training``, ``combinations`` for
   ``leaf_combinations``, ...): owned, defaulted and validated by the study module
   (``experiments.studies.<name>``); this module knows no study.
@@ -44,6 +46,7 @@ BASE_KEYS = (
     "train",
     "conflict",
     "report",
+    "parallel",
 )
 GRANULARITIES = ("global", "module", "leaf")
 
@@ -79,6 +82,18 @@ def conflict_defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"granularity": "global", "severity": 0.0, "threshold": 0.0})
 
 
+def parallel_defaults() -> ml_collections.ConfigDict:
+    """``config.parallel``: data-parallel / FSDP training (:mod:`experiments.parallel`)."""
+    return ml_collections.ConfigDict(
+        {
+            "devices": 0,  # 0: every visible device (of every host); n: the first n
+            "fsdp": False,  # shard large parameters and their optimizer state over the devices
+            "fsdp_min_size": 2**14,  # leaves with fewer elements stay replicated under FSDP
+            "distributed": False,  # jax.distributed.initialize() first (multi-host; env-driven)
+        }
+    )
+
+
 def report_defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"plots": True, "progress": True})
 
@@ -100,6 +115,7 @@ def base_config(dataset: str, model: str) -> ml_collections.ConfigDict:
     config.train = train_defaults()
     config.conflict = conflict_defaults()
     config.report = report_defaults()
+    config.parallel = parallel_defaults()
     return config
 
 
@@ -139,6 +155,18 @@ def validate_base(config: ml_collections.ConfigDict, study_sections: tuple[str, 
     check_keys(config.train, train_defaults().keys(), "config.train")
     check_keys(config.conflict, conflict_defaults().keys(), "config.conflict")
     check_keys(config.report, report_defaults().keys(), "config.report")
+    if "parallel" in config:
+        check_keys(config.parallel, parallel_defaults().keys(), "config.parallel")
+        if int(config.parallel.devices) < 0:
+            raise ValueError(
+                f"config.parallel.devices={config.parallel.devices}; use 0 (every visible "
+                "device) or a positive number."
+            )
+        if int(config.parallel.fsdp_min_size) < 1:
+            raise ValueError(
+                f"config.parallel.fsdp_min_size={config.parallel.fsdp_min_size}; use a "
+                "positive number of elements."
+            )
     if config.train.optimizer not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {config.train.optimizer!r}; valid: {OPTIMIZERS}.")
     if config.train.lr_schedule not in SCHEDULES:

@@ -20,7 +20,8 @@ Contract:
 
 * ``state`` is a pytree of arrays with an integer scalar ``state.step`` (the number of steps
   done); the step function increments it. Its structure, shapes and dtypes never change, so
-  orbax restores it into the template.
+  orbax restores it into the template (and into the template's shardings: a multi-device step
+  jitted with ``in_shardings``/``out_shardings`` keeps its layout, ``experiments.parallel``).
 * ``batches(epoch, start_batch)`` yields the batches of ``epoch`` from ``start_batch`` on, as a
   deterministic function of its arguments: a run resumed from a checkpoint at step ``s`` starts
   at ``divmod(s, steps_per_epoch)`` and ends bit-identical to an uninterrupted run (on CPU).
@@ -72,7 +73,11 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: PyTree) -> None:
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, template: PyTree) -> PyTree | None:
-    """The latest checkpoint restored into ``template``'s structure, or ``None``."""
+    """The latest checkpoint restored into ``template``'s structure, or ``None``.
+
+    The leaves come back with ``template``'s shardings (a template laid out on a mesh restores
+    onto that mesh, whatever the layout the checkpoint was written from); with several processes
+    every process reads its own shards."""
     step = manager.latest_step()
     if step is None:
         return None
@@ -81,8 +86,9 @@ def restore_checkpoint(manager: ocp.CheckpointManager, template: PyTree) -> PyTr
 
 
 def fresh_buffers(state: PyTree) -> PyTree:
-    """A copy with its own buffers: leaves of an initial state may alias each other (optimizer
-    moments created from one zeros array), and a step that donates its input needs them apart."""
+    """A copy with its own buffers (and the same shardings): leaves of an initial state may alias
+    each other (optimizer moments created from one zeros array), and a step that donates its
+    input needs them apart."""
     return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
 
 

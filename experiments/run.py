@@ -35,9 +35,10 @@ import mtl_jax as mtl
 from experiments import config as config_lib
 from experiments import data as data_lib
 from experiments import models as models_lib
+from experiments import parallel as parallel_lib
 from experiments import reports, studies
 from experiments.data.tfds_io import DataUnavailableError
-from experiments.logs import JsonlLog, atomic_write_text
+from experiments.logs import atomic_write_text
 from experiments.phases import run_phases
 from experiments.train import NonFiniteLossError
 
@@ -85,10 +86,14 @@ class ConfigMismatchError(ValueError):
     """The work dir holds results of a different config."""
 
 
-def _comparable(config: ml_collections.ConfigDict) -> dict:
-    as_dict = json.loads(config.to_json_best_effort())
-    as_dict.pop("report", None)  # plots / progress bars do not change results
-    return as_dict
+#: Sections that do not change results: plots / progress bars, and the devices a run is laid out
+#: on (equal up to float rounding; a run may resume on another number of devices).
+RESULT_NEUTRAL = ("report", "parallel")
+
+
+def _comparable(config: ml_collections.ConfigDict | dict) -> dict:
+    as_dict = dict(config) if isinstance(config, dict) else json.loads(config.to_json_best_effort())
+    return {k: v for k, v in as_dict.items() if k not in RESULT_NEUTRAL}
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) -> None:
@@ -102,7 +107,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, fresh: bool
     if os.path.exists(path):
         with open(path) as f:
             previous = json.load(f)
-        if {k: v for k, v in previous.items() if k != "report"} != _comparable(config):
+        if _comparable(previous) != _comparable(config):
             raise ConfigMismatchError(
                 f"{workdir} holds results of a different config ({path}); use another --workdir, "
                 "or --fresh to delete it."
@@ -115,10 +120,15 @@ def run_study(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = 
     interrupted one) and writes the report."""
     studies.with_study_section(config)
     studies.validate(config)
-    prepare_workdir(config, workdir, fresh)
+    if parallel_lib.is_primary():  # multi-host: process 0 prepares the shared work dir
+        prepare_workdir(config, workdir, fresh)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("prepare_workdir")
     data = data_lib.make_dataset(config.dataset)
     model = models_lib.make_model(config.model, data.tasks, data.input_shape)
-    log = JsonlLog(os.path.join(workdir, "metrics.jsonl"))
+    log = parallel_lib.PrimaryLog(os.path.join(workdir, "metrics.jsonl"))  # process 0 writes
     if not any(r.get("kind") == "study" for r in log.records()):
         log.write(
             {
@@ -139,6 +149,8 @@ def run_study(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = 
         progress=bool(config.report.progress),
     )
     run_phases(study.phases(ctx), ctx.artifacts)
+    if not parallel_lib.is_primary():
+        return ""  # process 0 writes the report
     return write_study_report(study, list(log.records()), data.tasks, config, workdir)
 
 
@@ -322,10 +334,12 @@ def main(argv: list[str]) -> None:
     if _FLAGS["list"].value:
         print(listing())
         return
-    enable_compilation_cache()
     workdir = _FLAGS["workdir"].value or default_workdir(sys.argv)
     try:
         config = apply_named_section_overrides(_FLAGS["config"].value, _PULLED)
+        if config.get("parallel", {}).get("distributed", False):
+            parallel_lib.initialize_distributed()  # before any other JAX call
+        enable_compilation_cache()
         print(f"Work dir: {os.path.abspath(workdir)}", file=sys.stderr)
         report = run_study(config, workdir, fresh=_FLAGS["fresh"].value)
     except NonFiniteLossError as e:
@@ -338,8 +352,9 @@ def main(argv: list[str]) -> None:
             f"(work dir {workdir}).",
             e,
         )
-    print(report)
-    print(f"Work dir: {os.path.abspath(workdir)}")
+    if parallel_lib.is_primary():
+        print(report)
+        print(f"Work dir: {os.path.abspath(workdir)}")
 
 
 _PULLED: dict[str, dict[str, str]] = {}

@@ -29,6 +29,11 @@ finishes bit-identical to an uninterrupted one on CPU. Log records written after
 checkpoint are dropped from ``metrics.jsonl`` on resume. A run is a phase of its study
 (:mod:`experiments.phases`): its checkpoints live in the phase directory, and a finished run saves
 its final parameters as the artifact ``final``, from which later phases start (``init_from``).
+
+A run is laid out on every visible device (:mod:`experiments.parallel`, ``config.parallel``): the
+step is jitted with in/out shardings -- the batch split along the mesh axis ``"data"``, the
+parameters and optimizer moments replicated or FSDP-sharded, every other leaf of the state
+replicated -- and on one device this is the plain single-device step.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from experiments import data as data_lib
 from experiments import losses as losses_lib
 from experiments import metrics as metrics_lib
 from experiments import optim
+from experiments import parallel as parallel_lib
 from experiments.logs import JsonlLog
 from experiments.loop import (
     LoopHooks,
@@ -153,6 +159,60 @@ class Problem:
     kind: str = "jacobian"  # "jacobian" | "loss" (a scalarizer) | "representation" (MGDA-UB style)
     measure_mask: PyTree | None = None  # conflicts measured on the Jacobian masked by it (ST)
     post_step: Any = None  # the scalarizer whose post_step needs the losses after the step (FAMO)
+    layout: parallel_lib.Layout | None = None  # mesh and parameter sharding (None: one device)
+
+
+class StepMasks(NamedTuple):
+    """A run's masks as arrays: arguments of the jitted step and prediction, laid out on the
+    mesh like the parameters they mask, instead of constants baked into the compiled program.
+
+    ``sharing``: the masks of the sharing spec's ``Masked`` leaves (LaSS), split off it by
+    ``mtl.split_masks`` (leaves ``[K, *param.shape]``, ``None`` at unmasked leaves; the Problem
+    holds the spec's structure). ``measure``: the sparse-training mask conflicts are measured on
+    (shaped like the encoder parameters), or None."""
+
+    sharing: PyTree | None = None
+    measure: PyTree | None = None
+
+
+def _masks_or_constants(problem: Problem, masks: StepMasks | None) -> StepMasks:
+    """The masks a step uses: the given arrays, or the Problem's own (a spec holding its masks,
+    the measure mask) when called without them."""
+    return StepMasks(None, problem.measure_mask) if masks is None else masks
+
+
+def split_sharing_masks(sharing: PyTree | None) -> tuple[PyTree | None, PyTree | None]:
+    """``(spec structure, masks)`` of a sharing spec with ``Masked`` leaves
+    (``mtl.split_masks``); ``(sharing, None)`` for a spec without masks (or no spec)."""
+    is_masked = lambda m: isinstance(m, sharing_lib.Masked)
+    if sharing is None or not any(
+        is_masked(m) for m in jax.tree.leaves(sharing, is_leaf=is_masked)
+    ):
+        return sharing, None
+    return mtl.split_masks(sharing)
+
+
+def step_mask_shardings(
+    masks: StepMasks, enc_params: PyTree, layout: parallel_lib.Layout
+) -> StepMasks:
+    """The masks' layout: a sharing mask ``[K, *shape]`` as its parameter's Jacobian rows, the
+    measure mask as its parameter (replicated without FSDP)."""
+    by_path = {
+        jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(enc_params)[0]
+    }
+    sharing = None
+    if masks.sharing is not None:
+        sharing = jax.tree_util.tree_map_with_path(
+            lambda p, m: jax.sharding.NamedSharding(
+                layout.mesh,
+                parallel_lib.jacobian_spec(m, by_path[jax.tree_util.keystr(p)], layout),
+            ),
+            masks.sharing,
+        )
+    measure = None
+    if masks.measure is not None:
+        measure = parallel_lib.param_shardings(masks.measure, layout)
+    return StepMasks(sharing, measure)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,12 +262,15 @@ def _mask_rows(jac: PyTree, mask: PyTree) -> PyTree:
     )
 
 
-def _encoder_forward(problem: Problem, enc_state: dict, train: bool) -> Callable:
+def _encoder_forward(
+    problem: Problem, enc_state: dict, train: bool, sharing_masks: PyTree | None = None
+) -> Callable:
     """``(encoder params, x) -> (z, new_state)``; with a sharing spec, ``z`` has a task axis.
 
     In per-task mode the parameters *and* the state go through ``mtl.per_task`` with their specs:
     a branched BatchNorm's statistics (``[K, ...]``, COPIED in ``problem.state_sharing``) give
-    each task stream its own row, shared statistics are one array for every stream."""
+    each task stream its own row, shared statistics are one array for every stream.
+    ``sharing_masks``: the masks of the spec's mask slots (:class:`StepMasks`)."""
     model = problem.model
 
     def apply(p, x):
@@ -226,14 +289,15 @@ def _encoder_forward(problem: Problem, enc_state: dict, train: bool) -> Callable
         len(problem.streams),
         has_state=True,
     )
-    return lambda p, x: forward({"params": p, **enc_state}, x)
+    kw = {} if sharing_masks is None else {"masks": {"params": sharing_masks}}
+    return lambda p, x: forward({"params": p, **enc_state}, x, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
 # The jitted step and prediction.
 
 
-def _structured_grads(problem: Problem, state: TrainState, x, targets):
+def _structured_grads(problem: Problem, state: TrainState, x, targets, sharing_masks=None):
     """Encoder + heads: ``mtl_value_and_grad`` (encoder Jacobian, heads' own gradients)."""
     model, head_states = problem.model, state.model_state["heads"]
 
@@ -247,7 +311,7 @@ def _structured_grads(problem: Problem, state: TrainState, x, targets):
         return fn
 
     grad_fn = mtl.mtl_value_and_grad(
-        _encoder_forward(problem, state.model_state["encoder"], True),
+        _encoder_forward(problem, state.model_state["encoder"], True, sharing_masks),
         {t.name: head_loss_fn(t) for t in problem.tasks},
         has_aux=True,
         strategy=problem.strategy,
@@ -260,7 +324,7 @@ def _structured_grads(problem: Problem, state: TrainState, x, targets):
     return losses, enc_jac, head_grads, enc_state, {**head_states, **new_heads}, rep_grads
 
 
-def _per_task_grads(problem: Problem, state: TrainState, x, targets):
+def _per_task_grads(problem: Problem, state: TrainState, x, targets, sharing_masks=None):
     """Sharing spec: per-task encoder streams and ONE gradient tree from
     :func:`mtl_jax.per_task_grads`: each task's loss is differentiated inside its own stream
     (unrolled over the tasks, whose heads differ), so the shared (and masked) encoder leaves get
@@ -299,7 +363,8 @@ def _per_task_grads(problem: Problem, state: TrainState, x, targets):
         unroll=True,
         task_specific={"encoder": False, "heads": True},
     )
-    (losses, new_enc_state), grads = grad_fn(state.params, enc_state, x, targets)
+    kw = {} if sharing_masks is None else {"masks": {"encoder": sharing_masks}}
+    (losses, new_enc_state), grads = grad_fn(state.params, enc_state, x, targets, **kw)
     enc_grads = grads["encoder"]
     if len(trained) < len(problem.streams):  # rows of the trained tasks only
         index = jnp.asarray(trained)
@@ -322,11 +387,14 @@ def _scale_head_grads(problem: Problem, head_grads: dict, weights: jax.Array) ->
     }
 
 
-def grads_fn_losses(problem: Problem, state: TrainState, x, targets) -> jax.Array:
+def grads_fn_losses(
+    problem: Problem, state: TrainState, x, targets, sharing_masks=None
+) -> jax.Array:
     """The task losses at ``state.params`` (train mode, statistics not updated), for FAMO."""
     model, head_states = problem.model, state.model_state["heads"]
     stream = {t.name: i for i, t in enumerate(problem.streams)}
-    z, _ = _encoder_forward(problem, state.model_state["encoder"], True)(state.params["encoder"], x)
+    forward = _encoder_forward(problem, state.model_state["encoder"], True, sharing_masks)
+    z, _ = forward(state.params["encoder"], x)
     losses = []
     for task in problem.tasks:
         z_t = z if problem.sharing is None else jax.tree.map(lambda a, i=stream[task.name]: a[i], z)
@@ -341,23 +409,28 @@ def grads_fn_losses(problem: Problem, state: TrainState, x, targets) -> jax.Arra
     return jax.lax.stop_gradient(jnp.stack(losses))
 
 
-def make_train_step(problem: Problem) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """``(state, batch) -> (state, outputs)``; outputs: losses, incidence, mean cos, weights."""
+def make_train_step(problem: Problem) -> Callable[..., tuple[TrainState, dict]]:
+    """``(state, batch, masks=None) -> (state, outputs)``; outputs: losses, incidence, mean cos,
+    weights. ``masks``: the run's :class:`StepMasks` (needed when ``problem.sharing`` has mask
+    slots; without them the Problem's own masks are constants of the program)."""
     names = [t.name for t in problem.tasks]
     grads_fn = _structured_grads if problem.sharing is None else _per_task_grads
 
-    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+    def step(
+        state: TrainState, batch: dict[str, jax.Array], masks: StepMasks | None = None
+    ) -> tuple[TrainState, dict]:
+        masks = _masks_or_constants(problem, masks)
         targets = {n: batch[n] for n in names}
         losses, enc_jac, head_grads, enc_state, head_states, rep_grads = grads_fn(
-            problem, state, batch["image"], targets
+            problem, state, batch["image"], targets, masks.sharing
         )
+        # FSDP: the Jacobian's rows follow their parameter's sharding (no-op otherwise)
+        enc_jac = parallel_lib.constrain_jacobian(enc_jac, state.params["encoder"], problem.layout)
         enc_opt, head_opt = state.opt_state
         # Conflicts on the shared encoder: on the Jacobian restricted to the ST mask's trainable
         # coordinates (the paper's Fig. 2 subspace; RunSpec.measure_masked) or on all of it. The
         # aggregator always sees the full Jacobian (the mask acts on the combined update).
-        measured = (
-            enc_jac if problem.measure_mask is None else _mask_rows(enc_jac, problem.measure_mask)
-        )
+        measured = enc_jac if masks.measure is None else _mask_rows(enc_jac, masks.measure)
         conflict = problem.tracker.update(state.conflict, shared_view(measured, problem.sharing))
         extra = {"rep_grads": rep_grads} if problem.kind == "representation" else {}
         enc_updates, enc_opt = problem.encoder_tx.update(
@@ -374,7 +447,7 @@ def make_train_step(problem: Problem) -> Callable[[TrainState, dict], tuple[Trai
         }
         if problem.post_step is not None:  # FAMO: the losses after the step, on the same batch
             new_losses = grads_fn_losses(
-                problem, state._replace(params=params), batch["image"], targets
+                problem, state._replace(params=params), batch["image"], targets, masks.sharing
             )
             enc_opt = mtl.post_step_in_state(enc_opt, problem.post_step, new_losses)
         finite = jnp.all(jnp.isfinite(losses))
@@ -401,13 +474,16 @@ def make_train_step(problem: Problem) -> Callable[[TrainState, dict], tuple[Trai
     return step
 
 
-def make_predict(problem: Problem) -> Callable[[PyTree, PyTree, jax.Array], dict[str, jax.Array]]:
-    """``(params, model_state, x) -> {task: prediction}`` in evaluation mode."""
+def make_predict(problem: Problem) -> Callable[..., dict[str, jax.Array]]:
+    """``(params, model_state, x, masks=None) -> {task: prediction}`` in evaluation mode
+    (``masks`` as in :func:`make_train_step`)."""
     model = problem.model
     stream = {t.name: i for i, t in enumerate(problem.streams)}
 
-    def predict(params, model_state, x):
-        z, _ = _encoder_forward(problem, model_state["encoder"], False)(params["encoder"], x)
+    def predict(params, model_state, x, masks: StepMasks | None = None):
+        sharing_masks = _masks_or_constants(problem, masks).sharing
+        forward = _encoder_forward(problem, model_state["encoder"], False, sharing_masks)
+        z, _ = forward(params["encoder"], x)
         out = {}
         for t in problem.tasks:
             z_t = (
@@ -440,8 +516,10 @@ def build_problem(
     mask: PyTree | None = None,
     sharing: PyTree | None = None,
     state_sharing: PyTree | None = None,
+    layout: parallel_lib.Layout | None = None,
 ) -> Problem:
-    """The transforms for the encoder and heads and the conflict tracker of one run."""
+    """The transforms for the encoder and heads and the conflict tracker of one run; ``layout``:
+    the mesh the run's step is laid out on (:mod:`experiments.parallel`)."""
     num_tasks = len(tasks)
     kind, aggregator, post_step = make_aggregator(
         spec.method, spec.method_kwargs, num_tasks, steps_per_epoch, seed=spec.seed
@@ -481,6 +559,7 @@ def build_problem(
         kind=kind,
         post_step=post_step,
         measure_mask=mask if spec.measure_masked else None,
+        layout=layout,
     )
 
 
@@ -579,6 +658,21 @@ def init_state(problem: Problem, params: PyTree, model_state: PyTree) -> TrainSt
     return jax.jit(make)(params, model_state)
 
 
+def train_state_shardings(state: TrainState, layout: parallel_lib.Layout) -> TrainState:
+    """One ``NamedSharding`` per leaf of ``state``: parameters and the optimizer's moments
+    replicated or FSDP-sharded (``layout.fsdp``); the aggregator's and mask's states, the
+    conflict counters, BatchNorm statistics and the counters replicated."""
+    replicated = functools.partial(parallel_lib.replicated_shardings, layout=layout)
+    return TrainState(
+        step=layout.replicated,
+        params=parallel_lib.param_shardings(state.params, layout),
+        model_state=replicated(state.model_state),
+        opt_state=parallel_lib.optimizer_state_shardings(state.opt_state, layout),
+        conflict=replicated(state.conflict),
+        first_nonfinite=layout.replicated,
+    )
+
+
 @functools.cache
 def _compiled_init(model, streams: tuple, input_shape: tuple) -> Callable:
     return jax.jit(lambda key: init_params(model, streams, input_shape, key))
@@ -607,7 +701,8 @@ def evaluate(
     for batch in data_lib.batches(
         source, batch_size, seed=0, epoch=0, shuffle=False, drop_remainder=False
     ):
-        preds = predict_fn(state.params, state.model_state, jnp.asarray(batch["image"]))
+        x = parallel_lib.shard_batch(batch["image"], problem.layout)
+        preds = predict_fn(state.params, state.model_state, x)
         for t in problem.tasks:
             accumulators[t.name].update(np.asarray(preds[t.name]), np.asarray(batch[t.name]))
     return {name: acc.result() for name, acc in accumulators.items()}
@@ -726,13 +821,11 @@ def run_tasks(data: Any, spec: RunSpec) -> tuple[tuple[TaskSpec, ...], tuple[Tas
     return tasks, streams
 
 
-def _sharing_info(sharing: PyTree | None, mask: PyTree | None) -> dict:
+def _sharing_info(sharing_masks: PyTree | None, mask: PyTree | None) -> dict:
+    """``sharing_masks``: the masks split off the sharing spec (``split_sharing_masks``)."""
     info: dict[str, Any] = {}
-    if sharing is not None and any(
-        isinstance(m, sharing_lib.Masked)
-        for m in jax.tree.leaves(sharing, is_leaf=lambda x: isinstance(x, sharing_lib.Masked))
-    ):
-        sizes = lass_lib.subnetwork_sizes(sharing)  # LaSS: the per-task sub-networks
+    if sharing_masks is not None:
+        sizes = lass_lib.subnetwork_sizes(sharing_masks)  # LaSS: the per-task sub-networks
         info["subnetwork"] = {
             "kept": [int(v) for v in sizes["kept"]],
             "total": sizes["total"],
@@ -794,6 +887,10 @@ def train_run(
     parameters and model state as the artifact ``final`` (and its sparse-training mask as
     ``mask``), from which later phases start (``init_from``). ``stop_after_steps`` ends the
     process-local loop early (as a kill would) -- for tests.
+
+    The run uses the mesh of ``config.parallel`` (:mod:`experiments.parallel`; by default every
+    visible device): the batch is sharded, the parameters and optimizer state replicated or
+    FSDP-sharded, everything else replicated; its ``start`` record names the mesh.
     """
     artifacts = Artifacts(workdir)
     finished = _run_records(log, "summary", spec)
@@ -802,6 +899,9 @@ def train_run(
     model = spec.model if spec.model is not None else model
     tasks, streams = run_tasks(data, spec)
     batch_size = int(config.train.batch_size)
+    layout = parallel_lib.layout_from_config(config.get("parallel"))
+    parallel_lib.check_batch_size(batch_size, layout.num_devices)
+    progress = progress and parallel_lib.is_primary()
     steps_per_epoch = data_lib.num_batches(data.train, batch_size, drop_remainder=True)
     epochs = int(spec.epochs if spec.epochs is not None else config.train.epochs)
     total_steps = epochs * steps_per_epoch
@@ -810,7 +910,8 @@ def train_run(
     if spec.init_from is None:
         params, model_state = initial_params(model, streams, data.input_shape, spec.seed)
     else:
-        params, model_state = load_final_params(artifacts, spec.init_from)
+        # on the host: the artifact may carry the sharding of the run that saved it
+        params, model_state = parallel_lib.to_host(load_final_params(artifacts, spec.init_from))
     mask = None if spec.encoder_mask_fn is None else spec.encoder_mask_fn(params["encoder"])
     sharing = None if spec.sharing_fn is None else spec.sharing_fn(params["encoder"])
     if sharing is not None and spec.init_from is None:
@@ -823,6 +924,8 @@ def train_run(
             model, streams, data.input_shape, spec, params, model_state
         )
     initial_encoder = params["encoder"]
+    # LaSS's masks as arrays (step arguments), not constants of the compiled step
+    sharing, sharing_masks = split_sharing_masks(sharing)
 
     problem = build_problem(
         config,
@@ -834,8 +937,11 @@ def train_run(
         mask=mask,
         sharing=sharing,
         state_sharing=state_sharing,
+        layout=layout,
     )
     template = init_state(problem, params, model_state)
+    shardings = train_state_shardings(template, layout)
+    template = parallel_lib.place(template, shardings)  # restored into the same layout
     manager = checkpoint_manager(os.path.join(artifacts.phase_dir(spec.run_id), "checkpoints"))
     restored = restore_checkpoint(manager, template)
     state = fresh_buffers(template if restored is None else restored)
@@ -849,7 +955,7 @@ def train_run(
     earlier = [r for r in _run_records(log, "conflict", spec) if r["step"] <= start]
     wall_before = float(earlier[-1].get("wall_seconds", 0.0)) if earlier else 0.0
     began = time.perf_counter()
-    info = {**dict(spec.info), **_sharing_info(sharing, mask), **branch_info}
+    info = {**dict(spec.info), **_sharing_info(sharing_masks, mask), **branch_info}
     if restored is None:
         log.write(
             {
@@ -865,13 +971,34 @@ def train_run(
                 "head_params": count_params(state.params["heads"]),
                 "steps_per_epoch": steps_per_epoch,
                 "total_steps": total_steps,
+                "mesh": parallel_lib.mesh_record(
+                    layout, parallel_lib.count_sharded((shardings.params, shardings.opt_state))
+                ),
                 "info": info,
             }
         )
     if mask is not None:
-        artifacts.save_arrays(spec.run_id, "mask", mask)
+        artifacts.save_arrays(
+            spec.run_id,
+            "mask",
+            parallel_lib.place(mask, parallel_lib.replicated_shardings(mask, layout)),
+        )
 
-    predict_fn = jax.jit(make_predict(problem))
+    step_masks = StepMasks(sharing_masks, problem.measure_mask)
+    mask_shardings = step_mask_shardings(step_masks, state.params["encoder"], layout)
+    step_masks = parallel_lib.place(step_masks, mask_shardings)
+    jitted_predict = jax.jit(make_predict(problem), out_shardings=layout.replicated)
+
+    def predict_fn(params, model_state, x):
+        return jitted_predict(params, model_state, x, step_masks)
+
+    jitted_step = jax.jit(  # the masks are a positional argument: jit's in_shardings take no kwargs
+        make_train_step(problem),
+        donate_argnums=0,
+        in_shardings=(shardings, layout.batch, mask_shardings),
+        out_shardings=(shardings, layout.replicated),
+    )
+
     columns = ["image", *[t.name for t in tasks]]
     eval_every = max(1, int(config.train.eval_every_epochs))
 
@@ -884,7 +1011,7 @@ def train_run(
             shuffle=True,
             start_batch=start_batch,
         ):
-            yield {k: jnp.asarray(batch[k]) for k in columns}
+            yield parallel_lib.shard_batch({k: batch[k] for k in columns}, layout)
 
     def check(state: TrainState, outputs: dict) -> None:
         _check_finite(state, problem, outputs, manager.latest_step() is not None)
@@ -913,7 +1040,7 @@ def train_run(
             )
 
     result = run_loop(
-        step_fn=jax.jit(make_train_step(problem), donate_argnums=0),
+        step_fn=lambda state, batch: jitted_step(state, batch, step_masks),
         state=state,
         batches=batches,
         steps_per_epoch=steps_per_epoch,
@@ -940,7 +1067,9 @@ def train_run(
     evals = _run_records(log, "eval", spec)
     tracker = problem.tracker
     if mask is not None:
-        info["frozen_unchanged"] = _frozen_unchanged(mask, initial_encoder, state.params["encoder"])
+        info["frozen_unchanged"] = _frozen_unchanged(
+            mask, initial_encoder, parallel_lib.to_host(state.params["encoder"])
+        )
     epoch_records = _run_records(log, "conflict", spec)
     summary = {
         "kind": "summary",

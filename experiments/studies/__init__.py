@@ -4,6 +4,7 @@
 * ``sparse_training`` (:mod:`.sparse_training`): dense vs sparse training, selection controls.
 * ``leaf_combinations`` (:mod:`.leaf_combinations`): PCGrad x Modulation x LaSS.
 * ``recon`` (:mod:`.recon`): Recon's search -> select -> branch -> retrain, with RSL / RSP.
+* ``conal`` (:mod:`.conal`): CoNAL's search -> discretise -> retrain, vs all-shared / all-private.
 
 A study module defines ``STUDY`` (:class:`~experiments.studies.base.Study`): its config section
 and defaults, validation, phases and report section. To add one, write the module and add it to
@@ -15,11 +16,11 @@ from __future__ import annotations
 import ml_collections
 
 from experiments import config as config_lib
-from experiments.studies import compare, leaf_combinations, recon, sparse_training
+from experiments.studies import compare, conal, leaf_combinations, recon, sparse_training
 from experiments.studies.base import Study, StudyContext, train_phase
 
 STUDIES: dict[str, Study] = {
-    m.STUDY.name: m.STUDY for m in (compare, sparse_training, leaf_combinations, recon)
+    m.STUDY.name: m.STUDY for m in (compare, sparse_training, leaf_combinations, recon, conal)
 }
 
 __all__ = [

@@ -1,0 +1,1213 @@
+"""``conal``: CoNAL (Yue, Zhang & Liang, AAAI 2023) -- search, discretise, retrain, vs baselines.
+
+The library (:mod:`mtl_jax.conal`) does the maths; this module orchestrates. The encoder of the
+config's model is cut into its named blocks (:data:`BLOCK_MODELS`: ``small_resnet`` =
+``stem, block1, block2, block3, neck``, the standard encoder exactly; ``segnet`` = its encoder and
+decoder levels, with nearest-neighbour upsampling instead of SegNet's argmax unpooling, a departure
+that a sequence of blocks forces). Per seed, in phases:
+
+1. ``search__seed<s>``: the CoNAL search (:func:`mtl_jax.conal.make_search`: one jitted step,
+   an architecture update on a held-out batch, then a weight update on a training batch, each with
+   its own optax optimizer; ``nocl`` on the shared blocks) through :func:`experiments.loop.run_loop`
+   (checkpointed in the phase directory, resumable to the step). The held-out split is carved from
+   the training set (``conal.val_fraction``, a fixed permutation drawn from
+   ``dataset.split_seed``); the weights train on the rest. Every ``conal.alpha_every`` steps the
+   per-task softmax over the branch points is logged (records ``kind="conal_alpha"``). With
+   ``conal.pro`` the search is CoNAL-Pro (:func:`mtl_jax.conal.search_pro`, not resumable inside
+   the phase: a killed Pro search restarts). Artifact ``search`` (JSON): final alpha logits and
+   softmax, the share of steps in which each shared block's task gradients conflicted, the
+   trajectory; CoNAL-Pro adds the group labels.
+2. ``discretise__seed<s>``: the argmax branch point per task (:func:`mtl_jax.conal.discretise`,
+   ``conal.tie_break``); artifact ``architecture`` (JSON: branch points, groups, final softmax,
+   block sizes, encoder parameter counts of the learned / all-shared / all-private models, the
+   text description) and ``architecture.png`` (the drawn tree) in the phase directory.
+3. Retrain from scratch on the whole training set, per base method of ``conal.methods``:
+
+   * ``<m>+conal``: the discretised architecture;
+   * ``<m>+private``: the all-private encoder (every block task-specific);
+   * ``<m>``: the all-shared encoder. With an exact block cut (``small_resnet``) this is the
+     standard compare run (:func:`~experiments.studies.base.train_phase`); otherwise it is
+     trained like the other two.
+
+   Single-task references with ``single_task``.
+
+Search hyper-parameters: the official ``search.py``'s optimizers (clip 5, L2 1e-5, Adam) with the
+weight lr of ``config.train`` (``conal.weight_lr`` = 0) and alpha lr ``conal.arch_lr = 1e-2``
+instead of 5e-5: the official search runs for many epochs; at 5e-5 the logits of a search of a few
+hundred steps would barely leave the uniform softmax.
+
+The retrain step (:func:`make_retrain`) is exact for any tree architecture: the trunk runs
+once; every task runs its own branch (a CoNAL-Pro group's branch is shared by its tasks) and its
+head; each parameter is updated from the gradients of exactly the tasks that use it -- a trunk
+block b with the base aggregator over the Jacobian rows of the tasks whose branch point is > b
+(blocks with the same task set share one aggregator), a branch copy of one task with that task's
+gradient (as Recon's copies), a group's copy with the aggregator over its tasks' rows, a head with
+its task's gradient -- then the run's optimizer (``config.train``). The all-shared architecture
+gives the standard step (one aggregator over all K rows of the encoder; the losses of
+``train_run`` over 8 steps agree to float rounding, ``tests/test_conal_study.py``). Cost of a step:
+one trunk forward, per task one forward and backward through its branch and head, and one trunk
+backward per task for the Jacobian rows (unrolled over the tasks: no vmapped convolutions, which
+XLA:CPU runs slowly). Recon-style per-task copies (``RunSpec.branch_fn``) were not used: they give every
+task its own copy of a branched layer, so two tasks that branch late would no longer share their
+common blocks. Copies start from ``conal.init``: ``"fresh"`` (copy t of a block from the model
+initialised with another key, as Recon's ``fresh`` and the official ``new_bb()``) or ``"copy"``
+(every copy from the seed's initial block). Only gradient aggregators (``mtl.AGGREGATORS``) are
+accepted as base methods: the loss-weighting and representation methods act on the whole model.
+
+The report writes ``conal_summary.json`` at the work dir's root (per seed: branch points, final
+softmax, parameter counts, test metrics and Δm% of the learned, all-shared and all-private models;
+the reference of Δm is the single-task runs when the config has them, else the all-shared model of
+the same seed), a table, the stability of the architectures across seeds, the trees and the
+alpha trajectories.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from experiments import conal_report, optim, reports
+from experiments import data as data_lib
+from experiments import losses as losses_lib
+from experiments import metrics as metrics_lib
+from experiments.config import check_keys
+from experiments.logs import atomic_write_text
+from experiments.loop import (
+    LoopHooks,
+    checkpoint_manager,
+    fresh_buffers,
+    restore_checkpoint,
+    run_loop,
+)
+from experiments.models import small_resnet
+from experiments.models.segnet import ConvBNReLU, _convs_per_level
+from experiments.phases import Artifacts, Phase
+from experiments.studies.base import (
+    Study,
+    StudyContext,
+    fmt,
+    method_spec,
+    single_task_runs,
+    train_phase,
+)
+from experiments.train import (
+    RunSpec,
+    apply_module,
+    count_params,
+    initial_params,
+    make_aggregator,
+)
+from mtl_jax import conal
+
+PyTree = Any
+SEARCH_RUN = "conal-search"
+VARIANTS = ("conal", "shared", "private")
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """``config.conal``."""
+    return ml_collections.ConfigDict(
+        {
+            "methods": ("mean",),  # base aggregators of the retrained models
+            "search_epochs": 0,  # epochs of the search over its training part; 0: train.epochs
+            "val_fraction": 0.2,  # share of the training set held out for the architecture
+            "mixing": "stream",  # Supernet.mixing: "stream" (one private pass) or "paths"
+            "task_map": "unroll",  # "unroll" (CPU conv nets), "vmap" (accelerators), "scan"
+            "nocl": True,  # CoNAL's conflict rule on the shared blocks during the search
+            "gumbel": False,  # Gumbel-softmax (straight-through) instead of the softmax
+            "tau": 1.0,
+            "weight_lr": 0.0,  # search weight optimizer lr; 0: train.lr (official: 1e-4)
+            "weight_decay": 1e-5,
+            "grad_clip": 5.0,
+            "arch_lr": 1e-2,  # alpha lr (official 5e-5 over a long search; ours is short)
+            "arch_weight_decay": 1e-5,
+            "alpha_every": 5,  # log the alpha softmax every this many search steps
+            "tie_break": "shared",  # discretise: exact ties -> the deeper branch point
+            "pro": False,  # CoNAL-Pro (progressive, task groups)
+            "pro_steps_per_stage": 0,  # 0: the search steps divided by the number of stages
+            "init": "fresh",  # retrain copies: "fresh" (own init) or "copy" (the block's init)
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The encoder as a sequence of blocks.
+
+
+class _SegNetDown(nn.Module):
+    """SegNet encoder level: ConvBNReLU x (1 + convs) -> 2x2 max pool."""
+
+    features: int
+    level: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = ConvBNReLU(self.features, name="encoder_block")(x, train)
+        for j in range(_convs_per_level(self.level)):
+            x = ConvBNReLU(self.features, name=f"conv_block_{j}")(x, train)
+        return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+class _SegNetUp(nn.Module):
+    """SegNet decoder level: 2x nearest upsampling -> ConvBNReLU x (1 + convs)."""
+
+    features: int
+    level: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        x = ConvBNReLU(self.features, name="decoder_block")(x, train)
+        for j in range(_convs_per_level(self.level)):
+            x = ConvBNReLU(self.features, name=f"conv_block_{j}")(x, train)
+        return x
+
+
+def _small_resnet_blocks(model_config, input_shape) -> list[nn.Module]:
+    return small_resnet.encoder_blocks(model_config, input_shape)
+
+
+def _segnet_blocks(model_config, input_shape) -> list[nn.Module]:
+    f = tuple(int(c) for c in model_config.filters)
+    down = [_SegNetDown(f[i], i, name=f"enc{i}") for i in range(len(f))]
+    up = [_SegNetUp(f[max(i - 1, 0)], i, name=f"dec{i}") for i in reversed(range(len(f)))]
+    return down + up
+
+
+#: ``model name -> (blocks builder, exact)``: ``exact`` when chaining the blocks is the model's
+#: own encoder (same variables), so the all-shared baseline is the standard run.
+BLOCK_MODELS: dict[str, tuple[Callable, bool]] = {
+    "small_resnet": (_small_resnet_blocks, True),
+    "segnet": (_segnet_blocks, False),
+}
+
+
+def _blocks_for(ctx: StudyContext) -> tuple[list[conal.Block], bool]:
+    name = ctx.config.model.name
+    builder, exact = BLOCK_MODELS[name]
+    modules = builder(ctx.config.model, tuple(ctx.data.input_shape))
+    return [conal.linen_block(m, m.name) for m in modules], exact
+
+
+def _block_names(blocks: Sequence[conal.Block]) -> list[str]:
+    return [b.name for b in blocks]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: the search's two splits and batches.
+
+
+def search_splits(config, data) -> tuple[Any, Any]:
+    """``(weights part, architecture part)`` of the training set (a fixed permutation)."""
+    n = len(data.train)
+    n_val = round(float(config.conal.val_fraction) * n)
+    if not 0 < n_val < n:
+        raise ValueError(
+            f"conal.val_fraction={config.conal.val_fraction} leaves {n_val} of {n} training "
+            "examples for the architecture split; choose a fraction in (0, 1)."
+        )
+    if n_val < int(config.train.batch_size) or n - n_val < int(config.train.batch_size):
+        raise ValueError(
+            f"The search splits {n} training examples into {n - n_val} (weights) and {n_val} "
+            f"(architecture, conal.val_fraction={config.conal.val_fraction}); each needs at least "
+            f"one batch of train.batch_size={config.train.batch_size}. Lower the batch size or "
+            "change the fraction."
+        )
+    order = np.random.default_rng(1_000 + int(config.dataset.split_seed)).permutation(n)
+    return data_lib.take(data.train, order[n_val:]), data_lib.take(data.train, order[:n_val])
+
+
+def _to_jax(batch: dict, names: Sequence[str]) -> tuple[jax.Array, dict]:
+    return jnp.asarray(batch["image"]), {n: jnp.asarray(batch[n]) for n in names}
+
+
+def _val_batch(source, batch_size: int, seed: int, index: int):
+    """The ``index``-th held-out batch of an endless, epoch-wise reshuffled stream."""
+    per_epoch = data_lib.num_batches(source, batch_size, drop_remainder=True)
+    epoch, j = divmod(index, per_epoch)
+    return next(iter(data_lib.batches(source, batch_size, seed=seed, epoch=epoch, start_batch=j)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads and losses.
+
+
+def _head_params(ctx: StudyContext, seed: int) -> tuple[dict, dict]:
+    params, state = initial_params(ctx.model, ctx.data.tasks, ctx.data.input_shape, seed)
+    return params, state
+
+
+def make_loss_fn(model, tasks) -> Callable:
+    """``(heads {task: params}, feats [K, N, ...], targets {task: y}) -> losses f32[K]``."""
+
+    def loss_fn(heads, feats, targets):
+        out = []
+        for k, task in enumerate(tasks):
+            pred, _ = apply_module(model.heads[task.name], heads[task.name], {}, feats[k], True)
+            out.append(losses_lib.task_loss(task, pred, targets[task.name]))
+        return jnp.stack(out)
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 1: the search.
+
+
+def search_config(config, seed: int) -> conal.SearchConfig:
+    c = config.conal
+    return conal.SearchConfig(
+        weight_lr=float(c.weight_lr) or float(config.train.lr),
+        weight_decay=float(c.weight_decay),
+        grad_clip=float(c.grad_clip),
+        arch_lr=float(c.arch_lr),
+        arch_weight_decay=float(c.arch_weight_decay),
+        nocl=bool(c.nocl),
+        track_conflict=True,
+        gumbel=bool(c.gumbel),
+        tau=float(c.tau),
+        seed=int(seed),
+    )
+
+
+def _search_epochs(config) -> int:
+    return int(config.conal.search_epochs) or int(config.train.epochs)
+
+
+def _alpha_records(log, seed: int) -> list[dict]:
+    return [
+        r
+        for r in log.records()
+        if r.get("kind") == "conal_alpha" and r.get("run") == SEARCH_RUN and r["seed"] == seed
+    ]
+
+
+def _search_phase(ctx: StudyContext, seed: int) -> Phase:
+    name = f"search__seed{seed}"
+    config, c = ctx.config, ctx.config.conal
+    names = [t.name for t in ctx.data.tasks]
+
+    def run(artifacts: Artifacts) -> dict:
+        blocks, _ = _blocks_for(ctx)
+        supernet = conal.Supernet(
+            blocks, len(names), mixing=str(c.mixing), task_map=str(c.task_map)
+        )
+        search = conal.make_search(
+            supernet, make_loss_fn(ctx.model, ctx.data.tasks), search_config(config, seed)
+        )
+        train_part, val_part = search_splits(config, ctx.data)
+        batch_size = int(config.train.batch_size)
+        steps_per_epoch = data_lib.num_batches(train_part, batch_size, drop_remainder=True)
+        total = _search_epochs(config) * steps_per_epoch
+        heads, _ = _head_params(ctx, seed)
+        x0 = jnp.zeros((2, *ctx.data.input_shape), jnp.float32)
+        template = search.init(jax.random.PRNGKey(seed), x0, heads["heads"])
+
+        def batches(epoch: int, start: int):
+            for i, batch in enumerate(
+                data_lib.batches(train_part, batch_size, seed=seed, epoch=epoch, start_batch=start)
+            ):
+                index = epoch * steps_per_epoch + start + i
+                val = _val_batch(val_part, batch_size, 7_919 * (seed + 1), index)
+                yield _to_jax(batch, names), _to_jax(val, names)
+
+        began = time.perf_counter()
+        if c.pro:
+            stages = supernet.num_branch_points
+            per_stage = int(c.pro_steps_per_stage) or max(1, total // stages)
+
+            def stream():
+                epoch = 0
+                while True:
+                    yield from batches(epoch, 0)
+                    epoch += 1
+
+            arch, state, history = conal.search_pro(
+                search, template, stream(), per_stage, tie_break=str(c.tie_break)
+            )
+            extra = {
+                "branch_points": list(arch.branch_points),
+                "group_labels": list(arch.group_labels or ()),
+                "stages": [
+                    {"depth": h["depth"], "decided": [list(g) for g in h["decided"]]}
+                    for h in history
+                ],
+            }
+        else:
+            manager = checkpoint_manager(os.path.join(artifacts.phase_dir(name), "checkpoints"))
+            restored = restore_checkpoint(manager, template)
+            state = fresh_buffers(template if restored is None else restored)
+            start = int(state.step)
+            ctx.log.drop(
+                lambda r: (
+                    r.get("run") == SEARCH_RUN
+                    and r.get("seed") == seed
+                    and r.get("step", -1) > start
+                )
+            )
+
+            def step_fn(state, batch):
+                state, metrics = search.step(state, batch[0], batch[1])
+                return state, {**metrics, "losses": metrics["train_losses"]}
+
+            def on_log(state, step: int, epoch: int, out: dict) -> None:
+                ctx.log.write(
+                    {
+                        "kind": "conal_alpha",
+                        "run": SEARCH_RUN,
+                        "seed": seed,
+                        "step": step,
+                        "epoch": epoch,
+                        "alpha_softmax": np.asarray(out["alpha_softmax"]).tolist(),
+                        "train_losses": np.asarray(out["train_losses"]).tolist(),
+                        "val_losses": np.asarray(out["val_losses"]).tolist(),
+                        "shared_conflict": np.asarray(out["shared_conflict"]).tolist(),
+                    }
+                )
+
+            def check(state, out: dict) -> None:
+                losses = np.asarray(out["train_losses"])
+                if not np.all(np.isfinite(losses)):
+                    raise FloatingPointError(
+                        f"CoNAL search (seed {seed}): non-finite task loss {losses.tolist()} at "
+                        f"step {int(state.step)}; lower conal.weight_lr or conal.arch_lr."
+                    )
+
+            result = run_loop(
+                step_fn=jax.jit(step_fn, donate_argnums=0),
+                state=state,
+                batches=batches,
+                steps_per_epoch=steps_per_epoch,
+                total_steps=total,
+                manager=manager,
+                hooks=LoopHooks(on_log=on_log, check=check),
+                log_every=int(c.alpha_every),
+                checkpoint_every_steps=int(config.train.checkpoint_every_steps),
+                checkpoint_every_epochs=int(config.train.checkpoint_every_epochs),
+                progress=ctx.progress,
+                desc=name,
+            )
+            state = result.state
+            extra = {}
+        records = _alpha_records(ctx.log, seed)
+        alpha = np.asarray(state.params["alpha"])
+        out = {
+            "alpha": alpha.tolist(),
+            "alpha_softmax": np.asarray(
+                conal.branch_weights(jnp.asarray(alpha), state.candidates)
+            ).tolist(),
+            "steps": int(state.step),
+            "block_sizes": conal.block_param_counts(state.params),
+            "block_names": _block_names(blocks),
+            "conflict_share": np.mean([r["shared_conflict"] for r in records], axis=0).tolist()
+            if records
+            else [],
+            "trajectory": {
+                "steps": [r["step"] for r in records],
+                "alpha_softmax": [r["alpha_softmax"] for r in records],
+            },
+            "seconds": time.perf_counter() - began,
+            **extra,
+        }
+        artifacts.save_json(name, "search", out)
+        return {"steps": out["steps"]}
+
+    return Phase(name=name, run=run, info={"seed": seed, "conal": "search"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 2: discretise.
+
+
+def architecture_of(found: dict, num_blocks: int, tie_break: str) -> conal.Architecture:
+    """The discrete architecture of a search artifact (CoNAL-Pro: its decided groups)."""
+    if found.get("group_labels"):
+        return conal.Architecture(
+            tuple(found["branch_points"]), num_blocks, True, tuple(found["group_labels"])
+        )
+    return conal.Architecture(
+        conal.discretise(np.asarray(found["alpha"]), tie_break=tie_break), num_blocks
+    )
+
+
+def load_architecture(artifacts: Artifacts, seed: int) -> conal.Architecture:
+    a = artifacts.load_json(f"discretise__seed{seed}", "architecture")
+    labels = tuple(a["group_labels"]) if a["group_labels"] else None
+    return conal.Architecture(tuple(a["branch_points"]), a["num_blocks"], a["grouped"], labels)
+
+
+def _discretise_phase(ctx: StudyContext, seed: int) -> Phase:
+    name = f"discretise__seed{seed}"
+    search_id = f"search__seed{seed}"
+    task_names = [t.name for t in ctx.data.tasks]
+
+    def run(artifacts: Artifacts) -> dict:
+        found = artifacts.load_json(search_id, "search")
+        names, sizes = found["block_names"], found["block_sizes"]
+        arch = architecture_of(found, len(names), str(ctx.config.conal.tie_break))
+        counts = conal.param_counts(sizes, arch)
+        png = os.path.join(artifacts.phase_dir(name), "architecture.png")
+        os.makedirs(os.path.dirname(png), exist_ok=True)
+        conal_report.draw_architecture(
+            arch, names, task_names, png, title=f"CoNAL, seed {seed}: {list(arch.branch_points)}"
+        )
+        out = {
+            "branch_points": list(arch.branch_points),
+            "num_blocks": arch.num_blocks,
+            "grouped": arch.grouped,
+            "group_labels": list(arch.group_labels) if arch.group_labels else None,
+            "alpha_softmax": found["alpha_softmax"],
+            "block_names": names,
+            "block_sizes": sizes,
+            "param_counts": counts,
+            "text": conal.architecture_text(arch, names, task_names),
+            "image": png,
+        }
+        artifacts.save_json(name, "architecture", out)
+        return {"branch_points": out["branch_points"], "param_counts": counts}
+
+    return Phase(name=name, run=run, needs=(search_id,), info={"seed": seed, "conal": "discretise"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 3: the retrain step for a tree architecture.
+
+
+class RetrainState(NamedTuple):
+    """``params = {"trunk": [block]*D, "branches": [[block]*(B - p_c)], "heads": {task}}``;
+    ``model_state`` likewise without heads; ``opt_state = (aggregator states, encoder opt, heads
+    opt)``."""
+
+    step: jax.Array
+    params: dict
+    model_state: dict
+    opt_state: tuple
+    first_nonfinite: jax.Array
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TreeModel:
+    """A discrete tree architecture over blocks, with the study's heads (heads without mutable
+    state, as every head of the suite).
+
+    The same forward as :func:`mtl_jax.conal.architecture_apply`, written per branch (lists of
+    block parameters instead of stacked copies), so each task's loss can be differentiated
+    through its own branch only.
+    """
+
+    blocks: tuple[conal.Block, ...]
+    arch: conal.Architecture
+    model: Any  # the MultiTaskModel (its heads)
+    tasks: tuple
+
+    @functools.cached_property
+    def branches(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        return self.arch.branches()
+
+    @functools.cached_property
+    def branch_of(self) -> dict[int, int]:
+        return {t: c for c, (_, ts) in enumerate(self.branches) for t in ts}
+
+    def units(self) -> list[tuple[tuple[int, ...], str, Any]]:
+        """Parameter units and the tasks that use them: ``(tasks, "trunk", [blocks])`` for trunk
+        blocks with the same task set, ``(tasks, "branch", c)`` per branch."""
+        bps = self.arch.branch_points
+        by_set: dict[tuple[int, ...], list[int]] = collections.OrderedDict()
+        for b in range(self.arch.trunk_depth):
+            users = tuple(t for t, p in enumerate(bps) if p > b)
+            by_set.setdefault(users, []).append(b)
+        out = [(users, "trunk", blocks) for users, blocks in by_set.items()]
+        out += [(tuple(ts), "branch", c) for c, (_, ts) in enumerate(self.branches)]
+        return out
+
+    def trunk(self, params, state, x, train: bool):
+        """``([s_0 = x, s_1, ..., s_D], new trunk state)``, D = ``trunk_depth``."""
+        feats, new_state = [x], []
+        for b in range(self.arch.trunk_depth):
+            s, st = self.blocks[b].apply(params[b], state[b], feats[-1], train)
+            feats.append(s)
+            new_state.append(st)
+        return feats, new_state
+
+    def branch(self, c: int, params, state, x, train: bool):
+        """Branch c's copies of blocks ``p_c..B-1`` on ``x = s_{p_c}``: ``(z, new state)``."""
+        p = self.branches[c][0]
+        new_state = []
+        for i, b in enumerate(range(p, self.arch.num_blocks)):
+            x, st = self.blocks[b].apply(params[i], state[i], x, train)
+            new_state.append(st)
+        return x, new_state
+
+    def head(self, t: int, params, z, train: bool):
+        """Task t's prediction from its encoder feature ``z``."""
+        task = self.tasks[t]
+        return apply_module(self.model.heads[task.name], params, {}, z, train)[0]
+
+    def predict(self, params, state, x) -> dict:
+        """``{task: prediction}`` in evaluation mode (BatchNorm running statistics)."""
+        feats, _ = self.trunk(params["trunk"], state["trunk"], x, False)
+        zs = [
+            self.branch(c, params["branches"][c], state["branches"][c], feats[p], False)[0]
+            for c, (p, _) in enumerate(self.branches)
+        ]
+        out = {}
+        for t, task in enumerate(self.tasks):
+            p = self.arch.branch_points[t]
+            z = feats[p] if p == self.arch.num_blocks else zs[self.branch_of[t]]
+            out[task.name] = self.head(t, params["heads"][task.name], z, False)
+        return out
+
+
+def _encoder_block(params: dict, state: dict, name: str) -> tuple[PyTree, PyTree]:
+    """A named block's ``(params, state)`` in the standard encoder's variables."""
+    block_state = {col: tree[name] for col, tree in state.items() if name in tree}
+    return params[name], block_state
+
+
+def tree_init(
+    ctx: StudyContext, tree: TreeModel, seed: int, exact: bool, init: str
+) -> tuple[dict, dict]:
+    """Initial ``(params, model_state)``: the trunk (and the heads) from the seed's standard
+    initialisation (exact block cut) or from the blocks' own init; copies per ``init``."""
+    params0, state0 = initial_params(ctx.model, ctx.data.tasks, ctx.data.input_shape, seed)
+    names = [b.name for b in tree.blocks]
+    nb = tree.arch.num_blocks
+    if exact:
+
+        def block_vars(b: int, variant: int | None) -> tuple[PyTree, PyTree]:
+            if variant is None:
+                p, s = params0, state0
+            else:
+                p, s = initial_params(
+                    ctx.model,
+                    ctx.data.tasks,
+                    ctx.data.input_shape,
+                    1_000_003 * (seed + 1) + variant,
+                )
+            return _encoder_block(p["encoder"], s["encoder"], names[b])
+
+    else:
+        shapes = [jnp.zeros((2, *ctx.data.input_shape), jnp.float32)]
+        for b in range(nb):
+            p, s = tree.blocks[b].init(jax.random.PRNGKey(0), shapes[-1])
+            shapes.append(tree.blocks[b].apply(p, s, shapes[-1], False)[0])
+
+        def block_vars(b: int, variant: int | None) -> tuple[PyTree, PyTree]:
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), 1 + (variant or 0) * nb + b)
+            if variant is None:
+                key = jax.random.fold_in(jax.random.PRNGKey(seed), b)
+            return tree.blocks[b].init(key, shapes[b])
+
+    trunk = [block_vars(b, None) for b in range(tree.arch.trunk_depth)]
+    branches = []
+    for _, ts in tree.branches:
+        p = tree.arch.branch_points[ts[0]]
+        variant = ts[0] if init == "fresh" else None
+        branches.append([block_vars(b, variant) for b in range(p, nb)])
+    params = {
+        "trunk": [v[0] for v in trunk],
+        "branches": [[v[0] for v in br] for br in branches],
+        "heads": {t.name: params0["heads"][t.name] for t in tree.tasks},
+    }
+    state = {"trunk": [v[1] for v in trunk], "branches": [[v[1] for v in br] for br in branches]}
+    return params, state
+
+
+def _encoder_of(tree_params: dict) -> dict:
+    return {"trunk": tree_params["trunk"], "branches": tree_params["branches"]}
+
+
+def make_retrain(
+    tree: TreeModel,
+    method: str,
+    method_kwargs: dict,
+    opt: optax.GradientTransformation,
+    steps_per_epoch: int,
+    seed: int,
+) -> tuple[Callable, Callable]:
+    """``(init(params, state) -> RetrainState, step(state, batch) -> (state, outputs))``.
+
+    Per-task rows come from one trunk forward (its vjp), one forward and backward per task through
+    its branch and head, and one trunk backward per task (see the module docstring)."""
+    units = tree.units()
+    aggregators = []
+    for users, _, _ in units:
+        if len(users) > 1:
+            kind, agg, post = make_aggregator(
+                method, method_kwargs, len(users), steps_per_epoch, seed=seed
+            )
+            if kind != "jacobian" or post is not None:
+                raise ValueError(
+                    f"The conal study retrains with gradient aggregators only; {method!r} is a "
+                    f"{kind} method. Use one of mtl.AGGREGATORS."
+                )
+            aggregators.append(agg)
+        else:
+            aggregators.append(None)
+
+    def unit_params(enc: dict, u: int) -> PyTree:
+        _, where, what = units[u]
+        return [enc["trunk"][b] for b in what] if where == "trunk" else enc["branches"][what]
+
+    def init(params: dict, model_state: dict) -> RetrainState:
+        enc = _encoder_of(params)
+        agg_states = tuple(
+            optax.EmptyState() if a is None else a.init(unit_params(enc, u))
+            for u, a in enumerate(aggregators)
+        )
+        return RetrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            model_state=model_state,
+            opt_state=(agg_states, opt.init(enc), opt.init(params["heads"])),
+            first_nonfinite=jnp.full((), -1, jnp.int32),
+        )
+
+    def step(state: RetrainState, batch: dict) -> tuple[RetrainState, dict]:
+        x = batch["image"]
+        params, ms = state.params, state.model_state
+
+        def trunk_fn(trunk_params):
+            feats, new_state = tree.trunk(trunk_params, ms["trunk"], x, True)
+            return feats[1:], new_state
+
+        feats, trunk_vjp, trunk_state = jax.vjp(trunk_fn, params["trunk"], has_aux=True)
+        all_feats = [x, *feats]
+        losses, trunk_rows, branch_rows, head_grads = [], [], {}, {}
+        branch_state = [None] * len(tree.branches)
+        for t, task in enumerate(tree.tasks):
+            p = tree.arch.branch_points[t]
+            c = tree.branch_of.get(t)
+
+            def task_loss(inp, bparams, hparams, c=c, t=t, task=task):
+                new_bs = None
+                z = inp
+                if c is not None:
+                    z, new_bs = tree.branch(c, bparams, ms["branches"][c], inp, True)
+                pred = tree.head(t, hparams, z, True)
+                return losses_lib.task_loss(task, pred, batch[task.name]), new_bs
+
+            bparams = params["branches"][c] if c is not None else []
+            loss, vjp, new_bs = jax.vjp(
+                task_loss, all_feats[p], bparams, params["heads"][task.name], has_aux=True
+            )
+            g_inp, g_branch, g_head = vjp(jnp.ones_like(loss))
+            losses.append(loss)
+            head_grads[task.name] = g_head
+            if c is not None:
+                branch_rows.setdefault(c, []).append(g_branch)
+                if branch_state[c] is None:
+                    branch_state[c] = new_bs
+            if tree.arch.trunk_depth:
+                cot = [jnp.zeros_like(f) for f in feats]
+                if p > 0:
+                    cot[p - 1] = g_inp
+                trunk_rows.append(trunk_vjp(cot)[0])
+        losses = jnp.stack(losses)
+        enc = _encoder_of(params)
+        direction = {
+            "trunk": [None] * tree.arch.trunk_depth,
+            "branches": [None] * len(tree.branches),
+        }
+        agg_states = list(state.opt_state[0])
+        for u, (users, where, what) in enumerate(units):
+            if where == "trunk":
+                rows = [[trunk_rows[t][b] for b in what] for t in users]
+            else:
+                rows = branch_rows[what]
+            if aggregators[u] is None:
+                d = rows[0]
+            else:
+                jac = jax.tree.map(lambda *r: jnp.stack(r), *rows)
+                d, agg_states[u] = aggregators[u].update(
+                    jac, agg_states[u], unit_params(enc, u), task_losses=losses[jnp.array(users)]
+                )
+            if where == "trunk":
+                for i, b in enumerate(what):
+                    direction["trunk"][b] = d[i]
+            else:
+                direction["branches"][what] = d
+        enc_upd, enc_opt = opt.update(direction, state.opt_state[1], enc)
+        head_upd, head_opt = opt.update(head_grads, state.opt_state[2], params["heads"])
+        new_params = {
+            **optax.apply_updates(enc, enc_upd),
+            "heads": optax.apply_updates(params["heads"], head_upd),
+        }
+        finite = jnp.all(jnp.isfinite(losses))
+        first = jnp.where((state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite)
+        new_state = RetrainState(
+            step=state.step + 1,
+            params=new_params,
+            model_state={"trunk": trunk_state, "branches": branch_state},
+            opt_state=(tuple(agg_states), enc_opt, head_opt),
+            first_nonfinite=first,
+        )
+        return new_state, {"losses": losses}
+
+    return init, step
+
+
+def evaluate_tree(predict: Callable, tasks, state, source, batch_size: int) -> dict[str, dict]:
+    """Task metrics over a whole split (single device; ``experiments.train.evaluate``'s loop,
+    written here so this study does not depend on that function's device layout argument)."""
+    accumulators = {t.name: metrics_lib.make_task_metric(t) for t in tasks}
+    for batch in data_lib.batches(
+        source, batch_size, seed=0, epoch=0, shuffle=False, drop_remainder=False
+    ):
+        preds = predict(state.params, state.model_state, jnp.asarray(batch["image"]))
+        for t in tasks:
+            accumulators[t.name].update(np.asarray(preds[t.name]), np.asarray(batch[t.name]))
+    return {name: acc.result() for name, acc in accumulators.items()}
+
+
+def retrain_run(
+    ctx: StudyContext,
+    label: str,
+    method: str,
+    seed: int,
+    arch: conal.Architecture,
+    run_id: str,
+    artifacts: Artifacts,
+    info: dict,
+) -> dict:
+    """Trains the tree architecture ``arch`` (the phase ``run_id``), resumable; returns the
+    summary record (same fields as ``train_run``'s, so the base report lists the run)."""
+    config = ctx.config
+    log = ctx.log
+    blocks, exact = _blocks_for(ctx)
+    tree = TreeModel(tuple(blocks), arch, ctx.model, tuple(ctx.data.tasks))
+    name, kwargs = method_spec(config, method)
+    batch_size = int(config.train.batch_size)
+    steps_per_epoch = data_lib.num_batches(ctx.data.train, batch_size, drop_remainder=True)
+    epochs = int(config.train.epochs)
+    total = epochs * steps_per_epoch
+    opt = optim.optimizer(config.train, steps_per_epoch)
+    init_fn, step = make_retrain(tree, name, kwargs, opt, steps_per_epoch, seed)
+    params, model_state = tree_init(ctx, tree, seed, exact, str(config.conal.init))
+    template = jax.jit(init_fn)(params, model_state)
+    manager = checkpoint_manager(os.path.join(artifacts.phase_dir(run_id), "checkpoints"))
+    restored = restore_checkpoint(manager, template)
+    state = fresh_buffers(template if restored is None else restored)
+    start = int(state.step)
+    log.drop(
+        lambda r: r.get("run") == label and r.get("seed") == seed and r.get("step", -1) > start
+    )
+    names = [t.name for t in ctx.data.tasks]
+    if restored is None:
+        log.write(
+            {
+                "kind": "start",
+                "run": label,
+                "seed": seed,
+                "step": 0,
+                "method": name,
+                "method_kwargs": dict(kwargs),
+                "tasks": names,
+                "encoder_params": count_params(_encoder_of(state.params)),
+                "head_params": count_params(state.params["heads"]),
+                "steps_per_epoch": steps_per_epoch,
+                "total_steps": total,
+                "info": info,
+            }
+        )
+    predict = jax.jit(tree.predict)
+    columns = ["image", *names]
+    began = time.perf_counter()
+
+    def batches(epoch: int, start_batch: int):
+        for batch in data_lib.batches(
+            ctx.data.train, batch_size, seed=seed, epoch=epoch, start_batch=start_batch
+        ):
+            yield {k: jnp.asarray(batch[k]) for k in columns}
+
+    def check(state, out: dict) -> None:
+        if int(state.first_nonfinite) >= 0:
+            raise FloatingPointError(
+                f"Run {run_id}: non-finite task loss at step {int(state.first_nonfinite)}; lower "
+                "the learning rate."
+            )
+
+    def on_log(state, step_: int, epoch: int, out: dict) -> None:
+        log.write(
+            {
+                "kind": "train",
+                "run": label,
+                "seed": seed,
+                "step": step_,
+                "epoch": epoch,
+                "loss": {
+                    n: float(v) for n, v in zip(names, np.asarray(out["losses"]), strict=True)
+                },
+                "incidence": math.nan,
+                "mean_cos": math.nan,
+                "weights": [],
+            }
+        )
+
+    def on_epoch_end(state, epoch: int) -> None:
+        every = max(1, int(config.train.eval_every_epochs))
+        if (epoch + 1) % every == 0 or int(state.step) == total:
+            results = evaluate_tree(
+                predict, ctx.data.tasks, state, ctx.data.test, int(config.train.eval_batch_size)
+            )
+            log.write(
+                {
+                    "kind": "eval",
+                    "run": label,
+                    "seed": seed,
+                    "step": int(state.step),
+                    "epoch": epoch + 1,
+                    "split": "test",
+                    "metrics": results,
+                    "wall_seconds": time.perf_counter() - began,
+                }
+            )
+
+    result = run_loop(
+        step_fn=jax.jit(step, donate_argnums=0),
+        state=state,
+        batches=batches,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        manager=manager,
+        hooks=LoopHooks(on_log=on_log, on_epoch_end=on_epoch_end, check=check),
+        log_every=int(config.train.log_every_steps),
+        checkpoint_every_steps=int(config.train.checkpoint_every_steps),
+        checkpoint_every_epochs=int(config.train.checkpoint_every_epochs),
+        progress=ctx.progress,
+        desc=run_id,
+    )
+    state = result.state
+    artifacts.save_arrays(
+        run_id, "final", {"params": state.params, "model_state": state.model_state}
+    )
+    evals = [
+        r
+        for r in log.records()
+        if r.get("kind") == "eval" and r.get("run") == label and r.get("seed") == seed
+    ]
+    summary = {
+        "kind": "summary",
+        "run": label,
+        "seed": seed,
+        "step": total,
+        "method": name,
+        "tasks": names,
+        "test": evals[-1]["metrics"] if evals else {},
+        "incidence_all": {},
+        "incidence_last_half": {},
+        "s_scores": {},
+        "encoder_params": count_params(_encoder_of(state.params)),
+        "head_params": count_params(state.params["heads"]),
+        "seconds_per_step": float(np.median(result.step_seconds))
+        if result.step_seconds
+        else math.nan,
+        "wall_seconds": result.wall_seconds,
+        "info": info,
+    }
+    log.write(summary)
+    return summary
+
+
+def _retrain_phase(
+    ctx: StudyContext, method: str, variant: str, seed: int, nb_tasks: int, num_blocks: int
+) -> Phase:
+    label = method if variant == "shared" else f"{method}+{variant}"
+    run_id = f"{label}__seed{seed}"
+    discretise_id = f"discretise__seed{seed}"
+
+    def run(artifacts: Artifacts) -> dict:
+        if variant == "conal":
+            arch = load_architecture(artifacts, seed)
+        else:
+            p = num_blocks if variant == "shared" else 0
+            arch = conal.Architecture((p,) * nb_tasks, num_blocks)
+        info = {"conal": variant, "branch_points": list(arch.branch_points)}
+        summary = retrain_run(ctx, label, method, seed, arch, run_id, artifacts, info)
+        artifacts.save_json(run_id, "summary", summary)
+        return {"run": label, "seed": seed}
+
+    needs = (discretise_id,) if variant == "conal" else ()
+    return Phase(
+        name=run_id,
+        run=run,
+        needs=needs,
+        info={"label": label, "seed": seed, "method": method, "conal": variant},
+    )
+
+
+def runs_and_phases(ctx: StudyContext) -> list[Phase]:
+    config, c = ctx.config, ctx.config.conal
+    blocks, exact = _blocks_for(ctx)
+    k = len(ctx.data.tasks)
+    phases: list[Phase] = []
+    for seed in map(int, config.seeds):
+        phases += [_search_phase(ctx, seed), _discretise_phase(ctx, seed)]
+        for method in c.methods:
+            phases.append(_retrain_phase(ctx, method, "conal", seed, k, len(blocks)))
+            if exact:
+                name, kwargs = method_spec(config, method)
+                spec = RunSpec(
+                    label=method,
+                    method=name,
+                    method_kwargs=kwargs,
+                    seed=seed,
+                    info={"conal": "shared"},
+                )
+                phases.append(train_phase(ctx, spec))
+            else:
+                phases.append(_retrain_phase(ctx, method, "shared", seed, k, len(blocks)))
+            phases.append(_retrain_phase(ctx, method, "private", seed, k, len(blocks)))
+        if config.single_task:
+            phases += [train_phase(ctx, spec) for spec in single_task_runs(ctx.data, seed)]
+    return phases
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    c = config.conal
+    check_keys(c, defaults().keys(), "config.conal")
+    if config.model.name not in BLOCK_MODELS:
+        raise ValueError(
+            f"The conal study cuts the encoder into blocks; model {config.model.name!r} has none. "
+            f"Models with a block sequence: {sorted(BLOCK_MODELS)}."
+        )
+    if not c.methods:
+        raise ValueError("conal.methods is empty; give at least one base method, e.g. ('mean',).")
+    for method in c.methods:
+        name, kwargs = method_spec(config, method)
+        kind, _, post = make_aggregator(name, kwargs, num_tasks=2)
+        if kind != "jacobian" or post is not None:
+            raise ValueError(
+                f"conal.methods: {method!r} is a {kind} method; the retrain step takes gradient "
+                "aggregators (mtl.AGGREGATORS), e.g. 'mean', 'pcgrad', 'cagrad:c=0.4'."
+            )
+    if c.mixing not in conal.MIXINGS:
+        raise ValueError(f"conal.mixing must be one of {conal.MIXINGS}; got {c.mixing!r}.")
+    if c.task_map not in conal.TASK_MAPS:
+        raise ValueError(f"conal.task_map must be one of {conal.TASK_MAPS}; got {c.task_map!r}.")
+    if c.tie_break not in ("shared", "private"):
+        raise ValueError(f"conal.tie_break must be 'shared' or 'private'; got {c.tie_break!r}.")
+    if c.init not in ("fresh", "copy"):
+        raise ValueError(f"conal.init must be 'fresh' or 'copy'; got {c.init!r}.")
+    if not 0.0 < float(c.val_fraction) < 1.0:
+        raise ValueError(f"conal.val_fraction must lie in (0, 1); got {c.val_fraction}.")
+    if int(c.alpha_every) < 1:
+        raise ValueError(f"conal.alpha_every must be >= 1; got {c.alpha_every}.")
+    if float(c.arch_lr) <= 0 or float(c.tau) <= 0 or float(c.weight_lr) < 0:
+        raise ValueError("conal.arch_lr and conal.tau must be > 0 and conal.weight_lr >= 0.")
+    if int(c.search_epochs) < 0 or int(c.pro_steps_per_stage) < 0:
+        raise ValueError("conal.search_epochs and conal.pro_steps_per_stage must be >= 0.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Report.
+
+
+def _delta_m_reference(records, tasks, seed: int, shared_label: str):
+    """``(reference {task: {metric}}, description)``: single-task runs if present, else the
+    all-shared model of the same seed."""
+    ref = reports.single_task_reference(records, tasks)
+    if len(ref) == len(tasks):
+        return ref, "single-task runs (mean over seeds)"
+    for r in records:
+        if r.get("kind") == "summary" and r["run"] == shared_label and r["seed"] == seed:
+            ref = {
+                t.name: {m: r["test"][t.name][m] for m in reports.DELTA_M_METRICS[t.kind]}
+                for t in tasks
+            }
+            return ref, "the all-shared model of the same seed"
+    return None, "none"
+
+
+def conal_summary(records, tasks, config, workdir: str) -> dict[str, Any]:
+    """The content of ``conal_summary.json`` (see the module docstring)."""
+    artifacts = Artifacts(workdir)
+    summaries = {(r["run"], r["seed"]): r for r in records if r.get("kind") == "summary"}
+    task_names = [t.name for t in tasks]
+    out: dict[str, Any] = {"tasks": task_names, "seeds": {}, "methods": list(config.conal.methods)}
+    reference_used = None
+    for seed in map(int, config.seeds):
+        phase = f"discretise__seed{seed}"
+        if not artifacts.has(phase, "architecture"):
+            continue
+        a = artifacts.load_json(phase, "architecture")
+        weights = np.asarray(a["alpha_softmax"], dtype=np.float64)  # [K, P]
+        expected = weights @ np.arange(weights.shape[1])
+        top2 = np.sort(weights, axis=1)[:, -2:]
+        margin = top2[:, 1] - top2[:, 0]  # top-1 minus top-2 softmax weight per task
+        entry: dict[str, Any] = {
+            "branch_points": dict(zip(task_names, a["branch_points"], strict=True)),
+            "alpha_softmax": dict(zip(task_names, a["alpha_softmax"], strict=True)),
+            "expected_branch_point": dict(zip(task_names, expected.tolist(), strict=True)),
+            "argmax_margin": dict(zip(task_names, margin.tolist(), strict=True)),
+            "block_names": a["block_names"],
+            "encoder_param_counts": a["param_counts"],
+            "models": {},
+        }
+        if a.get("group_labels"):
+            entry["group_labels"] = a["group_labels"]
+        for method in config.conal.methods:
+            ref, described = _delta_m_reference(records, tasks, seed, method)
+            reference_used = described
+            models = {}
+            for variant in VARIANTS:
+                label = method if variant == "shared" else f"{method}+{variant}"
+                s = summaries.get((label, seed))
+                if s is None:
+                    continue
+                row = {
+                    "run": label,
+                    "encoder_params": s["encoder_params"],
+                    "head_params": s["head_params"],
+                    "total_params": s["encoder_params"] + s["head_params"],
+                    "test": s["test"],
+                }
+                if ref is not None:
+                    row["delta_m"] = reports._delta_m(s, tasks, ref, "per_task")
+                models[variant] = row
+            entry["models"][method] = models
+        out["seeds"][str(seed)] = entry
+    out["delta_m_reference"] = reference_used
+    # stability: per task, how many seeds agree with the most common branch point, and the
+    # softmax-expected branch point E[p] over seeds (a coarser, less noisy summary of the search)
+    stability = {}
+    for t in task_names:
+        points = [e["branch_points"][t] for e in out["seeds"].values()]
+        if points:
+            mode, count = collections.Counter(points).most_common(1)[0]
+            expected = [e["expected_branch_point"][t] for e in out["seeds"].values()]
+            stability[t] = {
+                "points": points,
+                "mode": mode,
+                "agree": count,
+                "of": len(points),
+                "expected_mean": float(np.mean(expected)),
+                "expected_std": float(np.std(expected, ddof=1)) if len(expected) > 1 else 0.0,
+            }
+    out["stability"] = stability
+    archs = [tuple(e["branch_points"].values()) for e in out["seeds"].values()]
+    out["identical_architectures"] = collections.Counter(archs).most_common(1)[0][1] if archs else 0
+    return out
+
+
+def report(records, tasks, config, workdir: str) -> str:
+    summary = conal_summary(records, tasks, config, workdir)
+    atomic_write_text(
+        os.path.join(workdir, "conal_summary.json"),
+        json.dumps(summary, indent=2, allow_nan=True) + "\n",
+    )
+    names = [t.name for t in tasks]
+    seeds = summary["seeds"]
+    lines = ["## CoNAL: learned branch points vs all-shared and all-private", ""]
+    if not seeds:
+        return "\n".join([*lines, "No search has finished yet."])
+    block_names = next(iter(seeds.values()))["block_names"]
+    lines += [
+        "Branch point p = the number of shared blocks before the task's own copies "
+        f"({len(block_names)} = fully shared; blocks: {', '.join(block_names)}).",
+        "",
+        "| seed | " + " | ".join(names) + " | encoder params (learned / shared / private) |",
+        "|" + "---|" * (len(names) + 2),
+    ]
+    for seed, e in seeds.items():
+        c = e["encoder_param_counts"]
+        lines.append(
+            f"| {seed} | "
+            + " | ".join(str(e["branch_points"][n]) for n in names)
+            + f" | {c['learned']:,} / {c['all_shared']:,} / {c['all_private']:,} |"
+        )
+    stab = summary["stability"]
+    lines += [
+        "",
+        "Stability across seeds (seeds agreeing with the most common branch point): "
+        + ", ".join(f"{n}: {s['agree']}/{s['of']} at p={s['mode']}" for n, s in stab.items())
+        + f"; identical architectures: {summary['identical_architectures']}/{len(seeds)}. "
+        "Softmax-expected branch point E[p] (mean ± std over seeds): "
+        + ", ".join(
+            f"{n}: {s['expected_mean']:.2f} ± {s['expected_std']:.2f}" for n, s in stab.items()
+        )
+        + "; smallest argmax margin (top-1 minus top-2 softmax weight) over seeds and tasks: "
+        + f"{min(v for e in seeds.values() for v in e['argmax_margin'].values()):.3f}.",
+        "",
+    ]
+    header = ["method", "model", "params (total)"]
+    header += [
+        f"{t.name} {reports.display_name(reports.REPORTED_METRICS[t.kind][0])}" for t in tasks
+    ]
+    header += ["Δm%"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in summary["methods"]:
+        for variant in VARIANTS:
+            rows = [
+                e["models"][method][variant]
+                for e in seeds.values()
+                if variant in e["models"].get(method, {})
+            ]
+            if not rows:
+                continue
+            row = [
+                method,
+                {"conal": "learned", "shared": "all-shared", "private": "all-private"}[variant],
+            ]
+            row.append(fmt([r["total_params"] for r in rows], 0))
+            for t in tasks:
+                metric = reports.REPORTED_METRICS[t.kind][0]
+                scale = 100.0 if metric in reports.PERCENT_FRACTIONS else 1.0
+                row.append(fmt([scale * r["test"][t.name][metric] for r in rows]))
+            row.append(fmt([r.get("delta_m", math.nan) for r in rows]))
+            lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        f"Mean ± std over {len(seeds)} seed(s); Δm% against {summary['delta_m_reference']} "
+        "(higher is better).",
+    ]
+    if config.report.plots:
+        plots = os.path.join(workdir, "plots")
+        os.makedirs(plots, exist_ok=True)
+        artifacts = Artifacts(workdir)
+        for seed, e in seeds.items():
+            png = os.path.join(plots, f"conal_tree_seed{seed}.png")
+            conal_report.draw_architecture(
+                tuple(e["branch_points"][n] for n in names),
+                e["block_names"],
+                names,
+                png,
+                grouped=bool(e.get("group_labels")),
+                group_labels=e.get("group_labels"),
+                title=f"CoNAL, seed {seed}",
+            )
+            lines.append(f"![conal_tree_seed{seed}.png](plots/conal_tree_seed{seed}.png)")
+            found = artifacts.load_json(f"search__seed{seed}", "search")
+            traj = found["trajectory"]
+            if traj["steps"]:
+                png = os.path.join(plots, f"conal_alpha_seed{seed}.png")
+                conal_report.plot_alpha_trajectory(
+                    traj["alpha_softmax"], names, png, steps=traj["steps"]
+                )
+                lines.append(f"![conal_alpha_seed{seed}.png](plots/conal_alpha_seed{seed}.png)")
+    return "\n".join(lines)
+
+
+STUDY = Study(
+    name="conal",
+    description="CoNAL: search branch points -> discretise -> retrain, vs all-shared/all-private",
+    phases=runs_and_phases,
+    section="conal",
+    defaults=defaults,
+    validate=validate,
+    report=report,
+)
