@@ -10,8 +10,9 @@ times, on the BatchNorm ResNet-18 of ``experiments/models/resnet.py`` (41 encode
 * ``by_module batched``: the new layout.
 
 Each row is a jitted train step (Jacobian of K task losses, aggregation, SGD). Compile time is the
-wall time of ``jit(step).lower(...).compile()``; step time is the median over timed steps after
-one warm-up step. Medians, one process, every configuration measured in the same run.
+wall time of ``jit(step).lower(...).compile()``; step time is the median over ``--steps``
+interleaved rounds of one step each (``_timing.interleaved_ms``) after one warm-up step. One
+process, every configuration measured in the same run.
 
   python benchmarks/by_module.py [--width 16] [--batch 8] [--steps 10] [--methods upgrad,mgda]
 """
@@ -19,12 +20,13 @@ one warm-up step. Medians, one process, every configuration measured in the same
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+from _timing import interleaved_ms, machine_line, median_ms, stateful
 
 import mtl_jax as mtl
 from experiments.models.resnet import ResNetEncoder
@@ -73,21 +75,15 @@ def by_module_groups(path: str) -> str:
     return mtl.by_module(path)
 
 
-def measure(params, task_losses, aggregator, steps: int) -> tuple[float, float]:
+def compile_step(params, task_losses, aggregator) -> tuple[float, Callable]:
+    """``(compile seconds, runner)``: the runner threads params and optimizer state itself."""
     tx, step = make_step(params, task_losses, aggregator)
     opt_state = tx.init(params)
     start = time.perf_counter()
     compiled = jax.jit(step).lower(params, opt_state).compile()
     compile_s = time.perf_counter() - start
-    p, s, losses = compiled(params, opt_state)  # warm-up
-    jax.block_until_ready(losses)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        p, s, losses = compiled(p, s)
-        jax.block_until_ready((p, losses))
-        times.append(time.perf_counter() - start)
-    return compile_s, statistics.median(times)
+    run = stateful(lambda st: compiled(*st[:2]), (params, opt_state, None), out=lambda st: st)
+    return compile_s, run
 
 
 def main() -> None:
@@ -100,6 +96,7 @@ def main() -> None:
 
     params, task_losses = make_problem(args.width, args.batch)
     groups = group_names(params["encoder"], mtl.by_module)
+    print(machine_line("by_module"))
     print(
         f"ResNet-18 encoder, width {args.width}, batch {args.batch}, K={K}, "
         f"{len(groups)} by_module groups, backend {jax.default_backend()}"
@@ -122,9 +119,9 @@ def main() -> None:
                 weighting, granularity=by_module_groups, num_tasks=K, name=method
             ),
         }
-        results = {
-            name: measure(params, task_losses, agg, args.steps) for name, agg in configs.items()
-        }
+        compiled = {name: compile_step(params, task_losses, agg) for name, agg in configs.items()}
+        med = median_ms(interleaved_ms({n: run for n, (_, run) in compiled.items()}, args.steps))
+        results = {name: (comp, 1e-3 * med[name]) for name, (comp, _) in compiled.items()}
         base_c, base_s = results["global"]
         loop_c, loop_s = results["by_module loop"]
         for name, (comp, step_s) in results.items():

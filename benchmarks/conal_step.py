@@ -45,15 +45,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import platform
-import random
-import statistics
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from _timing import interleaved_ms, machine_line, median_ms
 
 from mtl_jax import conal
 
@@ -155,19 +152,8 @@ def bench(kind: str, k: int, rounds: int, inner: int) -> list[tuple[str, float]]
 
         runners[name] = run
 
-    for run in runners.values():  # compile + warm up
-        jax.block_until_ready(run())
-    times: dict[str, list[float]] = {n: [] for n in runners}
-    order = list(runners)
-    for _ in range(rounds):
-        random.shuffle(order)
-        for name in order:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                out = runners[name]()
-            jax.block_until_ready(out)
-            times[name].append((time.perf_counter() - t0) * 1e3 / inner)
-    return [(n, statistics.median(t)) for n, t in times.items()]
+    med = median_ms(interleaved_ms(runners, rounds, inner))  # compiles in the warm-up call
+    return list(med.items())
 
 
 class Tanh(nn.Module):
@@ -241,10 +227,7 @@ def main() -> None:
     if args.synthetic:
         synthetic_table()
         return
-    print(
-        f"jax {jax.__version__}, backend {jax.default_backend()}, {platform.machine()}, "
-        f"devices {jax.devices()}"
-    )
+    print(machine_line("conal_step"))
     kinds = ["mlp"] + (["conv"] if args.conv else [])
     print(f"{'backbone':<8} {'K':>3} {'step':<24} {'median ms':>10} {'x joint':>8}")
     for kind in kinds:

@@ -20,7 +20,7 @@ shared leaves, then SGD), so only the gradient machinery differs:
   encoder, SGD on both.
 
 Every variant is checked to give the same updates before it is timed (``--no-check`` skips it).
-Columns: median ms per call (``--repeats`` calls after a warm-up), and the compiled program's
+Columns: median ms per call (``--repeats`` interleaved rounds after a warm-up), and the compiled program's
 memory from ``jax.jit(f).lower(...).compile().memory_analysis()``: temp + output bytes (the
 arguments are the same for all three). Ratios are against ``grads_tree`` in the same run.
 
@@ -33,15 +33,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _timing import compiled_memory, interleaved_ms, machine_line, median_ms
 
 import mtl_jax as mtl
 
@@ -150,17 +148,16 @@ def make_variants(k: int, d: int, h: int, c: int, b: int) -> tuple[dict[str, Cal
     return variants, (params, x, ys)
 
 
-def measure(fn: Callable, args: tuple, repeats: int) -> tuple[float, int]:
-    compiled = jax.jit(fn).lower(*args).compile()
-    mem = compiled.memory_analysis()
-    peak = int(mem.temp_size_in_bytes + mem.output_size_in_bytes) if mem is not None else -1
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times), peak
+def measure(variants: dict[str, Callable], args: tuple, repeats: int) -> dict[str, tuple]:
+    """``{name: (median ms, temp + output bytes)}``; the variants timed in interleaved rounds."""
+    compiled = {name: jax.jit(fn).lower(*args).compile() for name, fn in variants.items()}
+    mems = {}
+    for name, c in compiled.items():
+        mem = compiled_memory(c)
+        mems[name] = mem.temp + mem.output if mem.temp >= 0 else -1
+    runners = {name: (lambda c=c: c(*args)) for name, c in compiled.items()}
+    med = median_ms(interleaved_ms(runners, repeats))
+    return {name: (med[name], mems[name]) for name in variants}
 
 
 def check_equal(variants: dict[str, Callable], args: tuple) -> None:
@@ -181,9 +178,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-check", action="store_true", help="skip the equality check")
     args = parser.parse_args()
+    print(machine_line("grads_tree"))
     print(
-        f"# {platform.node()} {jax.devices()[0].device_kind} jax {jax.__version__}; "
-        f"D={args.in_dim} H={args.hidden} C={args.classes} B={args.batch}, "
+        f"# D={args.in_dim} H={args.hidden} C={args.classes} B={args.batch}, "
         f"median of {args.repeats}"
     )
     header = f"{'K':>3} {'variant':<24} {'ms':>9} {'x time':>7} {'MiB':>9} {'x mem':>7}"
@@ -193,7 +190,7 @@ def main() -> None:
         variants, fn_args = make_variants(k, args.in_dim, args.hidden, args.classes, args.batch)
         if not args.no_check:
             check_equal(variants, fn_args)
-        results = {name: measure(fn, fn_args, args.repeats) for name, fn in variants.items()}
+        results = measure(variants, fn_args, args.repeats)
         base_ms, base_mem = results["grads_tree"]
         for name, (ms, mem) in results.items():
             print(

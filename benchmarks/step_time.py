@@ -41,21 +41,27 @@ Usage::
   python benchmarks/step_time.py --ks 2 10 --repeats 15 --methods mean pcgrad mgda
   python benchmarks/step_time.py --ks 10 --no-conv --repeats 3 --ub mgda --loss uw famo
   python benchmarks/step_time.py --solvers --ks 2 10 40
+  python benchmarks/step_time.py --resnet --quick          # ResNet-18, K = 2, 40 (CPU minutes)
+  python benchmarks/step_time.py --resnet --repeats 7 --inner 2   # full width, batch 32 (GPU)
+
+``--resnet`` (issue 16, "Large models") instead times ResNet-18 (BatchNorm, 64x64x3 input,
+K binary heads, ``make_resnet_problem``) at ``--resnet-ks``: ``joint`` (the summed loss, one
+forward and one backward: the baseline of the ratios), ``jac+<aggregator>`` (the encoder's K-row
+Jacobian) and ``ub+<weighting>`` (the representation-gradient path, one encoder backward). The
+same command runs on whatever device JAX sees (CPU or GPU).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _timing import interleaved_ms, machine_line, median_ms
 
 import mtl_jax as mtl
 
@@ -315,33 +321,24 @@ def build_steps(
 
 
 def time_steps(steps, params, x, labels, repeats: int, inner: int):
-    """Interleaved rounds: in each round every variant runs ``inner`` steps; ms/step per round.
+    """Interleaved rounds (``_timing.interleaved_ms``): every variant runs ``inner`` steps per round.
 
-    Returns ``(times, states)``: the ms of every round per variant, and every variant's final
-    ``[params, opt_state]``.
+    Returns ``(times, states)``: the ms per step of every round per variant, and every variant's
+    final ``[params, opt_state]``.
     """
-    jitted, states = {}, {}
+    states, runners = {}, {}
     for name, (fn, tx) in steps.items():
         init = tx if callable(tx) and not hasattr(tx, "init") else tx.init
-        jitted[name] = jax.jit(fn)
         states[name] = [params, init(params)]
-        out = jitted[name](params, states[name][1], x, labels)  # compile + warm up
-        jax.block_until_ready(out)
-        states[name][0], states[name][1] = out[0], out[1]
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    order = list(steps)
-    rng = np.random.default_rng(0)
-    for _ in range(repeats):
-        rng.shuffle(order)  # no variant always runs right after the same other one
-        for name in order:
-            p, s = states[name]
-            start = time.perf_counter()
-            for _ in range(inner):
-                p, s, _ = jitted[name](p, s, x, labels)
-            jax.block_until_ready(p)
-            times[name].append(1e3 * (time.perf_counter() - start) / inner)
+        jitted = jax.jit(fn)
+
+        def run(name=name, jitted=jitted):
+            p, s, _ = jitted(states[name][0], states[name][1], x, labels)
             states[name] = [p, s]
-    return times, states
+            return p
+
+        runners[name] = run
+    return interleaved_ms(runners, repeats, inner), states
 
 
 def time_aggregators(trunk_fn, num_tasks, methods, states, x, labels, repeats: int = 21):
@@ -376,17 +373,8 @@ def time_aggregators(trunk_fn, num_tasks, methods, states, x, labels, repeats: i
         args = (jac, opt_state[2])
         jax.block_until_ready(update(*args))
         calls["mean+tracker"] = (update, args)
-    times = {method: [] for method in calls}
-    order = list(calls)
-    rng = np.random.default_rng(1)
-    for _ in range(repeats):
-        rng.shuffle(order)
-        for method in order:
-            update, args = calls[method]
-            start = time.perf_counter()
-            jax.block_until_ready(update(*args))
-            times[method].append(1e3 * (time.perf_counter() - start))
-    return {method: statistics.median(v) for method, v in times.items()}
+    runners = {method: (lambda u=update, a=args: u(*a)) for method, (update, args) in calls.items()}
+    return median_ms(interleaved_ms(runners, repeats, warmup=0, seed=1))
 
 
 def report(
@@ -453,14 +441,137 @@ def time_solvers(ks, repeats: int = 50) -> None:
             key = jax.random.PRNGKey(0)
             losses = jnp.ones(k)
             weigh = jax.jit(weighting.weigh)
-            jax.block_until_ready(weigh(gram, state, key, losses))
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                jax.block_until_ready(weigh(gram, state, key, losses))
-                times.append(1e3 * (time.perf_counter() - start))
-            cells.append(f"{statistics.median(times):.3f}")
+            run = lambda weigh=weigh, args=(gram, state, key, losses): weigh(*args)
+            cells.append(f"{median_ms(interleaved_ms({name: run}, repeats))[name]:.3f}")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Large model: ResNet-18 on CelebA-sized inputs, K binary heads (issue 16, "Large models")
+
+RESNET_UB = ("mean", "mgda")
+RESNET_JAC = ("mean", "upgrad")
+
+
+def make_resnet_problem(
+    num_tasks: int, width: int = 64, batch: int = 32, size: int = 64, seed: int = 0
+):
+    """ResNet-18 (``experiments/models/resnet.py``, BatchNorm, ImageNet stem) + K binary heads.
+
+    Input ``[B, size, size, 3]`` (CelebA-sized at 64); the encoder ends at the global average pool
+    (``feature_dim=0``: ``z [B, 8 width]``); head k is ``Dense(8 width -> 1)`` with sigmoid
+    binary cross-entropy (CelebA's 40 attributes are binary). BatchNorm runs in training mode
+    (batch statistics); the running averages are not carried between steps (their update is a
+    few element-wise ops). Returns ``(encode, head_loss, params, x, y)`` with
+    ``params = {"trunk": ..., "heads": {"w": [K, D], "b": [K]}}``.
+    """
+    from experiments.models.resnet import ResNetEncoder
+
+    encoder = ResNetEncoder(width=width, feature_dim=0)
+    kx, ky, ke, kh = jax.random.split(jax.random.PRNGKey(seed), 4)
+    x = jax.random.normal(kx, (batch, size, size, 3))
+    y = jax.random.bernoulli(ky, 0.5, (num_tasks, batch)).astype(jnp.float32)
+    variables = encoder.init(ke, x[:2], train=False)
+    stats = variables["batch_stats"]
+    dim = 8 * width
+
+    def encode(trunk, x):
+        z, _ = encoder.apply(
+            {"params": trunk, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+        )
+        return z
+
+    def binary_head_loss(head, z, y):
+        logits = z @ head["w"] + head["b"]
+        return optax.sigmoid_binary_cross_entropy(logits, y).mean()
+
+    heads = {
+        "w": jax.random.normal(kh, (num_tasks, dim)) / np.sqrt(dim),
+        "b": jnp.zeros(num_tasks),
+    }
+    return encode, binary_head_loss, {"trunk": variables["params"], "heads": heads}, x, y
+
+
+def build_resnet_steps(
+    encode, loss_of_head, num_tasks: int, jac_methods, ub_methods, chunk_size: int | None = None
+):
+    """``{name: (step, init)}``: ``joint``, ``jac+<aggregator>``, ``ub+<weighting>``; Adam.
+
+    ``chunk_size``: of the Jacobian's K backward passes (``mtl.mtl_value_and_grad``).
+    """
+    adam = optax.adam(1e-4)
+
+    def summed_loss(params, x, y):
+        z = encode(params["trunk"], x)
+        return jnp.sum(jax.vmap(loss_of_head, in_axes=(0, None, 0))(params["heads"], z, y))
+
+    def joint(params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(summed_loss)(params, x, y)
+        updates, opt_state = adam.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    steps = {"joint": (joint, adam.init)}
+
+    def jacobian(method: str):
+        grads = mtl.mtl_value_and_grad(encode, loss_of_head, chunk_size=chunk_size)
+        tx = optax.chain(mtl.get_aggregator(method, num_tasks=num_tasks), adam)
+
+        def init(params):
+            return tx.init(params["trunk"]), adam.init(params["heads"])
+
+        def step(params, opt_state, x, y):
+            t_state, h_state = opt_state
+            losses, jac, head_grads, _ = grads(params["trunk"], params["heads"], x, y)
+            t_upd, t_state = tx.update(jac, t_state, params["trunk"], task_losses=losses)
+            h_upd, h_state = adam.update(head_grads, h_state, params["heads"])
+            params = {
+                "trunk": optax.apply_updates(params["trunk"], t_upd),
+                "heads": optax.apply_updates(params["heads"], h_upd),
+            }
+            return params, (t_state, h_state), losses
+
+        return step, init
+
+    def representation(method: str):
+        fn = mtl.representation_value_and_grad(encode, loss_of_head, method)
+
+        def init(params):
+            return adam.init(params), fn.weighting.init(num_tasks)
+
+        def step(params, opt_state, x, y):
+            a_state, w_state = opt_state
+            res = fn(params["trunk"], params["heads"], x, y, w_state)
+            grads = {"trunk": res.encoder_grads, "heads": res.head_grads}
+            updates, a_state = adam.update(grads, a_state, params)
+            return optax.apply_updates(params, updates), (a_state, res.state), res.losses
+
+        return step, init
+
+    for method in jac_methods:
+        steps[f"jac+{method}"] = jacobian(method)
+    for method in ub_methods:
+        steps[f"ub+{method}"] = representation(method)
+    return steps
+
+
+def resnet_table(ks, width: int, batch: int, size: int, repeats: int, inner: int, jac, ub) -> None:
+    """Median ms per step of ResNet-18 at each K: Jacobian and representation paths vs joint."""
+    print(
+        f"# ResNet-18 (width {width}, BatchNorm), input {size}x{size}x3, batch {batch}, "
+        f"K binary heads; median of {repeats} interleaved rounds x {inner} steps"
+    )
+    print("| model | K | step | median ms | x joint |")
+    print("|---|---|---|---|---|")
+    for num_tasks in ks:
+        encode, loss_of_head, params, x, y = make_resnet_problem(num_tasks, width, batch, size)
+        steps = build_resnet_steps(encode, loss_of_head, num_tasks, jac, ub)
+        times, _ = time_steps(steps, params, x, y, repeats, inner)
+        med = median_ms(times)
+        for name, ms in med.items():
+            print(
+                f"| resnet18 | {num_tasks} | {name} | {ms:.1f} | {ms / med['joint']:.2f} |",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -483,14 +594,43 @@ def main() -> None:
     parser.add_argument(
         "--solvers", action="store_true", help="time the Gram-space solvers alone instead"
     )
+    parser.add_argument(
+        "--resnet", action="store_true", help="the ResNet-18 table (issue 16) instead"
+    )
+    parser.add_argument("--resnet-ks", type=int, nargs="+", default=[2, 40])
+    parser.add_argument("--resnet-width", type=int, default=64, help="channels of layer1")
+    parser.add_argument("--resnet-batch", type=int, default=32)
+    parser.add_argument("--resnet-size", type=int, default=64, help="input height and width")
+    parser.add_argument("--resnet-jac", nargs="*", default=list(RESNET_JAC))
+    parser.add_argument("--resnet-ub", nargs="*", default=list(RESNET_UB))
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="with --resnet: width 16, batch 8, 5 rounds of 1 step unless given (minutes on a CPU)",
+    )
     args = parser.parse_args()
 
-    print(
-        f"# step_time: jax {jax.__version__}, backend {jax.default_backend()}, "
-        f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
-    )
+    print(machine_line("step_time"))
     if args.solvers:
         time_solvers(args.ks)
+        return
+    if args.resnet:
+        if args.quick:  # explicit --repeats / --inner win
+            args.resnet_width, args.resnet_batch = 16, 8
+            if args.repeats == parser.get_default("repeats"):
+                args.repeats = 5
+            if args.inner == parser.get_default("inner"):
+                args.inner = 1
+        resnet_table(
+            args.resnet_ks,
+            args.resnet_width,
+            args.resnet_batch,
+            args.resnet_size,
+            args.repeats,
+            args.inner,
+            args.resnet_jac,
+            args.resnet_ub,
+        )
         return
     print("| model | K | step | median ms | x summed | x jac+mean | aggregator ms | target |")
     print("|---|---|---|---|---|---|---|---|")

@@ -3,7 +3,11 @@
 Almost every gradient-manipulation method returns ``d = sum_k w_k g_k`` with weights that depend
 on the task gradients only through the K x K Gram matrix (docs/design/DESIGN.md section 2). The Jacobian is
 never flattened into one K x P matrix: :func:`leaf_gramians` computes one ``[K, K]`` block per
-leaf (``einsum('k...,l...->kl')``) and groups sum their leaves' blocks.
+leaf (the leaf's rows ``[K, n]`` times their transpose) and groups sum their leaves' blocks, and
+:func:`combine` works leaf by leaf too. So no compiled step holds a concatenated ``[K, P]`` copy
+of the Jacobian (tests/test_memory_paths.py reads the optimized HLO of the Gram matrix, the
+aggregators, the conflict tracker and the representation path); ``benchmarks/memory.py`` measures
+what a step needs against K and P.
 
 Groupings (``granularity``) say where G is computed:
 

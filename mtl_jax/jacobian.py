@@ -103,7 +103,10 @@ def value_and_jacobian(
       has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
       chunk_size: if set, the K backward passes run in chunks of this many tasks (with
         ``jax.lax.map``), bounding memory to ``chunk_size`` cotangents at once. The result equals
-        the unchunked one.
+        the unchunked one. It bounds the activation cotangents of the backward passes
+        (``[chunk_size, batch, ...]`` instead of ``[K, batch, ...]``), not the Jacobian itself,
+        which is ``K x P`` either way: it pays off when activations dominate (conv nets, large
+        batches); ``benchmarks/memory.py`` measures both.
       strategy: how the K backward passes run. ``"vmap"`` (default): one batched pass, the
         best choice on accelerators. ``"unroll"``: K separate passes in the compiled program
         (no batched kernels; on CPU this is up to 2x faster for conv nets, whose vmapped kernel
