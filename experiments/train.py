@@ -693,19 +693,33 @@ def initial_params(model, streams, input_shape, seed: int) -> tuple[dict, dict]:
 # Evaluation.
 
 
-def evaluate(
-    problem: Problem, predict_fn, state: TrainState, source, batch_size: int
+def evaluate_split(
+    predict_fn: Callable,
+    tasks: Sequence[TaskSpec],
+    state,
+    source,
+    batch_size: int,
+    layout: parallel_lib.Layout | None = None,
 ) -> dict[str, dict]:
-    """Task metrics over a whole split (``experiments.metrics`` accumulators)."""
-    accumulators = {t.name: metrics_lib.make_task_metric(t) for t in problem.tasks}
+    """Task metrics over a whole split (``experiments.metrics`` accumulators) of any model whose
+    ``predict_fn(params, model_state, x)`` returns one prediction per task; ``state`` has
+    ``params`` and ``model_state``; the batches are laid out on ``layout`` (None: one device)."""
+    accumulators = {t.name: metrics_lib.make_task_metric(t) for t in tasks}
     for batch in data_lib.batches(
         source, batch_size, seed=0, epoch=0, shuffle=False, drop_remainder=False
     ):
-        x = parallel_lib.shard_batch(batch["image"], problem.layout)
+        x = parallel_lib.shard_batch(batch["image"], layout)
         preds = predict_fn(state.params, state.model_state, x)
-        for t in problem.tasks:
+        for t in tasks:
             accumulators[t.name].update(np.asarray(preds[t.name]), np.asarray(batch[t.name]))
     return {name: acc.result() for name, acc in accumulators.items()}
+
+
+def evaluate(
+    problem: Problem, predict_fn, state: TrainState, source, batch_size: int
+) -> dict[str, dict]:
+    """Task metrics over a whole split, laid out on the problem's mesh."""
+    return evaluate_split(predict_fn, problem.tasks, state, source, batch_size, problem.layout)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -83,7 +83,6 @@ import optax
 from experiments import conal_report, optim, reports
 from experiments import data as data_lib
 from experiments import losses as losses_lib
-from experiments import metrics as metrics_lib
 from experiments.config import check_keys
 from experiments.logs import atomic_write_text
 from experiments.loop import (
@@ -108,6 +107,7 @@ from experiments.train import (
     RunSpec,
     apply_module,
     count_params,
+    evaluate_split,
     initial_params,
     make_aggregator,
 )
@@ -761,19 +761,6 @@ def make_retrain(
     return init, step
 
 
-def evaluate_tree(predict: Callable, tasks, state, source, batch_size: int) -> dict[str, dict]:
-    """Task metrics over a whole split (single device; ``experiments.train.evaluate``'s loop,
-    written here so this study does not depend on that function's device layout argument)."""
-    accumulators = {t.name: metrics_lib.make_task_metric(t) for t in tasks}
-    for batch in data_lib.batches(
-        source, batch_size, seed=0, epoch=0, shuffle=False, drop_remainder=False
-    ):
-        preds = predict(state.params, state.model_state, jnp.asarray(batch["image"]))
-        for t in tasks:
-            accumulators[t.name].update(np.asarray(preds[t.name]), np.asarray(batch[t.name]))
-    return {name: acc.result() for name, acc in accumulators.items()}
-
-
 def retrain_run(
     ctx: StudyContext,
     label: str,
@@ -861,7 +848,7 @@ def retrain_run(
     def on_epoch_end(state, epoch: int) -> None:
         every = max(1, int(config.train.eval_every_epochs))
         if (epoch + 1) % every == 0 or int(state.step) == total:
-            results = evaluate_tree(
+            results = evaluate_split(
                 predict, ctx.data.tasks, state, ctx.data.test, int(config.train.eval_batch_size)
             )
             log.write(
