@@ -360,6 +360,24 @@ def main(argv: list[str]) -> None:
 _PULLED: dict[str, dict[str, str]] = {}
 
 
+def config_file_first(argv: list[str]) -> list[str]:
+    """``argv`` with ``--config FILE`` / ``--config=FILE`` moved before every other flag: absl
+    parses ``--config.x=y`` only after the config file is loaded, and otherwise stops with a
+    fatal flags-parsing error when an override comes first."""
+    program, rest = argv[:1], argv[1:]
+    first: list[str] = []
+    others: list[str] = []
+    i = 0
+    while i < len(rest):
+        if rest[i] == "--config" and i + 1 < len(rest):
+            first += rest[i : i + 2]
+            i += 2
+            continue
+        (first if rest[i].startswith("--config=") else others).append(rest[i])
+        i += 1
+    return program + first + others
+
+
 def entry() -> None:
     """``python -m experiments.run``: checks the overrides before absl parses them (its own error
     for an unknown key is a bare AttributeError), then runs :func:`main`."""
@@ -367,7 +385,7 @@ def entry() -> None:
         check_overrides(sys.argv[1:])
     except (ValueError, FileNotFoundError) as e:
         fail(str(e), e)
-    argv, pulled = split_named_section_overrides(sys.argv)
+    argv, pulled = split_named_section_overrides(config_file_first(sys.argv))
     _PULLED.update(pulled)
     sys.argv[:] = argv  # the default config's overrides are parsed when its flag is defined
     define_flags()

@@ -163,7 +163,7 @@ def test_mgda_is_the_min_norm_point_to_1e6(k):
                 assert gap <= 1e-6 * _row_scale(J) ** 2 + 1e-300, (kind, scale, gap)
 
 
-@pytest.mark.parametrize("k", [2, 3, 5, 10, 40])
+@pytest.mark.parametrize("k", [2, 3, 5, 10, pytest.param(40, marks=pytest.mark.slow)])
 def test_cagrad_matches_slsqp_reference(k):
     c = 0.5
     with jax.enable_x64(True):

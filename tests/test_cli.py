@@ -118,3 +118,32 @@ def test_the_default_work_dir_depends_on_the_overrides():
     assert run_lib.default_workdir(["x", "--config=experiments/configs/sparse_training.py"]) == (
         os.path.join("workdirs", "sparse_training")
     )
+
+
+def test_the_config_file_flag_goes_first_whatever_its_position():
+    argv = ["run", "--config.seeds=(1,)", "--config", "c.py", "--workdir=w", "--config=d.py"]
+    assert run_lib.config_file_first(argv) == [
+        "run",
+        "--config",
+        "c.py",
+        "--config=d.py",
+        "--config.seeds=(1,)",
+        "--workdir=w",
+    ]
+
+
+def test_an_override_before_the_config_file_applies_and_a_too_small_search_split_is_one_message(
+    tmp_path,
+):
+    """Overrides before ``--config FILE`` (absl alone stops with a fatal flags error) reach the
+    study; the CoNAL search's split too small for one batch is a config error (exit 2)."""
+    proc = _run(
+        "--config.train.batch_size=128",
+        "--config",
+        "experiments/configs/conal.py",
+        f"--workdir={tmp_path / 'w'}",
+        "--config.dataset.max_train_examples=256",
+        "--config.seeds=(0,)",
+        "--config.report.progress=False",
+    )
+    _assert_clean_error(proc, r"each needs at least one batch of train.batch_size=128")

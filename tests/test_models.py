@@ -272,6 +272,7 @@ def test_forward_and_mtl_value_and_grad(name, overrides, tasks, shape):
         assert any(jax.tree.leaves(changed))
 
 
+@pytest.mark.slow
 def test_jacobian_rows_are_per_task_gradients_through_batchnorm():
     shape = (4, 4, 1)
     model = make_model(_config("small_cnn", channels=(2,), feature_dim=0), DIGITS, shape)
@@ -351,6 +352,7 @@ def test_small_resnet_bad_configs():
         make_model(_config("small_resnet", strides=(2, 2, 2)), TRANSFORMS, (4, 4, 1))
 
 
+@pytest.mark.slow
 def test_small_resnet_nnx_matches_linen():
     """Same module names and shapes; with the Linen weights copied in, the same predictions in
     eval mode (running statistics) and train mode (batch statistics)."""

@@ -175,6 +175,7 @@ def _linen_training_problem():
     return branched, spec, x, ys, losses
 
 
+@pytest.mark.slow
 def test_copies_receive_only_their_own_task_gradient():
     branched, spec, x, ys, losses = _linen_training_problem()
     params, stats = branched["params"], branched["batch_stats"]

@@ -9,6 +9,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from experiments import run as run_lib
 from experiments.phases import Artifacts
@@ -16,6 +17,7 @@ from experiments.train import load_final_params
 from mtl_jax import sharing as sharing_lib
 
 
+@pytest.mark.slow
 def test_recon_study_branches_the_chosen_layers_and_reports(tmp_path):
     config = run_lib._load_config_file(
         os.path.join(os.path.dirname(run_lib.__file__), "configs", "recon.py")

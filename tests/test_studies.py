@@ -23,6 +23,7 @@ def _summaries(workdir):
     }
 
 
+@pytest.mark.slow
 def test_sparse_training_study(tmp_path):
     config = studies.study_config("sparse_training", "multi_digits", "mlp")
     config.seeds = (0,)
@@ -59,6 +60,7 @@ def test_sparse_training_rejects_unknown_controls():
         studies.validate(config)
 
 
+@pytest.mark.slow
 def test_leaf_combinations_on_mocked_plant_leaves(tmp_path):
     config = run_lib._load_config_file(
         os.path.join(run_lib.os.path.dirname(run_lib.__file__), "configs", "leaf_combinations.py")

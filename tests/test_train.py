@@ -212,6 +212,7 @@ def test_unknown_keys_are_errors():
     run_lib.check_overrides(["--config.train.lr=0.1", "--config.seeds=(1,)"])
 
 
+@pytest.mark.slow
 def test_study_killed_inside_a_later_phase_resumes_it_bit_identically(tmp_path):
     """A real SIGKILL of ``python -m experiments.run`` inside the third phase of a multi-phase
     study (sparse training: pretrain -> pcgrad -> pcgrad+st, the later ones starting from the

@@ -84,7 +84,7 @@ def _missing_error(
         f"{dataset}: {problem}.\n"
         f"Download {_DOWNLOADS[dataset]},\n"
         f"unzip it and point the config key `root` at the folder "
-        f"(--config.data.root=/path/to/{dataset}); it must contain\n{_layout(folders)}\n"
+        f"(--config.dataset.root=/path/to/{dataset}); it must contain\n{_layout(folders)}\n"
         "with i = 0 .. N-1 in every folder."
     )
 

@@ -83,7 +83,7 @@ import optax
 from experiments import conal_report, optim, reports
 from experiments import data as data_lib
 from experiments import losses as losses_lib
-from experiments.config import check_keys
+from experiments.config import ConfigError, check_keys
 from experiments.logs import atomic_write_text
 from experiments.loop import (
     LoopHooks,
@@ -216,12 +216,12 @@ def search_splits(config, data) -> tuple[Any, Any]:
     n = len(data.train)
     n_val = round(float(config.conal.val_fraction) * n)
     if not 0 < n_val < n:
-        raise ValueError(
+        raise ConfigError(
             f"conal.val_fraction={config.conal.val_fraction} leaves {n_val} of {n} training "
             "examples for the architecture split; choose a fraction in (0, 1)."
         )
     if n_val < int(config.train.batch_size) or n - n_val < int(config.train.batch_size):
-        raise ValueError(
+        raise ConfigError(
             f"The search splits {n} training examples into {n - n_val} (weights) and {n_val} "
             f"(architecture, conal.val_fraction={config.conal.val_fraction}); each needs at least "
             f"one batch of train.batch_size={config.train.batch_size}. Lower the batch size or "
@@ -651,7 +651,7 @@ def make_retrain(
                 method, method_kwargs, len(users), steps_per_epoch, seed=seed
             )
             if kind != "jacobian" or post is not None:
-                raise ValueError(
+                raise ConfigError(
                     f"The conal study retrains with gradient aggregators only; {method!r} is a "
                     f"{kind} method. Use one of mtl.AGGREGATORS."
                 )
@@ -968,36 +968,36 @@ def validate(config: ml_collections.ConfigDict) -> None:
     c = config.conal
     check_keys(c, defaults().keys(), "config.conal")
     if config.model.name not in BLOCK_MODELS:
-        raise ValueError(
+        raise ConfigError(
             f"The conal study cuts the encoder into blocks; model {config.model.name!r} has none. "
             f"Models with a block sequence: {sorted(BLOCK_MODELS)}."
         )
     if not c.methods:
-        raise ValueError("conal.methods is empty; give at least one base method, e.g. ('mean',).")
+        raise ConfigError("conal.methods is empty; give at least one base method, e.g. ('mean',).")
     for method in c.methods:
         name, kwargs = method_spec(config, method)
         kind, _, post = make_aggregator(name, kwargs, num_tasks=2)
         if kind != "jacobian" or post is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"conal.methods: {method!r} is a {kind} method; the retrain step takes gradient "
                 "aggregators (mtl.AGGREGATORS), e.g. 'mean', 'pcgrad', 'cagrad:c=0.4'."
             )
     if c.mixing not in conal.MIXINGS:
-        raise ValueError(f"conal.mixing must be one of {conal.MIXINGS}; got {c.mixing!r}.")
+        raise ConfigError(f"conal.mixing must be one of {conal.MIXINGS}; got {c.mixing!r}.")
     if c.task_map not in conal.TASK_MAPS:
-        raise ValueError(f"conal.task_map must be one of {conal.TASK_MAPS}; got {c.task_map!r}.")
+        raise ConfigError(f"conal.task_map must be one of {conal.TASK_MAPS}; got {c.task_map!r}.")
     if c.tie_break not in ("shared", "private"):
-        raise ValueError(f"conal.tie_break must be 'shared' or 'private'; got {c.tie_break!r}.")
+        raise ConfigError(f"conal.tie_break must be 'shared' or 'private'; got {c.tie_break!r}.")
     if c.init not in ("fresh", "copy"):
-        raise ValueError(f"conal.init must be 'fresh' or 'copy'; got {c.init!r}.")
+        raise ConfigError(f"conal.init must be 'fresh' or 'copy'; got {c.init!r}.")
     if not 0.0 < float(c.val_fraction) < 1.0:
-        raise ValueError(f"conal.val_fraction must lie in (0, 1); got {c.val_fraction}.")
+        raise ConfigError(f"conal.val_fraction must lie in (0, 1); got {c.val_fraction}.")
     if int(c.alpha_every) < 1:
-        raise ValueError(f"conal.alpha_every must be >= 1; got {c.alpha_every}.")
+        raise ConfigError(f"conal.alpha_every must be >= 1; got {c.alpha_every}.")
     if float(c.arch_lr) <= 0 or float(c.tau) <= 0 or float(c.weight_lr) < 0:
-        raise ValueError("conal.arch_lr and conal.tau must be > 0 and conal.weight_lr >= 0.")
+        raise ConfigError("conal.arch_lr and conal.tau must be > 0 and conal.weight_lr >= 0.")
     if int(c.search_epochs) < 0 or int(c.pro_steps_per_stage) < 0:
-        raise ValueError("conal.search_epochs and conal.pro_steps_per_stage must be >= 0.")
+        raise ConfigError("conal.search_epochs and conal.pro_steps_per_stage must be >= 0.")
 
 
 # ---------------------------------------------------------------------------------------------
