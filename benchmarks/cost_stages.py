@@ -33,6 +33,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 import optax
+from _steps import trunk_jacobian_step
 from _timing import interleaved_ms, machine_line, median_ms
 from step_time import make_resnet_problem
 
@@ -57,7 +58,7 @@ def stage_runners(num_tasks: int, width: int, batch: int, size: int, method: str
     adam = optax.adam(1e-4)
     opt_state = adam.init(params)
     tx = optax.chain(mtl.from_weighting(weighting, num_tasks=num_tasks, name=method), adam)
-    tx_state = (tx.init(params["trunk"]), adam.init(params["heads"]))
+    tx_state = trunk_jacobian_step(grads_fn, tx, adam)[0](params)
 
     forward = jax.jit(losses_fn)
     joint = jax.jit(jax.value_and_grad(lambda p: jnp.sum(losses_fn(p))))
@@ -72,18 +73,8 @@ def stage_runners(num_tasks: int, width: int, batch: int, size: int, method: str
 
     optimizer = jax.jit(optimizer_fn)
 
-    def step_fn(params, state):
-        t_state, h_state = state
-        losses, jac, head_grads, _ = grads_fn(params["trunk"], params["heads"], x, y)
-        t_upd, t_state = tx.update(jac, t_state, params["trunk"], task_losses=losses)
-        h_upd, h_state = adam.update(head_grads, h_state, params["heads"])
-        new = {
-            "trunk": optax.apply_updates(params["trunk"], t_upd),
-            "heads": optax.apply_updates(params["heads"], h_upd),
-        }
-        return new, (t_state, h_state)
-
-    step = jax.jit(step_fn)
+    _, jac_step = trunk_jacobian_step(grads_fn, tx, adam)
+    step = jax.jit(lambda params, state: jac_step(params, state, x, y)[:2])
 
     losses, jac, head_grads, _ = jax.block_until_ready(jacobian(params))
     G = jax.block_until_ready(gram(jac))

@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _steps import trunk_jacobian_step
 from _timing import compiled_memory, machine_line
 
 import mtl_jax as mtl
@@ -130,19 +131,8 @@ def make_step(variant: str, num_tasks: int) -> tuple[Callable, Callable]:
         chunk = int(variant.split("=")[1].rstrip("]")) if "chunk" in variant else None
         grads_fn = mtl.mtl_value_and_grad(trunk, head_loss, chunk_size=chunk)
         tx = optax.chain(mtl.upgrad(num_tasks=num_tasks), optax.adam(1e-4))
-
-        def init(params):
-            return tx.init(params["trunk"]), adam.init(params["heads"])
-
-        def step(params, opt_state, x, y):
-            t_state, h_state = opt_state
-            losses, jac, head_grads, _ = grads_fn(params["trunk"], params["heads"], x, y)
-            t_upd, t_state = tx.update(jac, t_state, params["trunk"], task_losses=losses)
-            h_upd, h_state = adam.update(head_grads, h_state, params["heads"])
-            new = {"trunk": apply(params["trunk"], t_upd), "heads": apply(params["heads"], h_upd)}
-            return new, (t_state, h_state)
-
-        return init, step
+        init, jac_step = trunk_jacobian_step(grads_fn, tx, adam)
+        return init, lambda params, opt_state, x, y: jac_step(params, opt_state, x, y)[:2]
 
     if variant == "per_task_grads":
         labels = {"trunk": False, "heads": True}

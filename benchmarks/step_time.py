@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _steps import trunk_jacobian_step
 from _timing import interleaved_ms, machine_line, median_ms
 
 import mtl_jax as mtl
@@ -515,21 +516,7 @@ def build_resnet_steps(
     def jacobian(method: str):
         grads = mtl.mtl_value_and_grad(encode, loss_of_head, chunk_size=chunk_size)
         tx = optax.chain(mtl.get_aggregator(method, num_tasks=num_tasks), adam)
-
-        def init(params):
-            return tx.init(params["trunk"]), adam.init(params["heads"])
-
-        def step(params, opt_state, x, y):
-            t_state, h_state = opt_state
-            losses, jac, head_grads, _ = grads(params["trunk"], params["heads"], x, y)
-            t_upd, t_state = tx.update(jac, t_state, params["trunk"], task_losses=losses)
-            h_upd, h_state = adam.update(head_grads, h_state, params["heads"])
-            params = {
-                "trunk": optax.apply_updates(params["trunk"], t_upd),
-                "heads": optax.apply_updates(params["heads"], h_upd),
-            }
-            return params, (t_state, h_state), losses
-
+        init, step = trunk_jacobian_step(grads, tx, adam)
         return step, init
 
     def representation(method: str):
