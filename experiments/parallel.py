@@ -285,6 +285,10 @@ ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = (
 )
 
 
+class DistributedSetupError(RuntimeError):
+    """``jax.distributed.initialize`` could not start (no coordinator found, bad variables)."""
+
+
 def initialize_distributed(environ: Mapping[str, str] | None = None) -> None:
     """``jax.distributed.initialize`` from ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process
     0), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``; where they are unset JAX detects the
@@ -300,8 +304,16 @@ def initialize_distributed(environ: Mapping[str, str] | None = None) -> None:
         except ValueError:
             raise ValueError(f"{name}={text!r} is not an integer.") from None
 
-    jax.distributed.initialize(
-        coordinator_address=env.get(ENV_COORDINATOR) or None,
-        num_processes=number(ENV_NUM_PROCESSES),
-        process_id=number(ENV_PROCESS_ID),
-    )
+    try:
+        jax.distributed.initialize(
+            coordinator_address=env.get(ENV_COORDINATOR) or None,
+            num_processes=number(ENV_NUM_PROCESSES),
+            process_id=number(ENV_PROCESS_ID),
+        )
+    except (ValueError, RuntimeError) as e:
+        raise DistributedSetupError(
+            f"config.parallel.distributed=True, but jax.distributed.initialize failed: {e} "
+            f"Set {ENV_COORDINATOR} (host:port of process 0), {ENV_NUM_PROCESSES} and "
+            f"{ENV_PROCESS_ID} on every host, or launch under SLURM, Open MPI or on a Cloud TPU "
+            "(JAX detects those); on one host leave parallel.distributed False."
+        ) from e

@@ -318,6 +318,7 @@ USER_ERRORS = (
     NonFiniteLossError,
     DataUnavailableError,
     FileNotFoundError,
+    parallel_lib.DistributedSetupError,
 )
 
 

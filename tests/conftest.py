@@ -17,3 +17,20 @@ jax.config.update(
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops every compiled program after each test module. A pytest-xdist worker runs hundreds
+    of tests in one process, and each XLA:CPU executable keeps its own memory mappings (about 10
+    per program): over a whole worker's share of the suite they reached the kernel's limit of
+    65,530 (`vm.max_map_count`), after which LLVM failed with "Cannot allocate memory" and the
+    worker crashed. Within a module the caches still serve repeated programs."""
+    yield
+    jax.clear_caches()
+    gc.collect()

@@ -147,3 +147,22 @@ def test_an_override_before_the_config_file_applies_and_a_too_small_search_split
         "--config.report.progress=False",
     )
     _assert_clean_error(proc, r"each needs at least one batch of train.batch_size=128")
+
+
+def test_a_distributed_run_without_a_coordinator_is_one_message(tmp_path):
+    env_free = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            f"--workdir={tmp_path / 'w'}",
+            "--config.parallel.distributed=True",
+        ],
+        cwd=ROOT,
+        env=dict(env_free, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    _assert_clean_error(proc, r"jax.distributed.initialize failed.*JAX_COORDINATOR_ADDRESS")

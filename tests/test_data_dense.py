@@ -113,7 +113,7 @@ def test_missing_folder_says_what_to_download_and_where(tmp_path):
     message = str(error.value)
     assert "not found" in message and "nyuv2.zip" in message and "dropbox" in message
     assert "<root>/train/normal/<i>.npy" in message and "<root>/val/label/<i>.npy" in message
-    assert "--config.data.root" in message
+    assert "--config.dataset.root=" in message
     config = default_dataset_config("cityscapes")
     config.root = str(tmp_path / "nowhere")
     with pytest.raises(
