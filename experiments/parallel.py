@@ -285,7 +285,7 @@ ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = (
 )
 
 
-class DistributedSetupError(RuntimeError):
+class DistributedSetupError(ValueError):
     """``jax.distributed.initialize`` could not start (no coordinator found, bad variables)."""
 
 
@@ -302,13 +302,14 @@ def initialize_distributed(environ: Mapping[str, str] | None = None) -> None:
         try:
             return int(text)
         except ValueError:
-            raise ValueError(f"{name}={text!r} is not an integer.") from None
+            raise DistributedSetupError(f"{name}={text!r} is not an integer.") from None
 
+    num_processes, process_id = number(ENV_NUM_PROCESSES), number(ENV_PROCESS_ID)
     try:
         jax.distributed.initialize(
             coordinator_address=env.get(ENV_COORDINATOR) or None,
-            num_processes=number(ENV_NUM_PROCESSES),
-            process_id=number(ENV_PROCESS_ID),
+            num_processes=num_processes,
+            process_id=process_id,
         )
     except (ValueError, RuntimeError) as e:
         raise DistributedSetupError(
