@@ -568,6 +568,24 @@ def _spec_at_call(
     return filled
 
 
+def _task_axis_inputs(
+    spec: PyTree, masks: PyTree | None, params: PyTree, num_tasks: int, caller: str
+) -> tuple[list[Marker], list[Any], Any, list[Any]]:
+    """What :func:`per_task` and :func:`per_task_grads` map over the tasks: the checked spec's
+    markers, the parameter leaves and treedef, and per leaf its task-axis input -- a copied
+    leaf's ``[K, ...]`` rows, a masked leaf's boolean masks ``[K, ...]``, ``None`` for a shared
+    leaf (broadcast to every task)."""
+    spec_now = _spec_at_call(spec, masks, params, num_tasks, caller)
+    check_spec(spec_now, params, num_tasks)
+    markers = _expand(spec_now, params)
+    leaves, treedef = jax.tree.flatten(params)
+    batched = [
+        x if m is COPIED else _mask_bool(m.mask) if isinstance(m, Masked) else None
+        for m, x in zip(markers, leaves, strict=True)
+    ]
+    return markers, leaves, treedef, batched
+
+
 def spec_task_specific(spec: PyTree) -> PyTree:
     """The ``task_specific`` labels for :func:`mtl_jax.multitask`: ``True`` for COPIED leaves.
 
@@ -850,14 +868,9 @@ def per_task(
 
     def fn(params: PyTree, *args: Any, **kwargs: Any) -> Any:
         masks = kwargs.pop("masks", None) if takes_masks else None
-        spec_now = _spec_at_call(spec, masks, params, num_tasks, "per_task")
-        check_spec(spec_now, params, num_tasks)
-        markers = _expand(spec_now, params)
-        leaves, treedef = jax.tree.flatten(params)
-        batched = [
-            x if m is COPIED else _mask_bool(m.mask) if isinstance(m, Masked) else None
-            for m, x in zip(markers, leaves, strict=True)
-        ]
+        markers, leaves, treedef, batched = _task_axis_inputs(
+            spec, masks, params, num_tasks, "per_task"
+        )
 
         def one(batched_t: list[Any]) -> Any:
             view = []
@@ -970,14 +983,9 @@ def per_task_grads(
 
     def fn(params: PyTree, *args: Any, **kwargs: Any) -> Any:
         masks = kwargs.pop("masks", None) if takes_masks else None
-        spec_now = _spec_at_call(spec, masks, params, num_tasks, "per_task_grads")
-        check_spec(spec_now, params, num_tasks)
-        markers = _expand(spec_now, params)
-        leaves, treedef = jax.tree.flatten(params)
-        batched = [
-            x if m is COPIED else _mask_bool(m.mask) if isinstance(m, Masked) else None
-            for m, x in zip(markers, leaves, strict=True)
-        ]
+        markers, leaves, treedef, batched = _task_axis_inputs(
+            spec, masks, params, num_tasks, "per_task_grads"
+        )
         if has_state:
             if not args:
                 raise ValueError(
