@@ -41,3 +41,23 @@ def trunk_jacobian_step(
         return new, (trunk_state, head_state), losses
 
     return init, step
+
+
+def representation_step(
+    fn: Callable, num_tasks: int, tx: optax.GradientTransformation
+) -> tuple[Callable, Callable]:
+    """``(init, step(params, state, x, y) -> (params, state, losses))`` of one step of the
+    representation-gradient path: ``fn`` is :func:`mtl_jax.representation_value_and_grad` of the
+    trunk and the heads (its weighting's state is threaded), ``tx`` updates all parameters."""
+
+    def init(params):
+        return tx.init(params), fn.weighting.init(num_tasks)
+
+    def step(params, state, x, y):
+        tx_state, weighting_state = state
+        res = fn(params["trunk"], params["heads"], x, y, weighting_state)
+        grads = {"trunk": res.encoder_grads, "heads": res.head_grads}
+        updates, tx_state = tx.update(grads, tx_state, params)
+        return optax.apply_updates(params, updates), (tx_state, res.state), res.losses
+
+    return init, step

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _steps import trunk_jacobian_step
+from _steps import representation_step, trunk_jacobian_step
 from _timing import compiled_memory, machine_line
 
 import mtl_jax as mtl
@@ -152,18 +152,8 @@ def make_step(variant: str, num_tasks: int) -> tuple[Callable, Callable]:
 
     if variant == "ub":
         fn = mtl.representation_value_and_grad(trunk, head_loss, "mgda")
-
-        def init(params):
-            return adam.init(params), fn.weighting.init(num_tasks)
-
-        def step(params, opt_state, x, y):
-            a_state, w_state = opt_state
-            res = fn(params["trunk"], params["heads"], x, y, w_state)
-            grads = {"trunk": res.encoder_grads, "heads": res.head_grads}
-            updates, a_state = adam.update(grads, a_state, params)
-            return apply(params, updates), (a_state, res.state)
-
-        return init, step
+        init, ub_step = representation_step(fn, num_tasks, adam)
+        return init, lambda params, opt_state, x, y: ub_step(params, opt_state, x, y)[:2]
 
     raise ValueError(f"Unknown variant {variant!r}.")
 

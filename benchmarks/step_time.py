@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _steps import trunk_jacobian_step
+from _steps import representation_step, trunk_jacobian_step
 from _timing import interleaved_ms, machine_line, median_ms
 
 import mtl_jax as mtl
@@ -521,17 +521,7 @@ def build_resnet_steps(
 
     def representation(method: str):
         fn = mtl.representation_value_and_grad(encode, loss_of_head, method)
-
-        def init(params):
-            return adam.init(params), fn.weighting.init(num_tasks)
-
-        def step(params, opt_state, x, y):
-            a_state, w_state = opt_state
-            res = fn(params["trunk"], params["heads"], x, y, w_state)
-            grads = {"trunk": res.encoder_grads, "heads": res.head_grads}
-            updates, a_state = adam.update(grads, a_state, params)
-            return optax.apply_updates(params, updates), (a_state, res.state), res.losses
-
+        init, step = representation_step(fn, num_tasks, adam)
         return step, init
 
     for method in jac_methods:

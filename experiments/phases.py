@@ -41,6 +41,16 @@ class MissingArtifactError(FileNotFoundError):
     """A phase asked for an artifact that no finished phase has saved."""
 
 
+def _existing_artifact(path: str, phase: str, name: str) -> str:
+    """``path``, or :class:`MissingArtifactError` naming the phase that must finish first."""
+    if not os.path.exists(path):
+        raise MissingArtifactError(
+            f"Artifact {name!r} of phase {phase!r} not found ({path}): that phase must finish "
+            "before the phase that reads it."
+        )
+    return path
+
+
 @dataclasses.dataclass(frozen=True)
 class Artifacts:
     """The artifact store of one work dir."""
@@ -65,12 +75,7 @@ class Artifacts:
         return path
 
     def load_arrays(self, phase: str, name: str) -> PyTree:
-        path = self.array_path(phase, name)
-        if not os.path.exists(path):
-            raise MissingArtifactError(
-                f"Artifact {name!r} of phase {phase!r} not found ({path}): that phase must finish "
-                "before the phase that reads it."
-            )
+        path = _existing_artifact(self.array_path(phase, name), phase, name)
         with ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore(path)
 
@@ -85,12 +90,7 @@ class Artifacts:
         return path
 
     def load_json(self, phase: str, name: str) -> Any:
-        path = self.json_path(phase, name)
-        if not os.path.exists(path):
-            raise MissingArtifactError(
-                f"Artifact {name!r} of phase {phase!r} not found ({path}): that phase must finish "
-                "before the phase that reads it."
-            )
+        path = _existing_artifact(self.json_path(phase, name), phase, name)
         with open(path) as f:
             return json.load(f)
 
