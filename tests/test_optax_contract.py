@@ -102,6 +102,17 @@ def test_state_keeps_structure_shapes_and_dtypes(case):
     assert _signature(new_state) == _signature(state)
 
 
+def _jitted_step(tx: optax.GradientTransformation):
+    """``(params, state, jac, losses) -> (params, state)``: one jitted update through ``tx``."""
+
+    @jax.jit
+    def step(params, state, jac, losses):
+        updates, state = tx.update(jac, state, params, task_losses=losses)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
 @pytest.mark.parametrize("case", DEFAULTS)
 def test_apply_if_finite_skips_a_nan_step(case):
     # apply_if_finite wraps what follows the aggregator: optax's rejected branch returns zeros
@@ -112,11 +123,7 @@ def test_apply_if_finite_skips_a_nan_step(case):
     tx = optax.chain(_build(case), inner)
     params = _params()
     state = tx.init(params)
-
-    @jax.jit
-    def step(params, state, jac, losses):
-        updates, state = tx.update(jac, state, params, task_losses=losses)
-        return optax.apply_updates(params, updates), state
+    step = _jitted_step(tx)
 
     params, state = step(params, state, _jacobian(0), _losses(0))
     assert bool(state[1].last_finite)
@@ -166,11 +173,7 @@ def test_chained_before_multisteps(case):
     tx = optax.chain(_build(case), optax.MultiSteps(optax.sgd(0.1), every_k_schedule=2))
     params = _params()
     state = tx.init(params)
-
-    @jax.jit
-    def step(params, state, jac, losses):
-        updates, state = tx.update(jac, state, params, task_losses=losses)
-        return optax.apply_updates(params, updates), state
+    step = _jitted_step(tx)
 
     first, state = step(params, state, _jacobian(0), _losses(0))
     jax.tree.map(np.testing.assert_array_equal, first, params)  # accumulating: no update yet
@@ -234,11 +237,7 @@ def test_mtl_apply_if_finite_wraps_the_whole_chain(case):
     tx = mtl.apply_if_finite(optax.chain(_build(case), optax.sgd(0.1)), 3)
     params = _params()
     state = tx.init(params)
-
-    @jax.jit
-    def step(params, state, jac, losses):
-        updates, state = tx.update(jac, state, params, task_losses=losses)
-        return optax.apply_updates(params, updates), state
+    step = _jitted_step(tx)
 
     params, state = step(params, state, _jacobian(0), _losses(0))
     assert bool(state.last_finite)
