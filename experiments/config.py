@@ -14,6 +14,9 @@ A config file is a Python module whose ``get_config()`` returns an ``ml_collecti
 * ``train``: optimizer and loop settings (:func:`train_defaults`).
 * ``conflict``: the tracker's ``granularity`` (``global`` | ``module`` | ``leaf``), Recon's
   ``severity`` S and the incidence ``threshold``.
+* ``eval``: evaluation options (:func:`eval_defaults`): ``recompute_bn_batches`` (int >= 0;
+  0 = off): before the final evaluation, recompute the BatchNorm statistics on that many
+  training batches per task stream (:func:`mtl_jax.batchnorm.recompute_statistics`).
 * ``parallel``: the devices and hosts a run uses (:func:`parallel_defaults`,
   :mod:`experiments.parallel`): every visible device by default, the batch sharded over them.
 * a study's own section (``sparse`` for ``sparse_training``, ``combinations`` for
@@ -47,6 +50,7 @@ BASE_KEYS = (
     "conflict",
     "report",
     "parallel",
+    "eval",
 )
 GRANULARITIES = ("global", "module", "leaf")
 
@@ -94,6 +98,26 @@ def parallel_defaults() -> ml_collections.ConfigDict:
     )
 
 
+def eval_defaults() -> ml_collections.ConfigDict:
+    """``config.eval``: evaluation options.
+
+    ``recompute_bn_batches``: 0 (off) or the number of training batches on which the model's
+    BatchNorm statistics are recomputed, per task stream, before the final evaluation and the
+    ``final`` artifact (precise BN; a model without BatchNorm is unchanged)."""
+    return ml_collections.ConfigDict({"recompute_bn_batches": 0})
+
+
+def check_eval(section: ml_collections.ConfigDict) -> None:
+    """Checks ``config.eval``: known keys, ``recompute_bn_batches`` a non-negative int."""
+    check_keys(section, eval_defaults().keys(), "config.eval")
+    value = section.recompute_bn_batches
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"config.eval.recompute_bn_batches={value!r}; use a non-negative integer (0 = off, "
+            "N > 0 = recompute the BatchNorm statistics on N training batches per stream)."
+        )
+
+
 def report_defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"plots": True, "progress": True})
 
@@ -115,6 +139,7 @@ def base_config(dataset: str, model: str) -> ml_collections.ConfigDict:
     config.train = train_defaults()
     config.conflict = conflict_defaults()
     config.report = report_defaults()
+    config.eval = eval_defaults()
     config.parallel = parallel_defaults()
     return config
 
@@ -155,6 +180,8 @@ def validate_base(config: ml_collections.ConfigDict, study_sections: tuple[str, 
     check_keys(config.train, train_defaults().keys(), "config.train")
     check_keys(config.conflict, conflict_defaults().keys(), "config.conflict")
     check_keys(config.report, report_defaults().keys(), "config.report")
+    if "eval" in config:
+        check_eval(config.eval)
     if "parallel" in config:
         check_keys(config.parallel, parallel_defaults().keys(), "config.parallel")
         if int(config.parallel.devices) < 0:

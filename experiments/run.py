@@ -7,10 +7,13 @@ overrides when there are any) receives ``config.json``, ``metrics.jsonl``, one d
 phase of the study under ``phases/`` (orbax checkpoints, artifacts), ``plots/*.png`` and
 ``report.md``; the comparison table is also printed. Re-running the same command resumes:
 finished phases are skipped, an interrupted run continues from its last checkpoint and ends
-bit-identical to an uninterrupted one. A work dir holding a different config is refused (use
-another ``--workdir`` or ``--fresh``). Mistakes (an unknown key, a work dir that is a file, data
-that is not downloaded, a non-finite loss, Ctrl-C) end with one message and exit status 2;
-``--verbose`` adds the traceback. ``--list`` lists the studies, data sets, models and methods.
+bit-identical to an uninterrupted one. Seeds may be added to a work dir (``--config.seeds`` with
+the old seeds and new ones, the same ``--workdir``): the finished seeds are kept and only the new
+ones train. A work dir holding any other config (a removed seed included) is refused, naming the
+changed keys (use another ``--workdir`` or ``--fresh``). ``--config.study=<other>`` on top of a
+study's config drops that study's own section (e.g. ``recon``), with a note. Mistakes (an unknown
+key, a work dir that is a file, data that is not downloaded, a non-finite loss, Ctrl-C) end with
+one message and exit status 2; ``--verbose`` adds the traceback. ``--list`` lists the studies, data sets, models and methods.
 """
 
 from __future__ import annotations
@@ -96,32 +99,120 @@ def _comparable(config: ml_collections.ConfigDict | dict) -> dict:
     return {k: v for k, v in as_dict.items() if k not in RESULT_NEUTRAL}
 
 
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) -> None:
-    """Creates the work dir and ``config.json``; refuses a work dir made by another config."""
+def config_differences(previous: Any, current: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON-like configs (sorted; a key only one of
+    them has counts as different)."""
+    if isinstance(previous, dict) and isinstance(current, dict):
+        keys = sorted(set(previous) | set(current))
+        return [
+            diff
+            for key in keys
+            for diff in config_differences(
+                previous.get(key, _MISSING), current.get(key, _MISSING), f"{prefix}{key}."
+            )
+        ]
+    return [] if previous == current else [prefix.rstrip(".")]
+
+
+_MISSING = object()
+
+
+def check_config_change(previous: dict, current: dict, workdir: str) -> list[int]:
+    """The seeds ``current`` adds to a work dir made with ``previous`` (``[]``: the same config).
+
+    Seeds may only grow: every run and phase is keyed by its seed, so the finished seeds' results
+    stay valid and only the added seeds train.
+
+    Raises:
+      ConfigMismatchError: a seed was removed, or a key other than ``seeds`` changed (names the
+        keys and what to do).
+    """
+    old, new = _comparable(previous), _comparable(current)
+    changed = config_differences(
+        {k: v for k, v in old.items() if k != "seeds"},
+        {k: v for k, v in new.items() if k != "seeds"},
+    )
+    path = os.path.join(workdir, "config.json")
+    if changed:
+        shown = ", ".join(changed[:8]) + (
+            f" (+{len(changed) - 8} more)" if len(changed) > 8 else ""
+        )
+        raise ConfigMismatchError(
+            f"{workdir} holds results of a different config ({path}; changed: {shown}); use "
+            "another --workdir, or --fresh to delete it. (Only config.seeds may change in a "
+            "work dir, by adding seeds.)"
+        )
+    old_seeds = [int(s) for s in old.get("seeds", [])]
+    new_seeds = [int(s) for s in new.get("seeds", [])]
+    removed = [s for s in old_seeds if s not in new_seeds]
+    if removed:
+        raise ConfigMismatchError(
+            f"{workdir} holds results of seeds {old_seeds} ({path}); this config drops seeds "
+            f"{removed}. Seeds may only be added to a work dir: keep {old_seeds} in config.seeds "
+            "(and add new ones), use another --workdir, or --fresh to delete it."
+        )
+    return [s for s in new_seeds if s not in old_seeds]
+
+
+def prepare_workdir(
+    config: ml_collections.ConfigDict, workdir: str, fresh: bool = False
+) -> list[int]:
+    """Creates the work dir and ``config.json``; refuses a work dir made by another config.
+
+    A config that differs from the stored one only by added seeds is accepted: ``config.json``
+    gets the new seeds, the finished seeds' phases are skipped and only the added seeds train.
+    Returns the added seeds (``[]`` for a new work dir or the same config).
+    """
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise WorkdirError(f"The work dir {workdir!r} is a file; give --workdir a directory.")
     if fresh and os.path.exists(workdir):
         shutil.rmtree(workdir)
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
+    added: list[int] = []
     if os.path.exists(path):
         with open(path) as f:
             previous = json.load(f)
-        if _comparable(previous) != _comparable(config):
-            raise ConfigMismatchError(
-                f"{workdir} holds results of a different config ({path}); use another --workdir, "
-                "or --fresh to delete it."
-            )
+        current = json.loads(config.to_json_best_effort())
+        added = check_config_change(previous, current, workdir)
     atomic_write_text(path, config.to_json_best_effort(indent=2) + "\n")
+    return added
+
+
+def drop_other_study_sections(config: ml_collections.ConfigDict) -> list[str]:
+    """Removes the sections of studies other than ``config.study`` (``--config.study=compare`` on
+    top of the recon config: its ``recon`` section means nothing to ``compare``); returns the
+    removed section names. Sections of no study are left for validation to report."""
+    own = studies.get_study(config.study).section
+    others = {s.section for s in studies.STUDIES.values() if s.section and s.section != own}
+    removed = sorted(key for key in config.keys() if key in others)
+    if removed:
+        with config.unlocked():
+            for key in removed:
+                del config[key]
+    return removed
 
 
 def run_study(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False) -> str:
     """Validates the config, runs the phases of its study (skipping finished ones, resuming the
     interrupted one) and writes the report."""
+    dropped = drop_other_study_sections(config)
+    if dropped:
+        print(
+            f"note: ignoring config.{', config.'.join(dropped)}: section(s) of another study, "
+            f"not of {config.study!r}.",
+            file=sys.stderr,
+        )
     studies.with_study_section(config)
     studies.validate(config)
     if parallel_lib.is_primary():  # multi-host: process 0 prepares the shared work dir
-        prepare_workdir(config, workdir, fresh)
+        added = prepare_workdir(config, workdir, fresh)
+        if added:
+            print(
+                f"Adding seeds {added} to {workdir}: the finished seeds are kept; only the new "
+                "seeds train.",
+                file=sys.stderr,
+            )
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

@@ -14,7 +14,15 @@ masks such as LaSS's; ``RunSpec.branch_fn``: Recon's branched layers, BatchNorm 
 included), the encoder runs through ``mtl.per_task`` (the shared prefix once, then one stream per
 task), one gradient tree comes from ``mtl.value_and_grads`` (Jacobian rows for the shared leaves,
 each copy's and each head's own task's gradient), the aggregator sees the shared leaves through
-``mtl.shared_rows``, and the tracker measures the remaining shared leaves only.
+``mtl.shared_rows``, and the tracker measures the remaining shared leaves only. A per-task
+encoder keeps per-task BatchNorm statistics everywhere (:func:`per_task_state`: every state leaf
+``[K, ...]``, COPIED, also after a shared layer; rows before the branch stay identical), fixed at
+the run's start, so each stream is evaluated with the statistics it was trained with -- never
+with the streams' average.
+
+With ``config.eval.recompute_bn_batches = N > 0`` a finished run recomputes its BatchNorm
+statistics on N training batches per stream (:func:`mtl_jax.batchnorm.recompute_statistics`,
+precise BN) before its final evaluation and its ``final`` artifact (:func:`recompute_bn`).
 
 The Gram matrices the tracker and the aggregator compute from the same Jacobian are the same XLA
 computation inside the one jitted step, so the conflict metrics cost almost nothing
@@ -262,14 +270,63 @@ def _mask_rows(jac: PyTree, mask: PyTree) -> PyTree:
     )
 
 
+def per_task_state(state: PyTree, template: PyTree, num_streams: int) -> tuple[PyTree, PyTree]:
+    """``(state, spec)``: every leaf of a per-task encoder's state (BatchNorm statistics) with a
+    task axis ``[K, ...]`` and :data:`~mtl_jax.COPIED` in ``spec``.
+
+    ``template``: the un-branched state (arrays or ``jax.ShapeDtypeStruct``). A leaf shaped like
+    its template leaf is repeated K times (identical rows: a layer before the branch, or a shared
+    layer after it, whose streams then keep their own statistics); a leaf already ``[K,
+    *template shape]`` (a branched layer, a per-task run's ``final``) is kept. Departure from
+    :func:`mtl_jax.per_task`'s default (shared statistics averaged over the streams): the
+    average is the statistics of no stream, so a per-task encoder is evaluated with it wrongly.
+    """
+
+    def one(path, x, t):
+        shape, base = tuple(np.shape(x)), tuple(t.shape)
+        if shape == base:
+            return jnp.repeat(jnp.asarray(x)[None], num_streams, axis=0)
+        if shape == (num_streams, *base):
+            return x
+        raise ValueError(
+            f"State leaf {jax.tree_util.keystr(path)} has shape {shape}; a per-task encoder with "
+            f"{num_streams} streams needs {base} (shared) or {(num_streams, *base)} (per task). "
+            "Check that the run's model matches the state (init_from artifact)."
+        )
+
+    state = jax.tree_util.tree_map_with_path(one, state, template)
+    return state, jax.tree.map(lambda _: sharing_lib.COPIED, state)
+
+
+def encoder_state_shapes(model, streams, input_shape) -> PyTree:
+    """The un-branched encoder state's shapes (``jax.ShapeDtypeStruct``; nothing computed)."""
+    key = jax.random.key(0, impl="rbg")
+    shapes = jax.eval_shape(lambda: init_params(model, streams, input_shape, key))
+    return shapes[1]["encoder"]
+
+
+def _stream_state_spec(problem: Problem, enc_state: PyTree) -> PyTree:
+    """The per-task encoder's state spec: ``problem.state_sharing``; an empty state needs none."""
+    if problem.state_sharing is not None:
+        return problem.state_sharing
+    if jax.tree.leaves(enc_state):
+        raise ValueError(
+            "A per-task (sharing / branched) encoder with BatchNorm statistics needs per-task "
+            "statistics: give build_problem state_sharing from train.per_task_state(state, "
+            "template, K) (averaging the streams' statistics is not supported)."
+        )
+    return jax.tree.map(lambda _: sharing_lib.SHARED, enc_state)
+
+
 def _encoder_forward(
     problem: Problem, enc_state: dict, train: bool, sharing_masks: PyTree | None = None
 ) -> Callable:
     """``(encoder params, x) -> (z, new_state)``; with a sharing spec, ``z`` has a task axis.
 
     In per-task mode the parameters *and* the state go through ``mtl.per_task`` with their specs:
-    a branched BatchNorm's statistics (``[K, ...]``, COPIED in ``problem.state_sharing``) give
-    each task stream its own row, shared statistics are one array for every stream.
+    every BatchNorm's statistics are ``[K, ...]`` and COPIED in ``problem.state_sharing``
+    (:func:`per_task_state`), so each task stream trains and evaluates with its own row; a
+    per-task encoder with state but no state spec is an error (no silent averaging).
     ``sharing_masks``: the masks of the spec's mask slots (:class:`StepMasks`)."""
     model = problem.model
 
@@ -278,9 +335,7 @@ def _encoder_forward(
 
     if problem.sharing is None:
         return apply
-    state_spec = problem.state_sharing
-    if state_spec is None:
-        state_spec = jax.tree.map(lambda _: sharing_lib.SHARED, enc_state)
+    state_spec = _stream_state_spec(problem, enc_state)
     forward = sharing_lib.per_task(
         lambda v, x: apply_module(
             model.encoder, v["params"], {k: v[k] for k in v if k != "params"}, x, train
@@ -347,9 +402,7 @@ def _per_task_grads(problem: Problem, state: TrainState, x, targets, sharing_mas
         return losses_lib.task_loss(task, pred, targets[task.name]), new_state
 
     enc_state = state.model_state["encoder"]
-    state_spec = problem.state_sharing
-    if state_spec is None:
-        state_spec = jax.tree.map(lambda _: sharing_lib.SHARED, enc_state)
+    state_spec = _stream_state_spec(problem, enc_state)
     spec = {
         "encoder": problem.sharing,
         "heads": jax.tree.map(lambda _: sharing_lib.SHARED, state.params["heads"]),
@@ -474,15 +527,17 @@ def make_train_step(problem: Problem) -> Callable[..., tuple[TrainState, dict]]:
     return step
 
 
-def make_predict(problem: Problem) -> Callable[..., dict[str, jax.Array]]:
+def make_predict(problem: Problem, train: bool = False) -> Callable[..., dict[str, jax.Array]]:
     """``(params, model_state, x, masks=None) -> {task: prediction}`` in evaluation mode
-    (``masks`` as in :func:`make_train_step`)."""
+    (``masks`` as in :func:`make_train_step`); ``train=True``: in train mode, BatchNorm with the
+    batch's own statistics (per stream), the running statistics unused (``experiments.bn_check``).
+    """
     model = problem.model
     stream = {t.name: i for i, t in enumerate(problem.streams)}
 
     def predict(params, model_state, x, masks: StepMasks | None = None):
         sharing_masks = _masks_or_constants(problem, masks).sharing
-        forward = _encoder_forward(problem, model_state["encoder"], False, sharing_masks)
+        forward = _encoder_forward(problem, model_state["encoder"], train, sharing_masks)
         z, _ = forward(params["encoder"], x)
         out = {}
         for t in problem.tasks:
@@ -494,11 +549,96 @@ def make_predict(problem: Problem) -> Callable[..., dict[str, jax.Array]]:
                 params["heads"][t.name],
                 model_state["heads"][t.name],
                 z_t,
-                False,
+                train,
             )[0]
         return out
 
     return predict
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm statistics: recomputed on training batches (precise BN).
+
+
+def has_model_state(model_state: PyTree) -> bool:
+    """Whether the model has non-parameter state (BatchNorm statistics) to recompute."""
+    return bool(jax.tree.leaves(model_state))
+
+
+def make_statistics_update(problem: Problem, params: PyTree, sharing_masks=None) -> Callable:
+    """``(model_state, x) -> model_state``: one train-mode forward of the encoder and the trained
+    tasks' heads, returning the updated running statistics (per stream for a per-task encoder:
+    each stream's own rows) -- the ``update_fn`` of
+    :func:`mtl_jax.batchnorm.recompute_statistics`. ``x: [B, *input_shape]``."""
+    model = problem.model
+    stream = {t.name: i for i, t in enumerate(problem.streams)}
+
+    def update(model_state: PyTree, x: jax.Array) -> PyTree:
+        forward = _encoder_forward(problem, model_state["encoder"], True, sharing_masks)
+        z, enc_state = forward(params["encoder"], x)
+        heads = dict(model_state["heads"])
+        for t in problem.tasks:
+            if not jax.tree.leaves(heads[t.name]):
+                continue
+            z_t = (
+                z if problem.sharing is None else jax.tree.map(lambda a, i=stream[t.name]: a[i], z)
+            )
+            _, heads[t.name] = apply_module(
+                model.heads[t.name], params["heads"][t.name], heads[t.name], z_t, True
+            )
+        return {"encoder": enc_state, "heads": heads}
+
+    return update
+
+
+def recompute_bn(
+    problem: Problem, params: PyTree, model_state: PyTree, images, sharing_masks=None
+) -> PyTree:
+    """``model_state`` with its BatchNorm statistics recomputed on ``images`` (an iterable of
+    ``x: [B, ...]`` training batches) by :func:`mtl_jax.batchnorm.recompute_statistics`, per task
+    stream for a per-task encoder; a model without state is returned as it is."""
+    if not has_model_state(model_state):
+        return model_state
+    from mtl_jax import batchnorm as batchnorm_lib
+
+    update = jax.jit(make_statistics_update(problem, params, sharing_masks))
+    return batchnorm_lib.recompute_statistics(update, model_state, images)
+
+
+def recompute_bn_batches(config: ml_collections.ConfigDict) -> int:
+    """``config.eval.recompute_bn_batches`` (0 = off; 0 for a config without an ``eval``
+    section, e.g. one written before the option existed)."""
+    section = config.get("eval")
+    return int(section.get("recompute_bn_batches", 0)) if section is not None else 0
+
+
+def training_images(data: Any, batch_size: int, seed: int, first_epoch: int, count: int):
+    """``count`` training batches' images (shuffled with ``seed``, from epoch ``first_epoch`` on,
+    as many epochs as needed): the batches BatchNorm statistics are recomputed on."""
+    if data_lib.num_batches(data.train, batch_size, drop_remainder=True) < 1:
+        raise ValueError(
+            f"The training split has fewer than batch_size={batch_size} examples: no batch to "
+            "recompute BatchNorm statistics on; lower train.batch_size."
+        )
+    epoch, left = first_epoch, count
+    while left > 0:
+        for batch in data_lib.batches(data.train, batch_size, seed=seed, epoch=epoch, shuffle=True):
+            if left == 0:
+                return
+            left -= 1
+            yield batch["image"]
+        epoch += 1
+
+
+def bn_recompute_note(config: ml_collections.ConfigDict) -> str:
+    """The report's line saying how evaluation used BatchNorm statistics (empty when off)."""
+    n = recompute_bn_batches(config)
+    if n <= 0:
+        return ""
+    return (
+        f"BatchNorm statistics recomputed on {n} training batches per stream before the final "
+        "evaluation (`eval.recompute_bn_batches`; models without BatchNorm unchanged)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -856,10 +996,12 @@ def _sharing_info(sharing_masks: PyTree | None, mask: PyTree | None) -> dict:
 
 def branch_encoder(model, streams, input_shape, spec: RunSpec, params: dict, model_state: dict):
     """Recon's re-architecture of the run's initial encoder: ``spec.branch_fn()``'s layers get
-    per-task copies (parameters and BatchNorm statistics).
+    per-task copies (parameters and BatchNorm statistics); every other BatchNorm layer gets
+    per-task statistics too (:func:`per_task_state`; identical rows at the start).
 
-    Returns ``(params, model_state, param spec, state spec, info)``; ``info`` names the branched
-    layers and the parameter increase (absolute and % of the un-branched encoder)."""
+    Returns ``(params, model_state, param spec, state spec, info)``; the state spec is COPIED at
+    every leaf; ``info`` names the branched layers and the parameter increase (absolute and % of
+    the un-branched encoder; statistics are not parameters)."""
     layers = list(spec.branch_fn())
     num = len(streams)
     variables = {"params": params["encoder"], **model_state["encoder"]}
@@ -874,11 +1016,10 @@ def branch_encoder(model, streams, input_shape, spec: RunSpec, params: dict, mod
     )
     increase = recon_lib.parameter_increase(variables["params"], branched["params"])
     params = {**params, "encoder": branched["params"]}
-    model_state = {
-        **model_state,
-        "encoder": {k: v for k, v in branched.items() if k != "params"},
-    }
-    state_spec = {k: v for k, v in full_spec.items() if k != "params"}
+    enc_state, state_spec = per_task_state(
+        {k: v for k, v in branched.items() if k != "params"}, model_state["encoder"], num
+    )
+    model_state = {**model_state, "encoder": enc_state}
     info = {"branched_layers": layers, "parameter_increase": increase}
     return params, model_state, full_spec["params"], state_spec, info
 
@@ -928,9 +1069,15 @@ def train_run(
         params, model_state = parallel_lib.to_host(load_final_params(artifacts, spec.init_from))
     mask = None if spec.encoder_mask_fn is None else spec.encoder_mask_fn(params["encoder"])
     sharing = None if spec.sharing_fn is None else spec.sharing_fn(params["encoder"])
-    if sharing is not None and spec.init_from is None:
-        params["encoder"] = sharing_lib.copy_per_task(params["encoder"], sharing, len(streams))
     state_sharing, branch_info = None, {}
+    if sharing is not None:
+        if spec.init_from is None:
+            params["encoder"] = sharing_lib.copy_per_task(params["encoder"], sharing, len(streams))
+        # per-task statistics from the start: the checkpointed state's structure is fixed here
+        template = encoder_state_shapes(model, streams, data.input_shape)
+        model_state["encoder"], state_sharing = per_task_state(
+            model_state["encoder"], template, len(streams)
+        )
     if spec.branch_fn is not None:
         if sharing is not None or spec.init_from is not None:
             raise ValueError(f"Run {spec.run_id}: branch_fn excludes sharing_fn and init_from.")
@@ -970,6 +1117,9 @@ def train_run(
     wall_before = float(earlier[-1].get("wall_seconds", 0.0)) if earlier else 0.0
     began = time.perf_counter()
     info = {**dict(spec.info), **_sharing_info(sharing_masks, mask), **branch_info}
+    bn_batches = recompute_bn_batches(config) if has_model_state(model_state) else 0
+    if bn_batches:
+        info["recompute_bn_batches"] = bn_batches
     if restored is None:
         log.write(
             {
@@ -1076,6 +1226,28 @@ def train_run(
             "seed": spec.seed,
             "step": int(state.step),
         }
+    if bn_batches:  # precise BN before the final evaluation and the final artifact
+        images = (
+            parallel_lib.shard_batch(x, layout)
+            for x in training_images(data, batch_size, spec.seed, 0, bn_batches)
+        )
+        model_state = recompute_bn(
+            problem, state.params, state.model_state, images, step_masks.sharing
+        )
+        state = state._replace(model_state=model_state)
+        results = evaluate(problem, predict_fn, state, data.test, int(config.train.eval_batch_size))
+        log.write(
+            {
+                "kind": "eval",
+                "run": spec.label,
+                "seed": spec.seed,
+                "step": total_steps,
+                "epoch": epochs,
+                "split": "test",
+                "metrics": results,
+                "recompute_bn_batches": bn_batches,
+            }
+        )
     save_final_params(artifacts, spec.run_id, state)
 
     evals = _run_records(log, "eval", spec)

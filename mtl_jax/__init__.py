@@ -6,11 +6,11 @@ conflict metrics (:mod:`mtl_jax.conflict`), the Gram-space weightings they are b
 (:mod:`mtl_jax.weighting`), loss-only methods (:mod:`mtl_jax.scalarize`), the
 representation-gradient (MGDA-UB) path (:mod:`mtl_jax.representation`), per-task parameter views
 (:mod:`mtl_jax.sharing`), sparse-training masks (:mod:`mtl_jax.sparse`), LaSS masks
-(:mod:`mtl_jax.lass`), CoNAL's architecture search (:mod:`mtl_jax.conal`) and the modules they
-need (:mod:`mtl_jax.modules`).
+(:mod:`mtl_jax.lass`), CoNAL's architecture search (:mod:`mtl_jax.conal`), the modules they
+need (:mod:`mtl_jax.modules`) and precise BatchNorm statistics (:mod:`mtl_jax.batchnorm`).
 """
 
-from mtl_jax import conal, lass, modules, recon, sharing, sparse, weighting
+from mtl_jax import batchnorm, conal, lass, modules, recon, sharing, sparse, weighting
 from mtl_jax.aggregate import (
     AGGREGATORS,
     AggregatorState,
@@ -131,6 +131,7 @@ __all__ = [
     "aligned_mtl",
     "apply_if_finite",
     "apply_mask",
+    "batchnorm",
     "by_module",
     "cagrad",
     "check_spec",

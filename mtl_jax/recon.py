@@ -12,8 +12,9 @@ copy of them. The pieces, each usable in a custom training loop:
    the paper and the official code do) and :func:`select_layers` (top K by score, or the longest
    top prefix within a parameter budget). Controls: :func:`random_layers` (RSL: K random layers)
    and :func:`random_parameters` (RSP: random layers up to the same parameter count).
-3. **Branch.** :func:`branch` gives the variables with K per-task copies of the chosen layers,
-   BatchNorm running statistics included, and the sharing spec. With
+3. **Branch.** :func:`branch` gives the variables with K per-task copies of the chosen layers
+   and of every BatchNorm's running statistics (each task stream normalises with its own batch
+   statistics, so it keeps its own running statistics), and the sharing spec. With
    :func:`mtl_jax.per_task` the layers before the first branched layer run once and every later
    shared layer runs once per task stream (the official ``modules_recon.py``).
 4. **Retrain** from scratch with any aggregator on the remaining shared parameters:
@@ -74,9 +75,11 @@ from mtl_jax.gramian import GLOBAL, by_module
 from mtl_jax.sharing import (
     COLLECTIONS,
     COPIED,
+    _state_flags,
     copy_per_task,
     layer_key,
     layer_spec,
+    state_spec_per_task,
 )
 
 PyTree = Any
@@ -197,8 +200,11 @@ def select_layers(
 
     Alg. 1 line 9: sort the layers by descending score and take the top K (ties: the order of
     ``scores``, i.e. the parameters' order). With ``budget`` (a number of parameters; needs
-    ``sizes`` from :func:`layer_sizes`) it takes the longest prefix of that ranking whose total
-    size is at most ``budget`` (and at most ``k`` layers when both are given).
+    ``sizes`` from :func:`layer_sizes`) it walks that ranking and takes every layer that still
+    fits, skipping one that would exceed the budget (a large convolution) and going on to the
+    next (so a small budget picks the highest-ranked small layers, often BatchNorm), until
+    ``k`` layers are chosen when ``k`` is given too. A departure: the paper fixes K only; the
+    budget is this library's way to hold the model's growth to a number of parameters.
 
     Args:
       scores: ``{layer: score}`` from :func:`layer_scores`.
@@ -219,10 +225,8 @@ def select_layers(
     if k is not None and not 0 <= k <= len(scores):
         raise ValueError(f"k must be in [0, {len(scores)}] (the number of layers); got {k}.")
     ranked = _ranking(scores)
-    if k is not None:
-        ranked = ranked[:k]
     if budget is None:
-        return ranked
+        return ranked[:k]
     if sizes is None:
         raise ValueError("select_layers(budget=...) needs sizes=layer_sizes(params).")
     missing = [name for name in ranked if name not in sizes]
@@ -230,10 +234,11 @@ def select_layers(
         raise ValueError(f"sizes has no entry for the layers {missing}.")
     chosen, total = [], 0
     for name in ranked:
-        if total + sizes[name] > budget:
+        if k is not None and len(chosen) == k:
             break
-        chosen.append(name)
-        total += sizes[name]
+        if total + sizes[name] <= budget:
+            chosen.append(name)
+            total += sizes[name]
     return chosen
 
 
@@ -308,12 +313,20 @@ def branch(
 ) -> tuple[PyTree, PyTree]:
     """Per-task copies of the chosen layers (Alg. 1 line 10) and the sharing spec.
 
-    Every leaf of a chosen layer -- parameters *and* BatchNorm running statistics -- gets a
-    leading task axis ``[K, *shape]`` and is :data:`~mtl_jax.COPIED` in the spec; every other
-    leaf stays as it is and is :data:`~mtl_jax.SHARED`. Give the spec to
-    :func:`mtl_jax.per_task` (``has_state=True``): a branched BatchNorm layer keeps per-task
-    statistics, the layers before the first branched layer run once, every later shared layer
-    runs once per task stream. ``spec["params"]`` (Linen) is the ``task_specific`` argument of
+    Every parameter leaf of a chosen layer gets a leading task axis ``[K, *shape]`` and is
+    :data:`~mtl_jax.COPIED` in the spec; the other parameters stay as they are and are
+    :data:`~mtl_jax.SHARED`. *Every* state leaf (running statistics: Linen's non-``params``
+    collections such as ``batch_stats``, NNX ``nnx.BatchStat`` ``mean``/``var``) is copied per
+    task too, whether its layer is chosen or not. The semantics: a normalisation layer inside
+    the task streams keeps per-task running statistics; its scale and bias stay shared unless
+    the layer itself is branched. Each stream trains with its own batch statistics, so it is
+    evaluated with its own running statistics. Layers before the first branched layer get K
+    identical rows (the same computation in every stream, bit for bit).
+
+    Give the spec to :func:`mtl_jax.per_task` (``has_state=True``): the layers before the first
+    branched layer run once in training (in evaluation the streams start at the first
+    normalisation layer, whose running statistics are per task), every later shared layer runs
+    once per task stream. ``spec["params"]`` (Linen) is the ``task_specific`` argument of
     :func:`mtl_jax.value_and_grads` and :func:`mtl_jax.shared_rows`.
 
     Args:
@@ -331,7 +344,9 @@ def branch(
       collections: top-level keys that are Flax collections (dropped from layer names).
 
     Returns:
-      ``(branched_variables, spec)``, both with the structure of ``variables``.
+      ``(branched_variables, spec)``, both with the structure of ``variables``. With
+      ``init="fresh"`` the chosen layers come from ``fresh_variables``; the other state leaves
+      are copies of ``variables``' own.
 
     Raises:
       ValueError: for unknown layers (listing the layers there are), a bad ``init``, or
@@ -342,10 +357,13 @@ def branch(
       variables = model.init(jax.random.PRNGKey(0), x)
       branched, spec = branch(variables, ["Conv_1", "BatchNorm_1"], num_tasks=2)
       branched["batch_stats"]["BatchNorm_1"]["mean"].shape   # (2, C)
+      branched["batch_stats"]["BatchNorm_0"]["mean"].shape   # (2, C): per-task statistics
+      branched["params"]["BatchNorm_0"]["scale"].shape       # (C,): shared
     """
     if num_tasks < 1:
         raise ValueError(f"num_tasks must be >= 1; got {num_tasks}.")
-    spec = layer_spec(variables, layers, collections)
+    chosen = layer_spec(variables, layers, collections)
+    spec = state_spec_per_task(variables, chosen) if _has_state(variables) else chosen
     if init == "copy":
         if fresh_variables is not None:
             raise ValueError("fresh_variables is used with init='fresh' only.")
@@ -371,12 +389,24 @@ def branch(
                 "initialise the same model with another key."
             )
         fresh_leaves.append(flat)
-    markers = jax.tree.leaves(spec)
+    copied = copy_per_task(variables, spec, num_tasks)  # the state leaves of unchosen layers
+    pairs = zip(jax.tree.leaves(chosen), jax.tree.leaves(copied), strict=True)
     out = [
         jnp.stack([jnp.asarray(f[i]) for f in fresh_leaves]) if m is COPIED else x
-        for i, (m, x) in enumerate(zip(markers, leaves, strict=True))
+        for i, (m, x) in enumerate(pairs)
     ]
     return treedef.unflatten(out), spec
+
+
+def _has_state(variables: PyTree) -> bool:
+    """Linen variables (a mapping with ``params``) or an NNX state: the trees whose state leaves
+    :func:`mtl_jax.sharing.state_spec_per_task` can tell; a bare params dict has none."""
+    from flax import nnx
+
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    return (isinstance(variables, dict) and "params" in variables) or any(
+        is_var(v) for v in jax.tree.leaves(variables, is_leaf=is_var)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,9 +480,16 @@ def parameter_increase(params: PyTree, branched_params: PyTree) -> dict[str, flo
 
 
 def branched_layers(spec: PyTree, collections: Sequence[str] = COLLECTIONS) -> list[str]:
-    """The layers a spec copies per task (in the parameters' order)."""
+    """The layers whose parameters a spec copies per task (in the parameters' order).
+
+    State leaves (running statistics, copied for every layer by :func:`branch`) do not make a
+    layer branched: Linen's non-``params`` collections and NNX ``nnx.BatchStat`` leaves of a
+    spec from :func:`branch` are skipped."""
     flat = jax.tree_util.tree_flatten_with_path(spec)[0]
+    flags = _state_flags(spec, whole_tree_is_state=False)
     names = [
-        layer_key(_tree.path_str(p), collections) for p, m in flat if m is COPIED or m == "copied"
+        layer_key(_tree.path_str(p), collections)
+        for (p, m), is_state in zip(flat, flags, strict=True)
+        if not is_state and (m is COPIED or m == "copied")
     ]
     return list(dict.fromkeys(names))

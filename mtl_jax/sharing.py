@@ -46,26 +46,37 @@ row t is zero outside ``M_t``. :func:`spec_task_specific` gives the labels for
 ``mtl.multitask(aggregator, task_specific=...)``, which sums the copied leaves' rows (each copy gets
 its own task's gradient) and aggregates the shared and masked ones.
 
-Mutable state (BatchNorm statistics). Inside the task streams each task normalises with the
-batch statistics of its own stream, exactly as K separate forwards would; the running averages
-that ``apply`` returns come out of the ``vmap`` with a task axis and are reduced by
-:func:`per_task` (``has_state=True``):
+Mutable state (BatchNorm statistics). The semantics: *a normalisation layer inside the task
+streams keeps per-task running statistics; its scale and bias stay shared unless the layer itself
+is branched.* Inside the task streams each task normalises with the batch statistics of its own
+stream, exactly as K separate forwards would, so it must be evaluated with its own running
+statistics too. :func:`per_task` (``has_state=True``) returns the new state as follows:
 
-* state leaves whose spec is :data:`COPIED` (per-task BatchNorm copies, made with
-  :func:`copy_per_task` like any other copied leaf) keep their K rows: each task updates its own;
-* every other state leaf belongs to a shared layer and is reduced over the task axis with
-  ``state_reduction`` (default ``"mean"``, as docs/design/DESIGN.md section 5 suggests). A shared layer
-  *before* the branch sees identical rows and keeps its value exactly (no rounding from the
-  mean); a shared BatchNorm *after* the branch gets the mean of the per-task running averages.
-  Since each stream uses the same batch size, the mean of the per-task running means equals the
-  running mean over the union of the streams; for the variance it is the mean of the per-task
-  variances (the within-task part of the pooled variance).
-* Alternatively a BatchNorm built with ``axis_name`` equal to :func:`per_task`'s ``axis_name``
-  pools its batch statistics over the task streams during the forward itself.
-* A layer whose parameters are copied but whose statistics are not (a spec built from parameter
-  paths only) is an error, not a silent average: build the spec over the whole variables with
-  :func:`layer_spec` (layers named as :func:`layer_key` gives them; :func:`mtl_jax.recon.branch`
-  does this), or pass ``state_spec`` explicitly.
+* state leaves whose spec is :data:`COPIED` keep their K rows: each task updates its own.
+  :func:`mtl_jax.recon.branch` copies *every* state leaf (:func:`state_spec_per_task`,
+  :func:`copy_state_per_task` do it for any spec): the layers before the first branched layer
+  then hold K identical rows (the same computation in every stream, bit for bit), and in
+  evaluation mode the streams start at the first normalisation layer (K x its cost and the
+  rest of the prefix).
+* a :data:`SHARED` state leaf computed *before* the branch (identical in every stream) comes
+  out of the ``vmap`` unbatched (``out_axes=None``): kept exactly, no reduction.
+* a :data:`SHARED` state leaf computed *inside* the streams (a shared BatchNorm after a copied
+  or masked layer) is refused at trace time: ``vmap`` reports the batched output and a
+  data-flow pass over one stream's traced program (only on this error path) names the leaves.
+  Averaging it (the former default) evaluates every stream with the mean of the streams'
+  statistics, which costs accuracy when the streams differ. ``state_reduction="mean"`` (or a
+  callable ``x[K, ...] -> x[...]``) averages on purpose: the mean of the per-task running
+  averages (the within-task part of the pooled variance).
+* a BatchNorm built with ``axis_name`` equal to :func:`per_task`'s ``axis_name`` pools its
+  batch statistics over the task streams during the forward itself; its statistics are the same
+  in every stream and stay shared.
+* a layer whose parameters are copied but whose statistics are not (a spec built from parameter
+  paths only) is an error: build the spec over the whole variables with :func:`layer_spec`
+  (layers named as :func:`layer_key` gives them, matched on exact paths: ``'bn1'`` is not
+  ``'layer1_0/bn1'``) or :func:`mtl_jax.recon.branch`, or pass ``state_spec`` explicitly.
+
+Running statistics lag the weights; :func:`mtl_jax.batchnorm.recompute_statistics` recomputes
+them after training (precise BN), per task stream through a :func:`per_task` forward.
 """
 
 from __future__ import annotations
@@ -80,6 +91,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.extend.core import Literal
 
 from mtl_jax import _tree
 from mtl_jax.gramian import by_module
@@ -95,6 +107,7 @@ __all__ = [
     "Sharing",
     "check_spec",
     "copy_per_task",
+    "copy_state_per_task",
     "layer_key",
     "layer_names",
     "layer_spec",
@@ -109,6 +122,7 @@ __all__ = [
     "spec_from_masks",
     "spec_task_specific",
     "split_masks",
+    "state_spec_per_task",
     "task_params",
     "task_specific_leaves",
     "with_masks",
@@ -745,7 +759,7 @@ def task_params(params: PyTree, spec: PyTree, task: int, masks: PyTree | None = 
 # The per-task forward
 
 
-StateReduction = str | Callable[[jax.Array], jax.Array]
+StateReduction = str | Callable[[jax.Array], jax.Array] | None
 
 
 def _reduce_mean(x: jax.Array) -> jax.Array:
@@ -756,34 +770,63 @@ def _reduce_mean(x: jax.Array) -> jax.Array:
     return jnp.where(same, x[0], mean).astype(x.dtype)
 
 
+def _strip_collection(path: str, collections: Sequence[str] = COLLECTIONS) -> str:
+    """``path`` without a leading Flax collection name (``'batch_stats/bn1/mean' -> 'bn1/mean'``)."""
+    head, sep, rest = path.partition("/")
+    return rest if sep and head in collections else path
+
+
+def _match_path(path: str, candidates: Sequence[str]) -> str | None:
+    """The candidate naming the same leaf (or layer) as ``path``: itself if present, else the
+    *unique* candidate that ends with ``'/' + path`` (a suffix aligned on whole path components,
+    e.g. ``'encoder/bn1'`` for ``'bn1'``); ``None`` when there is none or several (``'bn1'`` vs
+    ``'bn1'`` and ``'layer1_0/bn1'`` of a ResNet: exact only)."""
+    if path in candidates:
+        return path
+    hits = [c for c in candidates if c.endswith("/" + path)]
+    return hits[0] if len(hits) == 1 else None
+
+
 def _state_markers(state: PyTree, spec: PyTree, state_spec: PyTree | None) -> list[Marker]:
+    """The marker of every state leaf: from ``state_spec``, or matched by path in ``spec``.
+
+    Matching (no ``state_spec``): the spec leaf at the same path; else, with a leading Flax
+    collection stripped on both sides, the same path; else the unique spec path that ends with
+    it on a whole component (:func:`_match_path`); else :data:`SHARED`.
+    """
     if state_spec is not None:
         return _expand(state_spec, state)
     spec_flat = jax.tree_util.tree_flatten_with_path(spec, is_leaf=_is_marker)[0]
-    by_path = {_tree.path_str(p): m for p, m in spec_flat}
+    full = {_tree.path_str(p): m for p, m in spec_flat}
+    stripped: dict[str, list[Any]] = {}
+    for path, m in full.items():
+        stripped.setdefault(_strip_collection(path), []).append(m)
+    unique = {k: v[0] for k, v in stripped.items() if len(v) == 1}
+    keys = list(unique)
     markers = []
     for path in _paths(state):
-        if path in by_path:
-            found = by_path[path]
+        if path in full:
+            found = full[path]
         else:  # e.g. the spec covers (params, batch_stats) and apply returns batch_stats only
-            hits = [m for p, m in by_path.items() if p.endswith("/" + path)]
-            found = hits[0] if len(hits) == 1 else SHARED
+            key = _match_path(_strip_collection(path), keys)
+            found = unique[key] if key is not None else SHARED
         markers.append(_normalize(found, path))
-    _check_copied_layers_keep_state(state, markers, by_path)
+    _check_copied_layers_keep_state(state, markers, full)
     return markers
 
 
 def _check_copied_layers_keep_state(
     state: PyTree, markers: list[Marker], spec_by_path: dict[str, Any]
 ) -> None:
-    """No silent averaging: a state leaf of a layer whose parameters are copied must be copied."""
+    """No silent averaging: a state leaf of a layer whose parameters are copied must be copied.
+
+    Layers are matched by exact :func:`layer_key` (collection stripped), or by a unique suffix
+    aligned on whole path components (``'bn1'`` is not ``'layer1_0/bn1'``)."""
+    spec_layers = list(dict.fromkeys(layer_key(p) for p in spec_by_path))
     copied_layers = {layer_key(p) for p, m in spec_by_path.items() if _normalize(m, p) is COPIED}
     bad = []
     for path, marker in zip(_paths(state), markers, strict=True):
-        layer = layer_key(path)
-        if marker is not COPIED and any(
-            c == layer or c.endswith("/" + layer) for c in copied_layers
-        ):
+        if marker is not COPIED and _match_path(layer_key(path), spec_layers) in copied_layers:
             bad.append(path)
     if bad:
         raise ValueError(
@@ -795,19 +838,162 @@ def _check_copied_layers_keep_state(
         )
 
 
-def _reduce_state(
-    state: PyTree, spec: PyTree, state_spec: PyTree | None, reduction: StateReduction
-) -> PyTree:
+def _reducer(reduction: StateReduction) -> Callable[[jax.Array], jax.Array] | None:
+    if reduction is None:
+        return None
     if reduction == "mean":
-        reduce = _reduce_mean
-    elif callable(reduction):
-        reduce = reduction
-    else:
-        raise ValueError(f"state_reduction must be 'mean' or a callable; got {reduction!r}.")
+        return _reduce_mean
+    if callable(reduction):
+        return reduction
+    raise ValueError(f"state_reduction must be None, 'mean' or a callable; got {reduction!r}.")
+
+
+def _stream_dependent_error(caller: str, paths: Sequence[str]) -> ValueError:
+    return ValueError(
+        f"{caller}: the shared state leaves [{_listing(paths)}] are computed inside the task "
+        "streams (after a copied or masked leaf), so each stream has its own value; averaging "
+        "them over the tasks would evaluate every stream with the statistics of all streams. "
+        "Copy the state per task: mtl.recon.branch does, or mtl.sharing.copy_per_task with a "
+        "state spec that is COPIED (mtl.sharing.state_spec_per_task / copy_state_per_task); or "
+        "pass state_reduction='mean' explicitly to average on purpose."
+    )
+
+
+# Collectives over the task axis whose result is the same in every stream.
+_POOLING_COLLECTIVES = ("psum", "pmax", "pmin", "all_gather")
+
+
+def _sub_jaxpr(eqn: Any) -> Any:
+    """The jaxpr of a call-like equation (jit, remat, custom_jvp/vjp) whose inputs and outputs
+    are the equation's own, or ``None``."""
+    for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        sub = eqn.params.get(name)
+        sub = getattr(sub, "jaxpr", sub)
+        if (
+            hasattr(sub, "eqns")
+            and len(sub.invars) == len(eqn.invars)
+            and len(sub.outvars) == len(eqn.outvars)
+        ):
+            return sub
+    return None
+
+
+def _dependent_outputs(jaxpr: Any, dependent_in: Sequence[bool], axis_name: Any) -> list[bool]:
+    """Forward dependence: which outputs of ``jaxpr`` depend on the inputs marked ``True``.
+
+    Call-like equations are followed inside; any other equation with a dependent input makes
+    all its outputs dependent (conservative), except pooling collectives over ``axis_name``.
+    """
+    dep = {v for v, d in zip(jaxpr.invars, dependent_in, strict=True) if d}
+    is_var = lambda v: not isinstance(v, Literal)
+    for eqn in jaxpr.eqns:
+        ins = [is_var(v) and v in dep for v in eqn.invars]
+        if not any(ins):
+            continue
+        axes = eqn.params.get("axes", eqn.params.get("axis_name", ()))
+        axes = axes if isinstance(axes, tuple | list) else (axes,)
+        if eqn.primitive.name in _POOLING_COLLECTIVES and axis_name in axes:
+            continue
+        sub = _sub_jaxpr(eqn)
+        outs = _dependent_outputs(sub, ins, axis_name) if sub is not None else None
+        dep.update(v for i, v in enumerate(eqn.outvars) if outs is None or outs[i])
+    return [is_var(v) and v in dep for v in jaxpr.outvars]
+
+
+def _depends_on_stream(
+    fn: Callable[[Any], list[Any]], row: Any, axis_name: Any, num_tasks: int
+) -> list[bool]:
+    """For each output of ``fn(row)`` (a list of arrays): does it depend on ``row``, the task
+    stream's own inputs (one row of the copied leaves, masks, copied state, task index)?
+
+    Traces ``fn`` once (``jax.make_jaxpr``) and follows the data flow; no computation."""
+    env = {"axis_env": [(axis_name, num_tasks)]} if axis_name is not None else {}
+    closed = jax.make_jaxpr(fn, **env)(row)
+    return _dependent_outputs(closed.jaxpr, [True] * len(closed.jaxpr.invars), axis_name)
+
+
+def _split_state(
+    state: PyTree, spec: PyTree, state_spec: PyTree | None, reduction: StateReduction
+) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """A task stream's new state as (leaves that come out with their K rows, shared leaves that
+    must come out of the vmap unbatched, how to put them back together)."""
     markers = _state_markers(state, spec, state_spec)
     leaves, treedef = jax.tree.flatten(state)
-    out = [x if m is COPIED else reduce(x) for m, x in zip(markers, leaves, strict=True)]
-    return treedef.unflatten(out)
+    keep = [m is COPIED or reduction is not None for m in markers]
+    info = {"treedef": treedef, "markers": markers, "keep": keep, "paths": _paths(state)}
+    rows = [x for x, k in zip(leaves, keep, strict=True) if k]
+    shared = [x for x, k in zip(leaves, keep, strict=True) if not k]
+    return rows, shared, info
+
+
+def _join_state(
+    rows: list[Any], shared: list[Any], info: dict[str, Any], reduction: StateReduction
+) -> PyTree:
+    reduce = _reducer(reduction)
+    rows_it, shared_it = iter(rows), iter(shared)
+    out = []
+    for m, k in zip(info["markers"], info["keep"], strict=True):
+        if not k:
+            out.append(next(shared_it))
+        else:
+            x = next(rows_it)
+            out.append(x if m is COPIED else reduce(x))
+    return info["treedef"].unflatten(out)
+
+
+def _is_out_axes_error(err: ValueError) -> bool:
+    return "out_axes" in str(err)
+
+
+def _state_flags(tree: PyTree, whole_tree_is_state: bool) -> list[bool]:
+    """Per array leaf of ``tree`` (flattening order): is it a running statistic (mutable state)?
+
+    NNX states: leaves held by an ``nnx.BatchStat``. Linen variables (a mapping with a
+    ``'params'`` collection): every leaf outside ``params``. Any other tree:
+    ``whole_tree_is_state``."""
+    from flax import nnx
+
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    n_leaves = len(jax.tree.leaves(tree))
+    variables = jax.tree.leaves(tree, is_leaf=is_var)
+    if any(is_var(v) for v in variables):
+        flags = [isinstance(v, nnx.BatchStat) for v in variables]
+        if len(flags) != n_leaves:
+            raise ValueError("An NNX state whose variables hold several arrays is not supported.")
+        return flags
+    if isinstance(tree, dict) and "params" in tree:
+        return [
+            _tree.path_str(p).partition("/")[0] != "params"
+            for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+        ]
+    return [whole_tree_is_state] * n_leaves
+
+
+def state_spec_per_task(tree: PyTree, spec: PyTree | None = None) -> PyTree:
+    """A spec that copies every running statistic of ``tree`` per task (:data:`COPIED`).
+
+    The semantics of a normalisation layer inside the task streams (see the module docstring):
+    each stream is trained with its own batch statistics, so it keeps its own running
+    statistics. State leaves are: for Linen variables (``{"params": ..., "batch_stats": ...}``)
+    every leaf outside ``params``; for an NNX state every ``nnx.BatchStat`` (BatchNorm ``mean``
+    / ``var``); any other tree (``variables["batch_stats"]``, a state alone) is all state.
+    Every other leaf takes its marker from ``spec`` (or a prefix of it), :data:`SHARED` without.
+
+    Example::
+
+      sspec = state_spec_per_task(variables["batch_stats"])   # every leaf COPIED
+      spec = state_spec_per_task(variables, layer_spec(variables, ["Dense_1"]))
+    """
+    flags = _state_flags(tree, whole_tree_is_state=True)
+    leaves, treedef = jax.tree.flatten(tree)
+    base = _expand(spec, tree) if spec is not None else [SHARED] * len(leaves)
+    return treedef.unflatten([COPIED if f else m for f, m in zip(flags, base, strict=True)])
+
+
+def copy_state_per_task(tree: PyTree, num_tasks: int) -> PyTree:
+    """``tree`` with every state leaf (see :func:`state_spec_per_task`) repeated to ``[K, ...]``;
+    the other leaves as they are. Pairs with ``state_spec_per_task(tree)``."""
+    return copy_per_task(tree, state_spec_per_task(tree), num_tasks)
 
 
 def per_task(
@@ -817,7 +1003,7 @@ def per_task(
     *,
     has_state: bool = False,
     state_spec: PyTree | None = None,
-    state_reduction: StateReduction = "mean",
+    state_reduction: StateReduction = None,
     axis_name: str | None = None,
 ) -> Callable[..., Any]:
     """The forward of all K tasks at once: ``vmap`` of ``apply_fn`` over the task axis.
@@ -842,15 +1028,20 @@ def per_task(
         (Linen's ``mutable=["batch_stats"]`` convention).
       spec: the sharing spec (or a prefix) for ``params``; see the module docstring.
       num_tasks: K.
-      has_state: whether ``apply_fn`` returns ``(out, state)``; the state is then reduced over the
-        task axis as described in the module docstring.
+      has_state: whether ``apply_fn`` returns ``(out, state)``; the state is then handled as
+        described in the module docstring: copied leaves keep their K rows, shared leaves come
+        out of the ``vmap`` unbatched (``out_axes=None``), exactly.
       state_spec: spec of the returned state; by default each state leaf takes the marker of the
-        spec leaf at the same path (or the unique spec leaf whose path ends with it), and
-        :data:`SHARED` when there is none.
-      state_reduction: ``"mean"`` (exact when all task rows agree) or a callable
-        ``x[K, ...] -> x[...]`` applied to shared state leaves.
+        spec leaf at the same path (a leading Flax collection ignored on both sides; or the
+        unique spec leaf whose path ends with it on whole components), :data:`SHARED` when
+        there is none.
+      state_reduction: ``None`` (default): a shared state leaf computed inside the task streams
+        (after the branch) is an error at trace time, naming the leaves; ``"mean"`` or a
+        callable ``x[K, ...] -> x[...]`` reduces every shared state leaf over the task axis on
+        purpose (today's averaging; ``"mean"`` is exact when the rows agree).
       axis_name: name of the task axis inside ``apply_fn`` (for collectives, e.g. a BatchNorm
-        with ``axis_name`` pooling statistics over the task streams).
+        with ``axis_name`` pooling statistics over the task streams: its statistics are the same
+        in every stream, so they stay shared without an error).
 
     Returns:
       ``fn(params, *args, **kwargs) -> outs`` (every leaf ``[K, ...]``), or ``(outs, state)``.
@@ -859,11 +1050,13 @@ def per_task(
       ``apply_fn``.
 
     Raises:
-      ValueError: (at trace time) if ``spec`` does not match ``params`` or K disagrees, or the
-        masks do not match the spec, naming the leaves.
+      ValueError: (at trace time) if ``spec`` does not match ``params`` or K disagrees, the
+        masks do not match the spec, or (``state_reduction=None``) a shared state leaf depends on
+        the task stream, naming the leaves.
     """
     if num_tasks < 1:
         raise ValueError(f"num_tasks must be >= 1; got {num_tasks}.")
+    _reducer(state_reduction)  # validate early
     takes_masks = bool(_masked_entries(spec))
 
     def fn(params: PyTree, *args: Any, **kwargs: Any) -> Any:
@@ -871,6 +1064,7 @@ def per_task(
         markers, leaves, treedef, batched = _task_axis_inputs(
             spec, masks, params, num_tasks, "per_task"
         )
+        info: dict[str, Any] = {}
 
         def one(batched_t: list[Any]) -> Any:
             view = []
@@ -881,20 +1075,41 @@ def per_task(
                     view.append(_masked_value(x, b))
                 else:
                     view.append(x)
-            return apply_fn(treedef.unflatten(view), *args, **kwargs)
+            out = apply_fn(treedef.unflatten(view), *args, **kwargs)
+            if not has_state:
+                return out
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise ValueError(
+                    "per_task(..., has_state=True) needs apply_fn to return (out, state); got "
+                    f"{type(out).__name__}."
+                )
+            rows, shared, split = _split_state(out[1], spec, state_spec, state_reduction)
+            info.update(split)
+            return out[0], rows, shared
 
-        out = jax.vmap(one, axis_size=num_tasks, axis_name=axis_name)(batched)
         if not has_state:
-            return out
-        if not (isinstance(out, tuple) and len(out) == 2):
-            raise ValueError(
-                "per_task(..., has_state=True) needs apply_fn to return (out, state); got "
-                f"{type(out).__name__}."
-            )
-        outs, state = out
-        return outs, _reduce_state(state, spec, state_spec, state_reduction)
+            return jax.vmap(one, axis_size=num_tasks, axis_name=axis_name)(batched)
+        try:
+            outs, rows, shared = jax.vmap(
+                one, axis_size=num_tasks, axis_name=axis_name, out_axes=(0, 0, None)
+            )(batched)
+        except ValueError as err:
+            if not _is_out_axes_error(err):
+                raise
+            row = jax.tree.map(lambda x: x[0], batched)
+            dependent = _depends_on_stream(lambda b: one(b)[2], row, axis_name, num_tasks)
+            raise _stream_dependent_error("per_task", _shared_paths(info, dependent)) from err
+        return outs, _join_state(rows, shared, info, state_reduction)
 
     return fn
+
+
+def _shared_paths(info: dict[str, Any], dependent: Sequence[bool]) -> list[str]:
+    """Paths of the shared (un-kept) state leaves flagged ``dependent`` (all of them if none is:
+    the data-flow analysis is conservative, vmap's verdict is the reference)."""
+    paths = [p for p, k in zip(info["paths"], info["keep"], strict=True) if not k]
+    flagged = [p for p, d in zip(paths, dependent, strict=True) if d]
+    return flagged or paths
 
 
 def per_task_grads(
@@ -904,7 +1119,7 @@ def per_task_grads(
     *,
     has_state: bool = False,
     state_spec: PyTree | None = None,
-    state_reduction: StateReduction = "mean",
+    state_reduction: StateReduction = None,
     axis_name: str | None = None,
     unroll: bool = False,
     task_specific: PyTree | None = None,
@@ -934,8 +1149,9 @@ def per_task_grads(
     Mutable state (``has_state``): the function takes ``(params, state, *args)`` and
     ``task_loss_fn(view_t, state_t, t, *args)`` returns ``(loss_t, new_state_t)``; ``state_t``
     is task t's view of the state (copied leaves' row t, e.g. a branched BatchNorm's
-    statistics) and the K new states are reduced as in :func:`per_task` (copied leaves keep
-    their K rows, shared ones are averaged). The state is not differentiated.
+    statistics) and the K new states are handled as in :func:`per_task` (copied leaves keep
+    their K rows, shared ones must not depend on the task stream unless ``state_reduction``
+    is given). The state is not differentiated.
 
     Args:
       task_loss_fn: ``(view_t, t, *args, **kwargs) -> loss_t`` (a scalar), or with
@@ -946,7 +1162,9 @@ def per_task_grads(
       state_spec: spec of the state (e.g. ``spec["batch_stats"]`` of
         :func:`mtl_jax.recon.branch` for a state ``variables["batch_stats"]``); by default
         matched by path with ``spec`` as in :func:`per_task`.
-      state_reduction, axis_name: as in :func:`per_task`.
+      state_reduction, axis_name: as in :func:`per_task`. With ``unroll`` the check that a
+        shared state leaf does not depend on the task stream is a data-flow analysis of task
+        0's traced program (one more trace; conservative inside loops and control flow).
       unroll: call ``task_loss_fn`` once per task with ``t`` a Python int (K traced copies of
         the loss instead of one ``vmap``), for tasks whose losses differ in structure
         (heterogeneous heads, picked by ``heads[names[t]]``). XLA's common-subexpression
@@ -979,6 +1197,7 @@ def per_task_grads(
         raise ValueError(f"num_tasks must be >= 1; got {num_tasks}.")
     if unroll and axis_name is not None:
         raise ValueError("per_task_grads: axis_name needs the task vmap; use unroll=False.")
+    _reducer(state_reduction)  # validate early
     takes_masks = bool(_masked_entries(spec))
 
     def fn(params: PyTree, *args: Any, **kwargs: Any) -> Any:
@@ -999,8 +1218,9 @@ def per_task_grads(
             ]
         else:
             s_batched = None
+        info: dict[str, Any] = {}
 
-        def one(batched_t: list[Any], s_batched_t: list[Any] | None, t: jax.Array) -> Any:
+        def one(batched_t: list[Any], s_batched_t: list[Any] | None, t: Any) -> Any:
             def loss_of_view(own: list[Any], shared: list[Any]) -> Any:
                 view = []
                 for m, x, b, o in zip(markers, shared, batched_t, own, strict=True):
@@ -1030,16 +1250,51 @@ def per_task_grads(
                 go if m is COPIED else gs
                 for m, go, gs in zip(markers, g_own, g_shared, strict=True)
             ]
-            return value, grads
+            if not has_state:
+                return value, grads
+            loss, new_state = value
+            rows, shared_state, split = _split_state(new_state, spec, state_spec, state_reduction)
+            info.update(split)
+            return (loss, rows, shared_state), grads
 
+        row = lambda xs, t: None if xs is None else [None if x is None else x[t] for x in xs]
         if unroll:
-            row = lambda xs, t: None if xs is None else [None if x is None else x[t] for x in xs]
             results = [one(row(batched, t), row(s_batched, t), t) for t in range(num_tasks)]
+            if has_state:
+                shared_state = results[0][0][2]  # stream-independent: every task's is the same
+                results = [((v[0], v[1]), g) for v, g in results]
+                if shared_state:
+                    dependent = _depends_on_stream(
+                        lambda r: one(r[0], r[1], 0)[0][2],
+                        (row(batched, 0), row(s_batched, 0)),
+                        None,
+                        num_tasks,
+                    )
+                    if any(dependent):
+                        raise _stream_dependent_error(
+                            "per_task_grads", _shared_paths(info, dependent)
+                        )
             value, grads = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
+            if has_state:
+                value = (*value, shared_state)
         else:
-            value, grads = jax.vmap(one, axis_size=num_tasks, axis_name=axis_name)(
-                batched, s_batched, jnp.arange(num_tasks)
-            )
+            out_axes = ((0, 0, None), 0) if has_state else 0
+            try:
+                value, grads = jax.vmap(
+                    one, axis_size=num_tasks, axis_name=axis_name, out_axes=out_axes
+                )(batched, s_batched, jnp.arange(num_tasks))
+            except ValueError as err:
+                if not (has_state and _is_out_axes_error(err)):
+                    raise
+                dependent = _depends_on_stream(
+                    lambda r: one(r[0], r[1], r[2])[0][2],
+                    (row(batched, 0), row(s_batched, 0), jnp.zeros((), jnp.int32)),
+                    axis_name,
+                    num_tasks,
+                )
+                raise _stream_dependent_error(
+                    "per_task_grads", _shared_paths(info, dependent)
+                ) from err
         if task_specific is not None:
             labels = jax.tree.leaves(task_specific_leaves(task_specific, params))
             grads = [
@@ -1049,8 +1304,8 @@ def per_task_grads(
         grads = treedef.unflatten(grads)
         if not has_state:
             return value, grads
-        losses, new_state = value
-        return (losses, _reduce_state(new_state, spec, state_spec, state_reduction)), grads
+        losses, rows, shared_state = value
+        return (losses, _join_state(rows, shared_state, info, state_reduction)), grads
 
     return fn
 
@@ -1060,11 +1315,36 @@ def reduce_task_state(
     spec: PyTree,
     *,
     state_spec: PyTree | None = None,
-    state_reduction: StateReduction = "mean",
+    state_reduction: StateReduction = None,
 ) -> PyTree:
     """Reduces a state with a task axis (leaves ``[K, ...]``) as :func:`per_task` does.
 
-    Copied state leaves keep their K rows; shared ones are reduced with ``state_reduction``;
-    a layer whose parameters are copied but whose statistics are not is an error.
+    Copied state leaves keep their K rows. Shared ones: with ``state_reduction`` ``"mean"`` or a
+    callable, reduced with it; with ``None`` (default) their rows must be identical (a layer
+    before the branch) and row 0 is returned -- checked on concrete arrays; rows that differ, or
+    traced arrays (the check needs values; pass ``state_reduction`` explicitly under ``jit``),
+    are a ``ValueError`` naming the leaves. A layer whose parameters are copied but whose
+    statistics are not is an error.
     """
-    return _reduce_state(state, spec, state_spec, state_reduction)
+    reduce = _reducer(state_reduction)
+    markers = _state_markers(state, spec, state_spec)
+    leaves, treedef = jax.tree.flatten(state)
+    if reduce is None:
+        shared = [
+            (p, x)
+            for p, m, x in zip(_paths(state), markers, leaves, strict=True)
+            if m is not COPIED
+        ]
+        traced = [p for p, x in shared if isinstance(x, jax.core.Tracer)]
+        if traced:
+            raise ValueError(
+                f"reduce_task_state: the shared state leaves [{_listing(traced)}] are traced, so "
+                "whether their task rows agree cannot be checked; pass state_reduction='mean' "
+                "(or a callable) explicitly, or copy the state per task."
+            )
+        differ = [p for p, x in shared if not np.all(np.asarray(x) == np.asarray(x)[0])]
+        if differ:
+            raise _stream_dependent_error("reduce_task_state", differ)
+        reduce = lambda x: x[0]
+    out = [x if m is COPIED else reduce(x) for m, x in zip(markers, leaves, strict=True)]
+    return treedef.unflatten(out)

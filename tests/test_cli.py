@@ -166,3 +166,18 @@ def test_a_distributed_run_without_a_coordinator_is_one_message(tmp_path):
         timeout=240,
     )
     _assert_clean_error(proc, r"jax.distributed.initialize failed.*JAX_COORDINATOR_ADDRESS")
+
+
+def test_a_work_dir_refuses_a_dropped_seed_and_names_the_fix(tmp_path):
+    """Seeds may only grow in a work dir (tests/test_add_seed.py runs the growth end to end)."""
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    stored = run_lib._load_config_file(run_lib.DEFAULT_CONFIG)
+    stored.seeds = (0, 1)
+    stored.methods = ("mean",)
+    stored.single_task = False
+    stored.dataset.max_train_examples, stored.dataset.max_test_examples = 256, 64
+    stored.train.batch_size = 64
+    (workdir / "config.json").write_text(stored.to_json_best_effort(indent=2))
+    proc = _run(f"--workdir={workdir}", *TINY)  # TINY has seeds (0,)
+    _assert_clean_error(proc, r"drops seeds \[1\]\. Seeds may only be added")

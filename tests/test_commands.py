@@ -71,6 +71,10 @@ SKIPPED: list[tuple[str, str]] = [
     ),
     (r"--config\.x=y", "the override syntax: x and y are placeholders"),
     (
+        r"python3? -m experiments\.toy .*",
+        "the two-objective toy (minutes); tests/test_toy.py runs its CLI with tiny --steps",
+    ),
+    (
         r"srun .*",
         "needs a SLURM allocation; the JAX_* launch line runs here as local processes "
         "(and in tests/test_multidevice.py)",

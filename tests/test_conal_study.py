@@ -166,6 +166,199 @@ def test_retrain_units_group_trunk_blocks_by_their_tasks():
 
 
 # ---------------------------------------------------------------------------------------------
+# BatchNorm statistics: every stream keeps its own, and precise BN recomputes them.
+
+_MOMENTUM, _EPS = 0.9, 1e-5
+
+
+class _DenseBN(nn.Module):
+    width: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(self.width, name="fc")(x)
+        x = nn.BatchNorm(
+            use_running_average=not train, momentum=_MOMENTUM, epsilon=_EPS, name="bn"
+        )(x)
+        return jnp.tanh(x)
+
+
+def _bn_tree(arch, width=4, num_classes=3):
+    """A tree of Dense -> BatchNorm -> tanh blocks whose parameters (and BN scale/bias) differ per
+    copy; running statistics start at mean 0, variance 1."""
+    blocks = tuple(conal.linen_block(_DenseBN(width), f"b{b}") for b in range(arch.num_blocks))
+    tasks = tuple(TaskSpec(f"t{t}", "classification", num_classes) for t in range(arch.num_tasks))
+    model = types.SimpleNamespace(heads={t.name: ClassifierHead(num_classes) for t in tasks})
+    tree = conal_study.TreeModel(blocks, arch, model, tasks)
+    key = jax.random.PRNGKey(7)
+    x = jnp.zeros((2, 3))
+    shapes = [x]
+    for block in blocks:
+        shapes.append(block.apply(*block.init(key, shapes[-1]), shapes[-1], False)[0])
+
+    def copy(b, salt):
+        p, s = blocks[b].init(jax.random.fold_in(key, 100 * salt + b), shapes[b])
+        bn = {
+            "scale": 1.0 + jax.random.uniform(jax.random.fold_in(key, 7 * salt + b), (width,)),
+            "bias": jax.random.normal(jax.random.fold_in(key, 11 * salt + b), (width,)),
+        }
+        return {**p, "bn": bn}, s
+
+    trunk = [copy(b, 1) for b in range(arch.trunk_depth)]
+    branches = [
+        [copy(b, 2 + c) for b in range(p, arch.num_blocks)]
+        for c, (p, _) in enumerate(tree.branches)
+    ]
+    params = {
+        "trunk": [v[0] for v in trunk],
+        "branches": [[v[0] for v in br] for br in branches],
+        "heads": {
+            t.name: model.heads[t.name].init(jax.random.fold_in(key, 999 + i), shapes[-1])["params"]
+            for i, t in enumerate(tasks)
+        },
+    }
+    state = {"trunk": [v[1] for v in trunk], "branches": [[v[1] for v in br] for br in branches]}
+    return tree, params, state
+
+
+def _stream_statistics(x, layers):
+    """Reference, from the definition: the batch mean and biased variance of every BatchNorm input
+    along one stream of Dense -> BN (batch statistics) -> tanh layers; NumPy only."""
+    h, out = np.asarray(x, np.float64), []
+    for layer in layers:
+        pre = h @ np.asarray(layer["fc"]["kernel"]) + np.asarray(layer["fc"]["bias"])
+        mean, var = pre.mean(axis=0), pre.var(axis=0)
+        out.append((mean, var))
+        normed = (pre - mean) / np.sqrt(var + _EPS)
+        h = np.tanh(normed * np.asarray(layer["bn"]["scale"]) + np.asarray(layer["bn"]["bias"]))
+    return out
+
+
+def _streams(tree, params, x):
+    """``{("trunk", b) | ("branch", c, i): (mean, var)}`` of the batch ``x``, every stream on its
+    own input: the trunk on x, branch c on the trunk's output at its branch point."""
+    trunk = _stream_statistics(x, params["trunk"])
+    out = {("trunk", b): s for b, s in enumerate(trunk)}
+    h = [np.asarray(x, np.float64)]
+    for layer in params["trunk"]:  # the trunk's features s_1..s_D
+        pre = h[-1] @ np.asarray(layer["fc"]["kernel"]) + np.asarray(layer["fc"]["bias"])
+        normed = (pre - pre.mean(0)) / np.sqrt(pre.var(0) + _EPS)
+        h.append(
+            np.tanh(normed * np.asarray(layer["bn"]["scale"]) + np.asarray(layer["bn"]["bias"]))
+        )
+    for c, (p, _) in enumerate(tree.branches):
+        for i, s in enumerate(_stream_statistics(h[p], params["branches"][c])):
+            out[("branch", c, i)] = s
+    return out
+
+
+def _stored(state, where):
+    leaf = (
+        state["trunk"][where[1]] if where[0] == "trunk" else state["branches"][where[1]][where[2]]
+    )
+    return np.asarray(leaf["batch_stats"]["bn"]["mean"]), np.asarray(
+        leaf["batch_stats"]["bn"]["var"]
+    )
+
+
+def test_retrain_keeps_every_streams_own_running_statistics():
+    """Tasks 0 and 1 branch at different points (their copies of block 1 see x-derived features of
+    different layers; task 0's copy of block 0 sees x itself): after one step every stream's
+    running statistics are the EMA of the batch statistics of its own input, nothing averaged."""
+    arch = conal.Architecture((0, 1, 2), 2)
+    tree, params, state = _bn_tree(arch)
+    x = 3.0 * jax.random.normal(jax.random.PRNGKey(1), (16, 3)) + 2.0
+    ys = {f"t{t}": jax.random.randint(jax.random.PRNGKey(10 + t), (16,), 0, 3) for t in range(3)}
+    init, step = conal_study.make_retrain(tree, "mean", {}, optax.sgd(0.0), 1, seed=0)
+    new, _ = jax.jit(step)(init(params, state), {"image": x, **ys})
+    expected = _streams(tree, params, x)
+    assert len(expected) == 2 + 2 + 1  # trunk b0 b1, task 0's b0 b1, task 1's b1
+    for where, (mean, var) in expected.items():
+        got_mean, got_var = _stored(new.model_state, where)
+        np.testing.assert_allclose(got_mean, (1 - _MOMENTUM) * mean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got_var, _MOMENTUM + (1 - _MOMENTUM) * var, rtol=1e-4)
+    # the two copies of block 1 really see different inputs
+    assert not np.allclose(expected[("branch", 0, 1)][0], expected[("branch", 1, 0)][0], atol=0.1)
+    # the train-mode forward of the evaluation updates the same statistics
+    _, applied = tree.apply(params, state, x, True)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        applied,
+        new.model_state,
+    )
+
+
+def test_recomputed_statistics_are_each_streams_mean_batch_statistics():
+    """Precise BN: per stream, the mean over the batches of the batch mean and of the (biased)
+    batch variance of its own input, whatever the running statistics were and the momentum."""
+    arch = conal.Architecture((0, 2, 1), 2)
+    tree, params, state = _bn_tree(arch)
+    state = jax.tree.map(lambda a: a + 5.0, state)  # stale statistics: must not matter
+    batches = [
+        {"image": (1.0 + i) * jax.random.normal(jax.random.PRNGKey(20 + i), (8, 3)) - i}
+        for i in range(3)
+    ]
+    got = conal_study.recompute_tree_statistics(tree, params, state, batches)
+    per_batch = [_streams(tree, params, b["image"]) for b in batches]
+    for where in per_batch[0]:
+        mean = np.mean([s[where][0] for s in per_batch], axis=0)
+        var = np.mean([s[where][1] for s in per_batch], axis=0)
+        got_mean, got_var = _stored(got, where)
+        np.testing.assert_allclose(got_mean, mean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got_var, var, rtol=1e-4, atol=1e-5)
+
+
+def test_bn_modes_train_mode_normalises_with_the_test_batch():
+    """``evaluate_bn_modes``: "stored" with the given statistics, "recomputed" with those of the
+    training batches; on a model whose statistics are exactly one batch's, evaluated on that batch,
+    the three agree."""
+    arch = conal.Architecture((1, 0), 1)
+    tree, params, state = _bn_tree(arch)
+    x = jax.random.normal(jax.random.PRNGKey(3), (32, 3))
+    ys = jax.random.randint(jax.random.PRNGKey(4), (32,), 0, 3)
+    exact = conal_study.recompute_tree_statistics(tree, params, state, [{"image": x}])
+    test = [{"image": np.asarray(x[i]), "t0": int(ys[i]), "t1": int(ys[i])} for i in range(32)]
+    modes = conal_study.evaluate_bn_modes(tree, params, exact, test, 32, [{"image": x}])
+    assert modes["batches"] == 1
+    for mode in ("train_mode", "recomputed"):
+        for t in ("t0", "t1"):
+            assert modes[mode][t]["accuracy"] == pytest.approx(modes["stored"][t]["accuracy"])
+    stale = jax.tree.map(lambda a: a + 3.0, exact)
+    modes = conal_study.evaluate_bn_modes(tree, params, stale, test, 32, [{"image": x}])
+    logits = tree.predict(params, stale, x)
+    for t in ("t0", "t1"):
+        acc = 100.0 * float(np.mean(np.argmax(np.asarray(logits[t]), -1) == np.asarray(ys)))
+        assert modes["stored"][t]["accuracy"] == pytest.approx(acc)
+
+
+# ---------------------------------------------------------------------------------------------
+# The mlp backbone as blocks.
+
+
+def test_mlp_blocks_are_the_mlp_encoder_exactly():
+    from experiments.models.mlp import MLPEncoder
+
+    cfg = types.SimpleNamespace(hidden_sizes=(16, 8))
+    builder, exact = conal_study.BLOCK_MODELS["mlp"]
+    blocks = builder(cfg, (1, 32, 1))
+    assert exact and [b.name for b in blocks] == ["fc0", "fc1"]
+    x = jax.random.normal(jax.random.PRNGKey(0), (5, 1, 32, 1))
+    variables = MLPEncoder((16, 8)).init(jax.random.PRNGKey(1), x)
+    h = x
+    for b in blocks:
+        own = b.init(jax.random.PRNGKey(2), h)["params"]
+        assert jax.tree.map(np.shape, own) == jax.tree.map(np.shape, variables["params"][b.name])
+        h = b.apply({"params": variables["params"][b.name]}, h)
+    assert h.shape == (5, 8)
+    # reference from the definition: flatten, (x W + b) -> ReLU per layer
+    ref = np.asarray(x).reshape(5, -1)
+    for name in ("fc0", "fc1"):
+        w = variables["params"][name]
+        ref = np.maximum(ref @ np.asarray(w["kernel"]) + np.asarray(w["bias"]), 0.0)
+    np.testing.assert_allclose(h, ref, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
 # The study end to end.
 
 
@@ -295,8 +488,64 @@ def test_retrain_of_the_all_shared_tree_is_the_standard_run(tmp_path):
     np.testing.assert_allclose(losses["tree"], losses["std"], rtol=2e-4)
 
 
+@pytest.mark.slow
+def test_precise_bn_retrain_evaluates_and_saves_recomputed_statistics(tmp_path):
+    """``conal.recompute_bn_batches``: the reported metrics are those of the recomputed
+    statistics (the "recomputed" column of the A/B/C evaluation, same batches), the saved
+    statistics are the recomputation of the saved weights, and the summary records it."""
+    config = _tiny_config()
+    config.conal.recompute_bn_batches = 2
+    config.conal.bn_modes_batches = 2
+    ctx = _context(config, str(tmp_path))
+    arch = conal.Architecture((2, 0, 5), 5)
+    summary = conal_study.retrain_run(ctx, "tree", "mean", 0, arch, "t__seed0", ctx.artifacts, {})
+    assert summary["info"]["bn_statistics"] == "recomputed"
+    modes = ctx.artifacts.load_json("t__seed0", "bn_modes")
+    assert set(modes) == {"stored", "train_mode", "recomputed", "batches"}
+    for t in ctx.data.tasks:
+        assert summary["test"][t.name]["accuracy"] == pytest.approx(
+            modes["recomputed"][t.name]["accuracy"]
+        )
+    final = ctx.artifacts.load_arrays("t__seed0", "final")
+    blocks, _ = conal_study._blocks_for(ctx)
+    tree = conal_study.TreeModel(tuple(blocks), arch, ctx.model, tuple(ctx.data.tasks))
+    batches = conal_study.statistics_batches(ctx.data.train, 64, 0, 2)
+    again = conal_study.recompute_tree_statistics(
+        tree, final["params"], final["model_state"], batches
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+        again,
+        final["model_state"],
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Configs.
+
+
+@pytest.mark.slow
+def test_relatedness_config_runs_conal_pro_on_mlp_blocks(tmp_path):
+    config = _config("relatedness")
+    assert config.model.name == "mlp" and config.conal.pro
+    assert len(config.dataset.groups) == 6
+    validate(config)
+    config.seeds = (0,)
+    config.single_task = False
+    config.conal.search_epochs = 1
+    config.train.epochs = 1
+    config.dataset.num_train = 500  # 400 for the weights, 100 (one batch) for the architecture
+    config.dataset.num_test = 200
+    config.report.progress = False
+    config.report.plots = False
+    run_lib.run_study(config, str(tmp_path))
+    with open(tmp_path / "conal_summary.json") as f:
+        seed = json.load(f)["seeds"]["0"]
+    assert seed["block_names"] == ["fc0", "fc1"] and len(seed["group_labels"]) == 6
+    models = seed["models"]["mean"]
+    assert set(models) == {"conal", "shared", "private"}
+    assert models["private"]["encoder_params"] == 6 * models["shared"]["encoder_params"]
+    assert "bn_modes" not in models["conal"]  # no BatchNorm in the mlp: nothing to compare
 
 
 def test_unknown_conal_keys_and_bad_methods_are_rejected():
@@ -312,7 +561,7 @@ def test_unknown_conal_keys_and_bad_methods_are_rejected():
         validate(config)
     config = _config()
     with config.unlocked():
-        config.model = default_model_config("mlp")
+        config.model = default_model_config("lenet")
     with pytest.raises(ConfigError, match="block sequence"):
         validate(config)
 

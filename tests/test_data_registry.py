@@ -8,10 +8,12 @@ from experiments.data import DATASETS, default_dataset_config, make_dataset
 EXPECTED = {
     "multi_digits",
     "digit_transforms",
+    "relatedness",
     "arrays",
     "multi_mnist",
     "multi_fashion",
     "multi_fashion_mnist",
+    "multi_mnist_5k",
     "celeb_a",
     "plant_leaves",
     "nyuv2",

@@ -67,7 +67,9 @@ def _hand_variables(branched):
     row = lambda tree, t: jax.tree.map(lambda v: v[t], tree)
     p, s = branched["params"], branched["batch_stats"]
     params = {"trunk": p["trunk"], "bn0": p["bn0"], "out": p["out"]}
-    stats = {"bn0": s["bn0"]}
+    for v in jax.tree.leaves(s["bn0"]):  # before the branch: K identical rows of statistics
+        np.testing.assert_array_equal(v, jnp.broadcast_to(v[0], v.shape))
+    stats = {"bn0": row(s["bn0"], 0)}
     for t in range(K):
         params[f"branch_{t}"] = row(p["branch"], t)
         params[f"bn1_{t}"] = row(p["bn1"], t)
@@ -75,16 +77,18 @@ def _hand_variables(branched):
     return {"params": params, "batch_stats": stats}
 
 
-def _bump_stats(variables, seed=1):
-    """Non-trivial running statistics (different per copy), as after some training."""
+def _bump_stats(variables, seed=1, per_copy=("bn1",)):
+    """Non-trivial running statistics, as after some training: different per copy for the
+    layers ``per_copy`` (after the branch), the same in every row for the others."""
     rng = np.random.default_rng(seed)
-    return {
-        **variables,
-        "batch_stats": jax.tree.map(
-            lambda v: v + jnp.asarray(rng.uniform(0.1, 0.5, size=v.shape), v.dtype),
-            variables["batch_stats"],
-        ),
-    }
+
+    def bump(path, v):
+        layer = jax.tree_util.keystr(path[:1], simple=True)
+        shape = v.shape if layer in per_copy else v.shape[-1:]
+        return v + jnp.asarray(rng.uniform(0.1, 0.5, size=shape), v.dtype)
+
+    stats = jax.tree_util.tree_map_with_path(bump, variables["batch_stats"])
+    return {**variables, "batch_stats": stats}
 
 
 @pytest.mark.parametrize("init", ["copy", "fresh"])
@@ -99,8 +103,13 @@ def test_linen_branch_equals_hand_written_two_branch_model(init):
     )
     assert spec["params"]["branch"]["kernel"] is COPIED
     assert spec["batch_stats"]["bn1"]["mean"] is COPIED  # statistics follow their layer
-    assert spec["params"]["bn0"]["scale"] is SHARED and spec["batch_stats"]["bn0"]["var"] is SHARED
+    # every BatchNorm keeps per-task statistics (bn0's scale and bias stay shared)
+    assert spec["params"]["bn0"]["scale"] is SHARED and spec["batch_stats"]["bn0"]["var"] is COPIED
     assert branched["batch_stats"]["bn1"]["var"].shape == (K, H)
+    assert branched["params"]["bn0"]["bias"].shape == (H,)
+    np.testing.assert_array_equal(  # unchosen layers' statistics: copies of the given ones
+        branched["batch_stats"]["bn0"]["mean"][1], variables["batch_stats"]["bn0"]["mean"]
+    )
     if init == "fresh":  # copy t comes from the t-th fresh initialisation, shared layers do not
         for t in range(K):
             np.testing.assert_array_equal(
@@ -126,7 +135,13 @@ def test_linen_branch_equals_hand_written_two_branch_model(init):
             jax.tree.map(lambda v: v[t], state["batch_stats"]["bn1"]),
             ref_state["batch_stats"][f"bn1_{t}"],
         )
-    _close(state["batch_stats"]["bn0"], ref_state["batch_stats"]["bn0"])
+    for v, ref_v in zip(
+        jax.tree.leaves(state["batch_stats"]["bn0"]),
+        jax.tree.leaves(ref_state["batch_stats"]["bn0"]),
+        strict=True,
+    ):  # before the branch: K bit-identical rows (the same computation), equal to the hand model
+        np.testing.assert_array_equal(v, jnp.broadcast_to(v[0], v.shape))
+        _close(v[0], ref_v)
     # evaluation mode uses each copy's running statistics
     ev = per_task(lambda v, x: model.apply(v, x, train=False), spec, K)(branched, x)
     _close(ev, TwoBranch().apply(hand_vars, x, train=False))
@@ -348,9 +363,13 @@ def test_select_layers_top_k_ties_and_budget():
     assert recon.select_layers(scores, k=3) == ["bn1", "fc", "conv1"]  # tie: parameter order
     assert recon.select_layers(scores, k=0) == []
     sizes = {"conv1": 100, "bn1": 4, "conv2": 200, "bn2": 4, "fc": 50}
-    assert recon.select_layers(scores, budget=160, sizes=sizes) == ["bn1", "fc", "conv1"]
-    # the longest top prefix within the budget: conv1 (100) does not fit after bn1 + fc
-    assert recon.select_layers(scores, budget=150, sizes=sizes) == ["bn1", "fc"]
+    assert recon.select_layers(scores, budget=160, sizes=sizes) == ["bn1", "fc", "conv1", "bn2"]
+    # down the ranking, every layer that still fits: conv1 (100) and conv2 (200) do not fit
+    # after bn1 + fc (54), bn2 (4) does
+    assert recon.select_layers(scores, budget=150, sizes=sizes) == ["bn1", "fc", "bn2"]
+    assert recon.select_layers(scores, budget=3, sizes=sizes) == []  # no layer fits
+    # k caps the chosen layers, not the ranking: the 2nd chosen is bn2 (5th ranked)
+    assert recon.select_layers(scores, k=2, budget=10, sizes=sizes) == ["bn1", "bn2"]
     assert recon.select_layers(scores, k=1, budget=1000, sizes=sizes) == ["bn1"]
     with pytest.raises(ValueError, match="needs sizes"):
         recon.select_layers(scores, budget=10)
@@ -490,10 +509,101 @@ def test_per_task_grads_on_the_branched_batchnorm_model():
     _close(vals, ref_vals)
     _close(new_stats, ref_stats)
     _close(grads, ref)
-    assert new_stats["bn1"]["mean"].shape == (K, H) and new_stats["bn0"]["mean"].shape == (H,)
+    assert new_stats["bn1"]["mean"].shape == (K, H) and new_stats["bn0"]["mean"].shape == (K, H)
+    rows = np.asarray(new_stats["bn0"]["var"])  # before the branch: bit-identical rows
+    np.testing.assert_array_equal(rows, np.broadcast_to(rows[0], rows.shape))
     text = jax.jit(fn).lower(params, stats, x, ys).compile().as_text()
     assert f"[{K},{K}," not in text
     with pytest.raises(ValueError, match="batch_stats/bn1/mean.*copied per task"):
         mtl.per_task_grads(task_loss, spec["params"], K, has_state=True)(
             params, {"batch_stats": stats}, x, ys
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact layer paths: ResNet-18's stem `bn1` is not `layer1_0/bn1` (issue 20, item 2)
+
+
+def _resnet18():
+    from experiments.models.resnet import ResNetEncoder
+
+    model = ResNetEncoder(stem="cifar", width=8, feature_dim=0)
+    x = _x(n=4, d=8 * 8).reshape(4, 8, 8, 1)
+    return model, x, model.init(jax.random.PRNGKey(0), x, train=False)
+
+
+_RESNET_SUBSETS = [
+    pytest.param(["layer1_0/bn1"], False, id="layer1_0.bn1"),
+    pytest.param(["bn1"], False, id="bn1"),
+    pytest.param(["bn1", "layer1_0/bn1"], False, id="both"),
+    pytest.param("random", False, id="random"),
+    pytest.param(["layer1_0/bn1"], True, id="layer1_0.bn1-values", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(("layers", "run"), _RESNET_SUBSETS)
+def test_resnet18_layers_are_matched_on_exact_paths(layers, run):
+    """Traced only (eval_shape) to stay fast; the `-values` case runs and compares numbers."""
+    model, x, variables = _resnet18()
+    if layers == "random":
+        layers = recon.random_layers(mtl.sharing.layer_names(variables), k=6, seed=3)
+        layers = sorted({*layers, "layer1_0/bn1"})
+    branched, spec = recon.branch(variables, layers, K)
+    assert set(recon.branched_layers(spec)) == set(layers)
+    for name in ("bn1", "layer1_0/bn1"):  # only the named one has per-task scale
+        scale = branched["params"]
+        for part in name.split("/"):
+            scale = scale[part]
+        assert scale["scale"].ndim == (2 if name in layers else 1)
+
+    def apply(v, x):  # returns the statistics without their collection
+        out, new = model.apply(v, x, train=True, mutable=["batch_stats"])
+        return out, new["batch_stats"]
+
+    forward = per_task(apply, spec, K, has_state=True)
+    outs, stats = jax.jit(forward)(branched, x) if run else jax.eval_shape(forward, branched, x)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(stats)[0]:
+        assert leaf.shape[0] == K, jax.tree_util.keystr(path)  # none mis-marked shared
+    if run:
+        ref_out, ref_new = model.apply(
+            mtl.task_params(branched, spec, 1), x, train=True, mutable=["batch_stats"]
+        )
+        _close(outs[1], ref_out, rtol=1e-4, atol=1e-4)
+        _close(jax.tree.map(lambda v: v[1], stats), ref_new["batch_stats"], rtol=1e-4, atol=1e-4)
+
+    # a spec over the chosen layers only (layer_spec): no false refusal of the other `bn1`
+    lspec = mtl.sharing.layer_spec(variables, layers)
+    stacked = mtl.copy_per_task(variables, lspec, K)
+    fwd = per_task(
+        lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
+        lspec,
+        K,
+        has_state=True,
+        state_reduction="mean",
+    )
+    jax.eval_shape(fwd, stacked, x)
+
+    # per_task_grads with a parameter spec and no state spec: exactly the chosen BatchNorms'
+    # uncopied statistics are refused, never a namesake's
+    def task_loss(view, stats_t, t, x):
+        out, new = model.apply({"params": view, **stats_t}, x, train=True, mutable=["batch_stats"])
+        return jnp.mean(out**2), new
+
+    state = {"batch_stats": variables["batch_stats"]}
+    grads_fn = mtl.per_task_grads(task_loss, lspec["params"], K, has_state=True)
+    with pytest.raises(ValueError, match=r"State leaves \[batch_stats/") as err:
+        jax.eval_shape(grads_fn, stacked["params"], state, x)
+    named = str(err.value).split("]")[0]  # bn1 sorts first, so the listing never cuts it
+    assert ("batch_stats/bn1/mean" in named) == ("bn1" in layers)
+    assert ("batch_stats/layer1_0/bn1/mean" in named) == ("layer1_0/bn1" in layers)
+    fn = mtl.per_task_grads(
+        task_loss,
+        spec["params"],
+        K,
+        has_state=True,
+        state_spec={"batch_stats": spec["batch_stats"]},
+    )
+    (losses, new_state), _ = jax.eval_shape(
+        fn, branched["params"], {"batch_stats": branched["batch_stats"]}, x
+    )
+    assert losses.shape == (K,) and new_state["batch_stats"]["bn1"]["mean"].shape == (K, 8)

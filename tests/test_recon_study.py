@@ -1,6 +1,6 @@
 """The recon study end to end at a tiny size: search -> select -> branch -> retrain, artifacts by
-name, per-task copies of the chosen layers (parameters and BatchNorm statistics) in the retrained
-model, and recon_summary.json."""
+name, per-task copies of the chosen layers' parameters and per-task statistics in every BatchNorm
+of the retrained model, and recon_summary.json."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from experiments import run as run_lib
+from experiments.config import ConfigError
 from experiments.phases import Artifacts
+from experiments.studies import study_config
 from experiments.train import load_final_params
 from mtl_jax import sharing as sharing_lib
 
@@ -63,7 +65,9 @@ def test_recon_study_branches_the_chosen_layers_and_reports(tmp_path):
         ):
             name = "/".join(str(getattr(k, "key", k)) for k in path)
             layer = sharing_lib.layer_key(f"{collection}/{name}")
-            if layer in chosen:  # a per-task copy of the layer (and of its statistics)
+            # a per-task copy of the chosen layers' parameters, and per-task statistics in every
+            # BatchNorm (each stream is evaluated with its own, never with their average)
+            if layer in chosen or collection == "batch_stats":
                 assert np.shape(leaf) == (num_tasks, *np.shape(base_leaf)), (collection, name)
             else:
                 assert np.shape(leaf) == np.shape(base_leaf), (collection, name)
@@ -77,3 +81,28 @@ def test_recon_study_branches_the_chosen_layers_and_reports(tmp_path):
         assert 0.0 <= variant["below_severe"]["mean"] <= 100.0
     assert np.isfinite(mean["recon"]["reduction_severe"]["mean"])
     assert "## Recon" in report and "| mean | recon |" in report
+
+
+def test_a_budget_below_the_top_layer_is_an_error_not_an_unbranched_recon_run(tmp_path):
+    """When no layer fits within recon.budget nothing is chosen, and the study must say so
+    instead of training a "+recon" model with no branched layer."""
+    config = study_config("recon", "relatedness", "mlp")
+    config.conflict.granularity = "module"  # as in configs/recon.py
+    config.model.hidden_sizes = (16, 2)  # fc0: 32 x 16 + 16 = 528 parameters, fc1: 34
+    config.model.head_hidden = 0
+    config.seeds = (0,)
+    config.recon.methods = ("mean",)
+    config.recon.controls = ()
+    config.recon.k = 1
+    config.recon.budget = 10  # smaller than either layer
+    config.single_task = False
+    config.dataset.max_train_examples = 200
+    config.dataset.max_test_examples = 100
+    config.train.epochs = 1
+    config.train.batch_size = 100
+    config.report.progress = False
+    config.report.plots = False
+    workdir = str(tmp_path / "recon")
+    with pytest.raises(ConfigError, match=r"selected no layer.*recon\.budget=10"):
+        run_lib.run_study(config, workdir)
+    assert not Artifacts(workdir).is_done("mean+recon__seed0")

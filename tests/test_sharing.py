@@ -289,9 +289,29 @@ def _bn_setup(copied):
     return model, x, spec, stacked, apply
 
 
-def test_shared_batchnorm_statistics_are_averaged_over_task_streams():
+def test_shared_batchnorm_inside_the_streams_is_refused_by_default():
     _, x, spec, stacked, apply = _bn_setup(copied="params/branch/")
-    outs, state = per_task(apply, spec, K, has_state=True)(stacked, x)
+    # bn1 (after the copied `branch`) is named; bn0 (before it) is not
+    with pytest.raises(ValueError, match=r"\[batch_stats/bn1/mean, batch_stats/bn1/var\]"):
+        per_task(apply, spec, K, has_state=True)(stacked, x)
+    with pytest.raises(ValueError, match=r"state_reduction='mean' explicitly"):
+        jax.jit(per_task(apply, spec, K, has_state=True))(stacked, x)
+    with pytest.raises(ValueError, match=r"state_reduction must be None, 'mean'"):
+        per_task(apply, spec, K, has_state=True, state_reduction="median")
+
+
+def test_shared_batchnorm_before_the_branch_is_kept_exactly():
+    _, x, spec, stacked, apply = _bn_setup(copied=match_paths("/branch/", "/bn1/"))
+    _, state = per_task(apply, spec, K, has_state=True)(stacked, x)
+    ref = apply(task_params(stacked, spec, 0), x)[1]["batch_stats"]["bn0"]
+    for name in ("mean", "var"):  # unbatched out of the vmap: no task axis, no reduction
+        assert state["batch_stats"]["bn0"][name].shape == (H,)
+        _close(state["batch_stats"]["bn0"][name], ref[name])
+
+
+def test_shared_batchnorm_statistics_are_averaged_when_asked():
+    _, x, spec, stacked, apply = _bn_setup(copied="params/branch/")
+    outs, state = per_task(apply, spec, K, has_state=True, state_reduction="mean")(stacked, x)
     runs = [apply(task_params(stacked, spec, t), x) for t in range(K)]
     for t in range(K):  # each stream normalises with its own batch statistics
         _close(outs[t], runs[t][0])
@@ -309,6 +329,21 @@ def test_shared_batchnorm_statistics_are_averaged_over_task_streams():
         assert stats["bn1"][name].shape == (H,)
         _close(stats["bn1"][name], per_task_stats.mean(axis=0))
         assert not np.allclose(per_task_stats[0], per_task_stats[1])
+
+
+def test_reduce_task_state_refuses_rows_that_differ():
+    from mtl_jax.sharing import reduce_task_state
+
+    same, differ = jnp.ones((K, H)), jnp.arange(K * H, dtype=jnp.float32).reshape(K, H)
+    spec = {"params": {"w": SHARED}}
+    out = reduce_task_state({"batch_stats": {"bn": {"mean": same}}}, spec)
+    np.testing.assert_array_equal(out["batch_stats"]["bn"]["mean"], np.ones(H))
+    with pytest.raises(ValueError, match=r"\[batch_stats/bn/mean\]"):
+        reduce_task_state({"batch_stats": {"bn": {"mean": differ}}}, spec)
+    with pytest.raises(ValueError, match="traced"):
+        jax.jit(lambda s: reduce_task_state(s, spec))({"batch_stats": {"bn": {"mean": same}}})
+    out = reduce_task_state({"bn": {"mean": differ}}, spec, state_reduction="mean")
+    np.testing.assert_allclose(out["bn"]["mean"], np.asarray(differ).mean(axis=0))
 
 
 def test_copied_batchnorm_keeps_per_task_statistics():
@@ -438,9 +473,13 @@ def test_copied_batchnorm_statistics_are_never_silently_averaged():
     stacked = copy_per_task(variables, spec, K)
     with pytest.raises(ValueError, match=r"batch_stats/bn1/mean.*copied per task.*layer_spec"):
         per_task(apply, spec, K, has_state=True)(stacked, x)
-    # an explicit state spec averages them on purpose
+    # an explicit state spec and state_reduction average them on purpose
     state_spec = make_spec({"batch_stats": stacked["batch_stats"]})
-    _, state = per_task(apply, spec, K, has_state=True, state_spec=state_spec)(stacked, x)
+    with pytest.raises(ValueError, match=r"batch_stats/bn1/mean.*computed inside the task"):
+        per_task(apply, spec, K, has_state=True, state_spec=state_spec)(stacked, x)
+    _, state = per_task(
+        apply, spec, K, has_state=True, state_spec=state_spec, state_reduction="mean"
+    )(stacked, x)
     assert state["batch_stats"]["bn1"]["mean"].shape == (H,)
 
 
@@ -451,3 +490,45 @@ def test_shared_view_hides_task_specific_leaves():
     assert view["params"]["trunk"]["kernel"].shape == (D, H)
     groups = mtl.ConflictTracker(K, granularity=mtl.by_module).groups(view)
     assert groups == ["global", "params/out", "params/trunk"]
+
+
+@pytest.mark.parametrize("unroll", [False, True])
+def test_per_task_grads_refuses_stream_dependent_shared_state(unroll):
+    model, x, _, _, _ = _bn_setup(copied="params/branch/")
+    variables = model.init(jax.random.PRNGKey(0), x)
+
+    def task_loss(view, stats_t, t, x):
+        out, new = model.apply(
+            {"params": view, "batch_stats": stats_t}, x, train=True, mutable=["batch_stats"]
+        )
+        return jnp.mean(out**2), new["batch_stats"]
+
+    # bn1 after the copied `branch`, shared statistics: refused, naming bn1 only
+    spec = make_spec(variables["params"], copied="^branch/")
+    stacked = copy_per_task(variables["params"], spec, K)
+    stacked["branch"]["kernel"] = stacked["branch"]["kernel"] * jnp.arange(1.0, K + 1).reshape(
+        K, 1, 1
+    )
+    stats_spec = make_spec(variables["batch_stats"])
+    fn = mtl.per_task_grads(
+        task_loss, spec, K, has_state=True, state_spec=stats_spec, unroll=unroll
+    )
+    with pytest.raises(ValueError, match=r"per_task_grads: the shared state leaves \[bn1/mean"):
+        jax.eval_shape(fn, stacked, variables["batch_stats"], x)
+    # bn1 copied per task: bn0 (before the branch) stays shared and exact, no error
+    stats_spec = make_spec(variables["batch_stats"], copied="^bn1/")
+    stats = copy_per_task(variables["batch_stats"], stats_spec, K)
+    fn = mtl.per_task_grads(
+        task_loss, spec, K, has_state=True, state_spec=stats_spec, unroll=unroll
+    )
+    (losses, new), _ = fn(stacked, stats, x)
+    assert losses.shape == (K,)
+    ref = model.apply(
+        {"params": task_params(stacked, spec, 1), "batch_stats": variables["batch_stats"]},
+        x,
+        train=True,
+        mutable=["batch_stats"],
+    )[1]["batch_stats"]
+    assert new["bn0"]["mean"].shape == (H,) and new["bn1"]["mean"].shape == (K, H)
+    _close(new["bn0"], ref["bn0"])
+    _close(jax.tree.map(lambda v: v[1], new["bn1"]), ref["bn1"])

@@ -300,3 +300,112 @@ def test_overriding_a_data_set_or_model_name_brings_its_defaults():
     assert config.model.to_dict() == models_lib.default_model_config("lenet").to_dict()
     with pytest.raises(config_lib.ConfigError, match=r"Unknown config key dataset.'max_shift'"):
         run_lib.check_overrides(["--config.dataset.name=arrays", "--config.dataset.max_shift=2"])
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm statistics: per-task in per-task encoders, recomputed on request.
+
+
+def tiny_bn_config(recompute: int = 0):
+    """A tiny BatchNorm model (small_resnet) on the embedded conflict benchmark, one epoch."""
+    config = config_lib.base_config("digit_transforms", "small_resnet")
+    config.seeds = (0,)
+    config.methods = ("mean",)
+    config.model.widths = (4, 4, 8)
+    config.model.strides = (2, 2, 2)
+    config.model.feature_dim = 8
+    config.dataset.max_train_examples = 192
+    config.dataset.max_test_examples = 128
+    config.train.epochs = 1
+    config.train.batch_size = 64
+    config.train.eval_batch_size = 128
+    config.train.log_every_steps = 1
+    config.report.progress = False
+    config.report.plots = False
+    config.eval.recompute_bn_batches = recompute
+    return config
+
+
+def _batch_statistics(x: np.ndarray, kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and biased variance over (B, H, W) of a 3x3/1 convolution with zero padding 1 (the
+    stem's conv, PyTorch's padding), written out in NumPy: the statistics its BatchNorm sees."""
+    b, h, w, _ = x.shape
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((b, h, w, kernel.shape[-1]))
+    for i in range(3):
+        for j in range(3):
+            out += np.einsum("bhwc,cf->bhwf", padded[:, i : i + h, j : j + w], kernel[i, j])
+    return out.mean(axis=(0, 1, 2)), out.var(axis=(0, 1, 2))
+
+
+def _train_tiny(config, spec, workdir):
+    data, model = _setup(config)
+    log = JsonlLog(os.path.join(workdir, "metrics.jsonl"))
+    train_lib.train_run(config, data, model, spec, workdir, log, progress=False)
+    params, state = train_lib.load_final_params(Artifacts(workdir), spec.run_id)
+    return data, list(log.records()), params, state
+
+
+def test_recompute_bn_option_recomputes_the_statistics_and_records_it(tmp_path):
+    spec = train_lib.RunSpec(label="mean", method="mean", seed=0)
+    data, _, params_off, state_off = _train_tiny(tiny_bn_config(0), spec, str(tmp_path / "off"))
+    _, records, params_on, state_on = _train_tiny(tiny_bn_config(1), spec, str(tmp_path / "on"))
+    for a, b in zip(jax.tree.leaves(params_off), jax.tree.leaves(params_on), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # only statistics change
+    stem_on = state_on["encoder"]["batch_stats"]["stem"]["bn"]
+    stem_off = state_off["encoder"]["batch_stats"]["stem"]["bn"]
+    # one batch: the recomputed statistics are that batch's (the first training batch)
+    x = next(data_lib.batches(data.train, 64, seed=0, epoch=0, shuffle=True))["image"]
+    kernel = np.asarray(params_on["encoder"]["stem"]["conv"]["kernel"], np.float64)
+    mean, var = _batch_statistics(np.asarray(x, np.float64), kernel)
+    np.testing.assert_allclose(np.asarray(stem_on["mean"]), mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(stem_on["var"]), var, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(np.asarray(stem_off["mean"]), mean, rtol=1e-3)  # the EMA differs
+
+    start = next(r for r in records if r["kind"] == "start")
+    summary = next(r for r in records if r["kind"] == "summary")
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert start["info"]["recompute_bn_batches"] == 1
+    assert summary["info"]["recompute_bn_batches"] == 1
+    assert evals[-1]["recompute_bn_batches"] == 1 and summary["test"] == evals[-1]["metrics"]
+    assert "recompute_bn_batches" not in evals[0]  # the epoch's evaluation: stored statistics
+
+
+def test_branched_encoder_keeps_per_task_statistics_in_every_batchnorm(tmp_path):
+    spec = train_lib.RunSpec(
+        label="mean+recon", method="mean", seed=0, branch_fn=lambda: ["block2/conv1"]
+    )
+    _, _, params, state = _train_tiny(tiny_bn_config(0), spec, str(tmp_path / "branched"))
+    stats = state["encoder"]["batch_stats"]
+    num_tasks = 3
+    for path, leaf in jax.tree_util.tree_flatten_with_path(stats)[0]:
+        assert np.shape(leaf)[0] == num_tasks, jax.tree_util.keystr(path)
+    # before the branch every stream sees the same activations: identical rows
+    for leaf in jax.tree.leaves(stats["stem"]) + jax.tree.leaves(stats["block1"]):
+        np.testing.assert_array_equal(np.asarray(leaf)[0], np.asarray(leaf)[1])
+    # after it (block2's bn1 follows the branched conv1; block3 is shared): each stream's own
+    for leaf in (stats["block2"]["bn1"]["mean"], stats["block3"]["bn1"]["mean"]):
+        assert not np.allclose(np.asarray(leaf)[0], np.asarray(leaf)[1])
+    assert np.shape(params["encoder"]["block2"]["conv1"]["kernel"])[0] == num_tasks
+    assert np.ndim(params["encoder"]["block3"]["conv1"]["kernel"]) == 4  # shared weights
+
+
+def test_per_task_state_copies_shared_leaves_and_keeps_per_task_ones():
+    template = {"bn": {"mean": jax.ShapeDtypeStruct((4,), np.float32)}}
+    state, spec = train_lib.per_task_state({"bn": {"mean": np.arange(4.0)}}, template, 3)
+    np.testing.assert_array_equal(np.asarray(state["bn"]["mean"]), np.tile(np.arange(4.0), (3, 1)))
+    assert spec["bn"]["mean"] == "copied"
+    kept, _ = train_lib.per_task_state({"bn": {"mean": np.ones((3, 4))}}, template, 3)
+    np.testing.assert_array_equal(np.asarray(kept["bn"]["mean"]), np.ones((3, 4)))
+    with pytest.raises(ValueError, match=r"\['bn'\]\['mean'\].*shape \(2, 4\)"):
+        train_lib.per_task_state({"bn": {"mean": np.ones((2, 4))}}, template, 3)
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, True, "3"])
+def test_recompute_bn_batches_must_be_a_non_negative_int(value):
+    import ml_collections
+
+    config = tiny_bn_config()
+    config.eval = ml_collections.ConfigDict({"recompute_bn_batches": value})
+    with pytest.raises(config_lib.ConfigError, match=r"eval\.recompute_bn_batches.*non-negative"):
+        studies.validate(config)

@@ -63,6 +63,7 @@ def get_config(setup: str = "embedded"):
     else:
         raise ValueError(f"Unknown setup {setup!r}; valid: embedded, multi_fashion_mnist, celeb_a.")
     config.single_task = True
+    config.eval.recompute_bn_batches = 50  # precise BN per task stream before the final eval
     config.conflict.granularity = "module"
     config.train.log_every_steps = 5
     config.train.checkpoint_every_epochs = 2

@@ -73,11 +73,12 @@ def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
 
 
 def digit_pools(
-    labels: np.ndarray, test_fraction: float, split_seed: int
+    labels: np.ndarray, test_fraction: float, split_seed: int, name: str = "multi_digits"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Disjoint ``(train, test)`` indices into the digit images, stratified by class."""
+    """Disjoint ``(train, test)`` indices into the digit images, stratified by class
+    (``name``: the data set named in the error)."""
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"multi_digits: test_fraction must be in (0, 1); got {test_fraction}.")
+        raise ValueError(f"{name}: test_fraction must be in (0, 1); got {test_fraction}.")
     train_pool, test_pool = stratified_split(
         labels, (1.0 - test_fraction, test_fraction), split_seed
     )

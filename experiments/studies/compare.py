@@ -27,7 +27,7 @@ from experiments.studies.base import (
     single_task_runs,
     train_phase,
 )
-from experiments.train import RunSpec
+from experiments.train import RunSpec, bn_recompute_note
 
 
 def runs(config: ml_collections.ConfigDict, data) -> list[RunSpec]:
@@ -51,9 +51,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def report(records, tasks, config, workdir: str) -> str:
-    """The conflict summary section (and its JSON and plots); empty with a single task."""
+    """The conflict summary section (and its JSON and plots; empty with a single task), and the
+    line on recomputed BatchNorm statistics (``eval.recompute_bn_batches``)."""
+    note = bn_recompute_note(config)
     if len(tasks) < 2:
-        return ""
+        return note
     summary = summary_lib.conflict_summary(records, tasks)
     atomic_write_text(
         os.path.join(workdir, "conflict_summary.json"),
@@ -72,7 +74,7 @@ def report(records, tasks, config, workdir: str) -> str:
             except ValueError:  # nothing to plot (e.g. no per-module scores)
                 continue
             text += f"\n\n![{name}.png](plots/{name}.png)"
-    return text
+    return f"{note}\n\n{text}" if note else text
 
 
 STUDY = Study(

@@ -4,7 +4,8 @@ The library (:mod:`mtl_jax.conal`) does the maths; this module orchestrates. The
 config's model is cut into its named blocks (:data:`BLOCK_MODELS`: ``small_resnet`` =
 ``stem, block1, block2, block3, neck``, the standard encoder exactly; ``segnet`` = its encoder and
 decoder levels, with nearest-neighbour upsampling instead of SegNet's argmax unpooling, a departure
-that a sequence of blocks forces). Per seed, in phases:
+that a sequence of blocks forces; ``mlp`` = one block per hidden ``Dense -> ReLU`` layer, ``fc0``
+flattening its input, the standard encoder exactly). Per seed, in phases:
 
 1. ``search__seed<s>``: the CoNAL search (:func:`mtl_jax.conal.make_search`: one jitted step,
    an architecture update on a held-out batch, then a weight update on a training batch, each with
@@ -54,6 +55,25 @@ initialised with another key, as Recon's ``fresh`` and the official ``new_bb()``
 (every copy from the seed's initial block). Only gradient aggregators (``mtl.AGGREGATORS``) are
 accepted as base methods: the loss-weighting and representation methods act on the whole model.
 
+BatchNorm statistics. Every stream of the tree keeps its own running statistics: the trunk's
+blocks those of their input (the batch), branch c's copies those of ``s_{p_c}`` through its own
+copies (a CoNAL-Pro group's branch: one input for all its tasks); nothing is averaged across tasks
+(``tests/test_conal_study.py`` checks each stream against the statistics of its own input). They
+are exponential moving averages (momentum 0.9 in ``small_resnet``) of the statistics of past
+weights, so they lag the final weights, much so in short runs. ``conal.recompute_bn_batches = N``
+> 0 turns on precise BN (Wu & Johnson 2021): before every evaluation and for the saved weights,
+each stream's statistics are recomputed as the mean batch statistics of the current weights over
+N training batches (:func:`recompute_tree_statistics`, :mod:`mtl_jax.batchnorm`); the all-shared
+baseline is then the all-shared tree (the same step as the standard run) so that the three models
+get the same statistics. Independently, every finished run is evaluated three ways
+(:func:`evaluate_bn_modes`, ``conal.bn_modes_batches`` training batches, 0 = off): A the stored
+statistics, B train-mode (each test batch's own statistics), C recomputed; artifact ``bn_modes``
+(retrains: in the run's phase; standard runs: phase ``bn_modes__<run>``), ``bn_modes`` per model
+in ``conal_summary.json`` and a second table in the report. Not for the search: the supernet's
+statistics (stacked copies under ``mixing="paths"`` average the statistics of a copy's path
+streams, CoNAL-Pro's ties average tied tasks' copies, and both the held-out and the training
+batch update them every step) serve only its train-mode steps and are discarded.
+
 The report writes ``conal_summary.json`` at the work dir's root (per seed: branch points, final
 softmax, parameter counts, test metrics and Δm% of the learned, all-shared and all-private models;
 the reference of Δm is the single-task runs when the config has them, else the all-shared model of
@@ -93,6 +113,7 @@ from experiments.loop import (
     run_loop,
 )
 from experiments.models import small_resnet
+from experiments.models.base import torch_default_init
 from experiments.models.segnet import ConvBNReLU, _convs_per_level
 from experiments.phases import Artifacts, Phase
 from experiments.studies.base import (
@@ -111,7 +132,7 @@ from experiments.train import (
     initial_params,
     make_aggregator,
 )
-from mtl_jax import conal
+from mtl_jax import batchnorm, conal
 
 PyTree = Any
 SEARCH_RUN = "conal-search"
@@ -140,6 +161,12 @@ def defaults() -> ml_collections.ConfigDict:
             "pro": False,  # CoNAL-Pro (progressive, task groups)
             "pro_steps_per_stage": 0,  # 0: the search steps divided by the number of stages
             "init": "fresh",  # retrain copies: "fresh" (own init) or "copy" (the block's init)
+            # precise BN: the retrained models' running statistics recomputed on this many
+            # training batches before every evaluation and for the saved weights; 0 = off
+            "recompute_bn_batches": 0,
+            # training batches of the "recomputed" column of the final A/B/C BatchNorm evaluation
+            # (stored / train-mode / recomputed statistics); 0 = no such evaluation
+            "bn_modes_batches": 20,
         }
     )
 
@@ -188,11 +215,40 @@ def _segnet_blocks(model_config, input_shape) -> list[nn.Module]:
     return down + up
 
 
+class _MLPLayer(nn.Module):
+    """One hidden layer of :class:`experiments.models.mlp.MLPEncoder` as a block:
+    ``[B, ...] -> (flatten, first layer only) -> Dense(features) -> ReLU -> [B, features]``.
+
+    Its variables are a Dense's (``kernel [in, features]``, ``bias [features]``, PyTorch's default
+    kernel init, zero bias), so the block named ``fc<i>`` takes the encoder's ``fc<i>`` as is."""
+
+    features: int
+    flatten: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train
+        if self.flatten:
+            x = x.reshape((x.shape[0], -1))
+        kernel = self.param("kernel", torch_default_init(), (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))  # as nn.Dense
+        return nn.relu(y + bias)
+
+
+def _mlp_blocks(model_config, input_shape) -> list[nn.Module]:
+    """``mlp``: one block per hidden layer (``fc0`` flattens its input), the encoder exactly."""
+    del input_shape
+    hidden = [int(h) for h in model_config.hidden_sizes]
+    return [_MLPLayer(h, i == 0, name=f"fc{i}") for i, h in enumerate(hidden)]
+
+
 #: ``model name -> (blocks builder, exact)``: ``exact`` when chaining the blocks is the model's
 #: own encoder (same variables), so the all-shared baseline is the standard run.
 BLOCK_MODELS: dict[str, tuple[Callable, bool]] = {
     "small_resnet": (_small_resnet_blocks, True),
     "segnet": (_segnet_blocks, False),
+    "mlp": (_mlp_blocks, True),
 }
 
 
@@ -557,19 +613,37 @@ class TreeModel:
         task = self.tasks[t]
         return apply_module(self.model.heads[task.name], params, {}, z, train)[0]
 
-    def predict(self, params, state, x) -> dict:
-        """``{task: prediction}`` in evaluation mode (BatchNorm running statistics)."""
-        feats, _ = self.trunk(params["trunk"], state["trunk"], x, False)
-        zs = [
-            self.branch(c, params["branches"][c], state["branches"][c], feats[p], False)[0]
-            for c, (p, _) in enumerate(self.branches)
-        ]
+    def apply(self, params, state, x, train: bool) -> tuple[dict, dict]:
+        """``({task: prediction}, new state)``: the whole tree on one batch ``x``.
+
+        ``train=True``: every BatchNorm normalises with the statistics of its own input (the trunk
+        with those of ``x``, branch c with those of ``s_{p_c}`` through its own copies) and the new
+        state holds each stream's running statistics updated from them -- the train-mode forward
+        of :func:`evaluate_bn_modes` and the ``update_fn`` of the precise-BN recomputation.
+        ``train=False``: the stored running statistics, the state unchanged.
+        """
+        feats, trunk_state = self.trunk(params["trunk"], state["trunk"], x, train)
+        zs, branch_state = [], []
+        for c, (p, _) in enumerate(self.branches):
+            z, st = self.branch(c, params["branches"][c], state["branches"][c], feats[p], train)
+            zs.append(z)
+            branch_state.append(st)
         out = {}
         for t, task in enumerate(self.tasks):
             p = self.arch.branch_points[t]
             z = feats[p] if p == self.arch.num_blocks else zs[self.branch_of[t]]
-            out[task.name] = self.head(t, params["heads"][task.name], z, False)
-        return out
+            out[task.name] = self.head(t, params["heads"][task.name], z, train)
+        return out, {"trunk": trunk_state, "branches": branch_state}
+
+    def predict(self, params, state, x) -> dict:
+        """``{task: prediction}`` in evaluation mode (BatchNorm running statistics)."""
+        return self.apply(params, state, x, False)[0]
+
+    @functools.cached_property
+    def train_mode_state(self) -> Callable:
+        """Jitted ``(params, state, x) -> new state``: one train-mode forward's updated running
+        statistics (compiled once per shape, the weights an argument)."""
+        return jax.jit(lambda params, state, x: self.apply(params, state, x, True)[1])
 
 
 def _encoder_block(params: dict, state: dict, name: str) -> tuple[PyTree, PyTree]:
@@ -761,6 +835,98 @@ def make_retrain(
     return init, step
 
 
+# ---------------------------------------------------------------------------------------------
+# BatchNorm statistics: stored (A), train mode (B), recomputed on training batches (C).
+
+BN_MODES = ("stored", "train_mode", "recomputed")
+
+
+def recompute_tree_statistics(
+    tree: TreeModel, params: dict, model_state: dict, batches: Sequence[dict]
+) -> dict:
+    """Every stream's running statistics recomputed from train-mode forwards of the final weights
+    over ``batches`` (``{"image": x [B, ...]}``): the trunk's from ``x``, branch c's from its own
+    input ``s_{p_c}``; nothing is shared or averaged across streams. Precise BN
+    (:func:`mtl_jax.batchnorm.recompute_statistics`: per stream the mean over the batches of the
+    batch mean and of the biased batch variance)."""
+
+    if not jax.tree.leaves(model_state):  # no BatchNorm
+        return model_state
+
+    def update_fn(state: dict, batch: dict) -> dict:
+        return tree.train_mode_state(params, state, batch["image"])
+
+    return batchnorm.recompute_statistics(update_fn, model_state, batches)
+
+
+def statistics_batches(source, batch_size: int, seed: int, count: int) -> list[dict]:
+    """The first ``count`` training batches (``{"image"}`` only) of a fixed shuffled epoch,
+    drawn apart from the training order (``seed + 7_777``); fewer when the set is smaller."""
+    per_epoch = data_lib.num_batches(source, batch_size, drop_remainder=True)
+    it = data_lib.batches(source, batch_size, seed=seed + 7_777, epoch=0)
+    return [{"image": jnp.asarray(next(it)["image"])} for _ in range(min(count, per_epoch))]
+
+
+def evaluate_bn_modes(
+    tree: TreeModel,
+    params: dict,
+    model_state: dict,
+    test_source,
+    eval_batch_size: int,
+    batches: Sequence[dict],
+) -> dict[str, dict]:
+    """Test metrics of one set of weights under three BatchNorm statistics.
+
+    * ``stored``: the running statistics the run kept (what the study reports, unless
+      ``conal.recompute_bn_batches`` replaced them);
+    * ``train_mode``: every layer normalises with the statistics of the test batch itself
+      (batches of ``eval_batch_size``, in order; the last may be smaller);
+    * ``recomputed``: the statistics recomputed on the training ``batches``
+      (:func:`recompute_tree_statistics`), then evaluation mode.
+
+    Returns ``{mode: {task: metrics}}`` (:data:`BN_MODES`) and ``"batches"``: len(batches).
+    """
+    tasks = tree.tasks
+
+    class _State(NamedTuple):
+        params: dict
+        model_state: dict
+
+    predict = jax.jit(tree.predict)
+
+    def train_mode_predict(p: dict, s: dict, x: jax.Array) -> dict:
+        return tree.apply(p, s, x, True)[0]
+
+    recomputed = recompute_tree_statistics(tree, params, model_state, batches)
+    return {
+        "stored": evaluate_split(
+            predict, tasks, _State(params, model_state), test_source, eval_batch_size
+        ),
+        "train_mode": evaluate_split(
+            jax.jit(train_mode_predict),
+            tasks,
+            _State(params, model_state),
+            test_source,
+            eval_batch_size,
+        ),
+        "recomputed": evaluate_split(
+            predict, tasks, _State(params, recomputed), test_source, eval_batch_size
+        ),
+        "batches": len(batches),
+    }
+
+
+def standard_run_as_tree(tree: TreeModel, params: dict, model_state: dict) -> tuple[dict, dict]:
+    """The final ``(params, model_state)`` of a standard run (``{"encoder", "heads"}``) as the
+    all-shared tree's (exact block cut: the encoder's variables are its blocks')."""
+    names = [b.name for b in tree.blocks]
+    blocks = [_encoder_block(params["encoder"], model_state["encoder"], n) for n in names]
+    return (
+        {"trunk": [b[0] for b in blocks], "branches": [], "heads": params["heads"]},
+        {"trunk": [b[1] for b in blocks], "branches": []},
+    )
+
+
 def retrain_run(
     ctx: StudyContext,
     label: str,
@@ -814,6 +980,19 @@ def retrain_run(
     predict = jax.jit(tree.predict)
     columns = ["image", *names]
     began = time.perf_counter()
+    recompute_n = int(config.conal.recompute_bn_batches)
+    modes_n = int(config.conal.bn_modes_batches)
+    stat_batches = statistics_batches(ctx.data.train, batch_size, seed, max(recompute_n, modes_n))
+
+    def evaluated(state: RetrainState) -> RetrainState:
+        """The state evaluated and saved: with ``conal.recompute_bn_batches`` its running
+        statistics recomputed from the current weights (precise BN), else as stored."""
+        if not recompute_n:
+            return state
+        ms = recompute_tree_statistics(
+            tree, state.params, state.model_state, stat_batches[:recompute_n]
+        )
+        return state._replace(model_state=ms)
 
     def batches(epoch: int, start_batch: int):
         for batch in data_lib.batches(
@@ -849,7 +1028,11 @@ def retrain_run(
         every = max(1, int(config.train.eval_every_epochs))
         if (epoch + 1) % every == 0 or int(state.step) == total:
             results = evaluate_split(
-                predict, ctx.data.tasks, state, ctx.data.test, int(config.train.eval_batch_size)
+                predict,
+                ctx.data.tasks,
+                evaluated(state),
+                ctx.data.test,
+                int(config.train.eval_batch_size),
             )
             log.write(
                 {
@@ -878,7 +1061,17 @@ def retrain_run(
         progress=ctx.progress,
         desc=run_id,
     )
-    state = result.state
+    if modes_n and jax.tree.leaves(result.state.model_state):  # a model without BatchNorm: skip
+        bn_modes = evaluate_bn_modes(
+            tree,
+            result.state.params,
+            result.state.model_state,
+            ctx.data.test,
+            int(config.train.eval_batch_size),
+            stat_batches[:modes_n],
+        )
+        artifacts.save_json(run_id, "bn_modes", bn_modes)
+    state = evaluated(result.state)
     artifacts.save_arrays(
         run_id, "final", {"params": state.params, "model_state": state.model_state}
     )
@@ -904,7 +1097,7 @@ def retrain_run(
         if result.step_seconds
         else math.nan,
         "wall_seconds": result.wall_seconds,
-        "info": info,
+        "info": {**info, "bn_statistics": "recomputed" if recompute_n else "running"},
     }
     log.write(summary)
     return summary
@@ -937,6 +1130,38 @@ def _retrain_phase(
     )
 
 
+def _bn_modes_phase(ctx: StudyContext, label: str, seed: int, num_blocks: int) -> Phase:
+    """The A/B/C BatchNorm evaluation (:func:`evaluate_bn_modes`) of a finished standard run
+    (the all-shared baseline of an exact block cut), as the all-shared tree; artifact
+    ``bn_modes`` in the phase ``bn_modes__<run>``."""
+    run_id = f"{label}__seed{seed}"
+    name = f"bn_modes__{run_id}"
+
+    def run(artifacts: Artifacts) -> dict:
+        config = ctx.config
+        blocks, _ = _blocks_for(ctx)
+        k = len(ctx.data.tasks)
+        arch = conal.Architecture((num_blocks,) * k, num_blocks)
+        tree = TreeModel(tuple(blocks), arch, ctx.model, tuple(ctx.data.tasks))
+        final = artifacts.load_arrays(run_id, "final")
+        params, state = standard_run_as_tree(tree, final["params"], final["model_state"])
+        if not jax.tree.leaves(state):  # no BatchNorm: the three evaluations are one
+            return {"run": label, "seed": seed}
+        batches = statistics_batches(
+            ctx.data.train,
+            int(config.train.batch_size),
+            seed,
+            int(config.conal.bn_modes_batches),
+        )
+        modes = evaluate_bn_modes(
+            tree, params, state, ctx.data.test, int(config.train.eval_batch_size), batches
+        )
+        artifacts.save_json(name, "bn_modes", modes)
+        return {"run": label, "seed": seed}
+
+    return Phase(name=name, run=run, needs=(run_id,), info={"seed": seed, "conal": "bn_modes"})
+
+
 def runs_and_phases(ctx: StudyContext) -> list[Phase]:
     config, c = ctx.config, ctx.config.conal
     blocks, exact = _blocks_for(ctx)
@@ -946,7 +1171,7 @@ def runs_and_phases(ctx: StudyContext) -> list[Phase]:
         phases += [_search_phase(ctx, seed), _discretise_phase(ctx, seed)]
         for method in c.methods:
             phases.append(_retrain_phase(ctx, method, "conal", seed, k, len(blocks)))
-            if exact:
+            if exact and not int(c.recompute_bn_batches):
                 name, kwargs = method_spec(config, method)
                 spec = RunSpec(
                     label=method,
@@ -956,6 +1181,8 @@ def runs_and_phases(ctx: StudyContext) -> list[Phase]:
                     info={"conal": "shared"},
                 )
                 phases.append(train_phase(ctx, spec))
+                if int(c.bn_modes_batches):
+                    phases.append(_bn_modes_phase(ctx, method, seed, len(blocks)))
             else:
                 phases.append(_retrain_phase(ctx, method, "shared", seed, k, len(blocks)))
             phases.append(_retrain_phase(ctx, method, "private", seed, k, len(blocks)))
@@ -998,6 +1225,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("conal.arch_lr and conal.tau must be > 0 and conal.weight_lr >= 0.")
     if int(c.search_epochs) < 0 or int(c.pro_steps_per_stage) < 0:
         raise ConfigError("conal.search_epochs and conal.pro_steps_per_stage must be >= 0.")
+    if int(c.recompute_bn_batches) < 0 or int(c.bn_modes_batches) < 0:
+        raise ConfigError(
+            "conal.recompute_bn_batches and conal.bn_modes_batches count training batches; "
+            f"got {c.recompute_bn_batches} and {c.bn_modes_batches}. Use 0 to turn them off."
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1018,6 +1250,16 @@ def _delta_m_reference(records, tasks, seed: int, shared_label: str):
             }
             return ref, "the all-shared model of the same seed"
     return None, "none"
+
+
+def _load_bn_modes(artifacts: Artifacts, label: str, seed: int) -> dict | None:
+    """The run's A/B/C BatchNorm evaluation: its own phase's artifact (retrained trees) or the
+    ``bn_modes__`` phase's (standard runs); None when there is none."""
+    run_id = f"{label}__seed{seed}"
+    for phase in (run_id, f"bn_modes__{run_id}"):
+        if artifacts.has(phase, "bn_modes"):
+            return artifacts.load_json(phase, "bn_modes")
+    return None
 
 
 def conal_summary(records, tasks, config, workdir: str) -> dict[str, Any]:
@@ -1065,6 +1307,15 @@ def conal_summary(records, tasks, config, workdir: str) -> dict[str, Any]:
                 }
                 if ref is not None:
                     row["delta_m"] = reports._delta_m(s, tasks, ref, "per_task")
+                modes = _load_bn_modes(artifacts, label, seed)
+                if modes is not None:
+                    row["bn_statistics"] = s.get("info", {}).get("bn_statistics", "running")
+                    row["bn_modes"] = {m: modes[m] for m in BN_MODES}
+                    if ref is not None:
+                        row["bn_modes_delta_m"] = {
+                            m: reports._delta_m({"test": modes[m]}, tasks, ref, "per_task")
+                            for m in BN_MODES
+                        }
                 models[variant] = row
             entry["models"][method] = models
         out["seeds"][str(seed)] = entry
@@ -1089,6 +1340,48 @@ def conal_summary(records, tasks, config, workdir: str) -> dict[str, Any]:
     archs = [tuple(e["branch_points"].values()) for e in out["seeds"].values()]
     out["identical_architectures"] = collections.Counter(archs).most_common(1)[0][1] if archs else 0
     return out
+
+
+def _bn_modes_table(summary: dict, tasks) -> list[str]:
+    """Markdown lines: per model, the test metric of every task and Δm% under the stored,
+    train-mode and recomputed BatchNorm statistics (:func:`evaluate_bn_modes`); [] without
+    such evaluations."""
+    seeds = summary["seeds"]
+    labels = {"conal": "learned", "shared": "all-shared", "private": "all-private"}
+    short = {"stored": "A stored", "train_mode": "B train-mode", "recomputed": "C recomputed"}
+    header = ["method", "model", "statistics"]
+    header += [
+        f"{t.name} {reports.display_name(reports.REPORTED_METRICS[t.kind][0])}" for t in tasks
+    ]
+    header += ["Δm%"]
+    body = []
+    for method in summary["methods"]:
+        for variant in VARIANTS:
+            rows = [
+                e["models"][method][variant]
+                for e in seeds.values()
+                if "bn_modes" in e["models"].get(method, {}).get(variant, {})
+            ]
+            for mode in BN_MODES if rows else ():
+                row = [method, labels[variant], short[mode]]
+                for t in tasks:
+                    metric = reports.REPORTED_METRICS[t.kind][0]
+                    scale = 100.0 if metric in reports.PERCENT_FRACTIONS else 1.0
+                    row.append(fmt([scale * r["bn_modes"][mode][t.name][metric] for r in rows]))
+                row.append(fmt([r.get("bn_modes_delta_m", {}).get(mode, math.nan) for r in rows]))
+                body.append("| " + " | ".join(row) + " |")
+    if not body:
+        return []
+    return [
+        "",
+        "BatchNorm statistics of the final weights (A: the stored running statistics; B: each "
+        "test batch's own; C: recomputed on training batches per stream, precise BN). The table "
+        "above reports A, or C where `conal.recompute_bn_batches` > 0.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *body,
+    ]
 
 
 def report(records, tasks, config, workdir: str) -> str:
@@ -1162,6 +1455,7 @@ def report(records, tasks, config, workdir: str) -> str:
         f"Mean ± std over {len(seeds)} seed(s); Δm% against {summary['delta_m_reference']} "
         "(higher is better).",
     ]
+    lines += _bn_modes_table(summary, tasks)
     if config.report.plots:
         plots = os.path.join(workdir, "plots")
         os.makedirs(plots, exist_ok=True)

@@ -11,9 +11,10 @@ Per seed, in phases (``mtl_jax.recon`` does the maths; this module orchestrates)
    random layers) and RSP (random layers up to the same parameter count); artifact ``layers``
    (JSON: the selections, the scores, the layer sizes).
 3. Retrain from scratch, same seed: every base method of ``recon.methods`` all-shared
-   (``<m>``) and with Recon's layers branched (``<m>+recon``: per-task copies of the parameters
-   and BatchNorm statistics, :func:`mtl_jax.recon.branch`; the base aggregator sees only the
-   remaining shared parameters), and the first method with the RSL / RSP layers (``<m>+rsl``,
+   (``<m>``) and with Recon's layers branched (``<m>+recon``: per-task copies of the layers'
+   parameters, :func:`mtl_jax.recon.branch`, and per-task statistics in every BatchNorm, so each
+   task stream is evaluated with its own; the base aggregator sees only the remaining shared
+   parameters), and the first method with the RSL / RSP layers (``<m>+rsl``,
    ``<m>+rsp``); single-task references with ``single_task``.
 
 The report adds ``recon_summary.json`` at the work dir's root (per base method and variant, mean
@@ -35,7 +36,7 @@ import ml_collections
 import numpy as np
 
 from experiments import reports
-from experiments.config import check_keys
+from experiments.config import ConfigError, check_keys
 from experiments.conflict_summary import mean_std, spearman
 from experiments.logs import atomic_write_text
 from experiments.phases import Artifacts, Phase
@@ -47,7 +48,7 @@ from experiments.studies.base import (
     single_task_runs,
     train_phase,
 )
-from experiments.train import RunSpec, initial_params
+from experiments.train import RunSpec, bn_recompute_note, initial_params
 from mtl_jax import recon as recon_lib
 from mtl_jax.conflict import RECON_BINS
 
@@ -94,6 +95,13 @@ def _select_phase(ctx: StudyContext, seed: int, search_id: str) -> Phase:
         k = int(c.k) if int(c.k) > 0 else None
         budget = int(c.budget) if int(c.budget) > 0 else None
         layers = recon_lib.select_layers(scores, k, budget=budget, sizes=sizes)
+        if not layers:
+            smallest = min(sizes, key=lambda g: sizes[g])
+            raise ConfigError(
+                f"Recon selected no layer (seed {seed}): no layer fits within "
+                f"recon.budget={budget:,} parameters (the smallest, {smallest!r}, holds "
+                f"{sizes[smallest]:,}). Raise recon.budget, or set it to 0 to use recon.k alone."
+            )
         count = sum(sizes[name] for name in layers)
         out = {
             "recon": layers,
@@ -425,6 +433,9 @@ def report(records, tasks, config, workdir: str) -> str:
         + (", ".join(f"{k}: {v:.2f}" for k, v in rho.items()) if rho else "one seed")
         + ".",
     ]
+    note = bn_recompute_note(config)
+    if note:
+        lines += ["", note]
     if config.report.plots:
         os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
         _plot_ranking(summary, os.path.join(workdir, "plots", "recon_ranking.png"))
