@@ -490,11 +490,11 @@ def test_retrain_of_the_all_shared_tree_is_the_standard_run(tmp_path):
 
 @pytest.mark.slow
 def test_precise_bn_retrain_evaluates_and_saves_recomputed_statistics(tmp_path):
-    """``conal.recompute_bn_batches``: the reported metrics are those of the recomputed
+    """``eval.recompute_bn_batches``: the reported metrics are those of the recomputed
     statistics (the "recomputed" column of the A/B/C evaluation, same batches), the saved
     statistics are the recomputation of the saved weights, and the summary records it."""
     config = _tiny_config()
-    config.conal.recompute_bn_batches = 2
+    config.eval.recompute_bn_batches = 2
     config.conal.bn_modes_batches = 2
     ctx = _context(config, str(tmp_path))
     arch = conal.Architecture((2, 0, 5), 5)

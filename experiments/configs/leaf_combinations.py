@@ -42,6 +42,7 @@ def _plant_leaves():
     config.train.lr = 1e-3
     config.train.log_every_steps = 10
     config.train.jacobian_strategy = "vmap"
+    config.eval.recompute_bn_batches = 50  # precise BN per task stream before the final eval
     return config
 
 
@@ -62,6 +63,7 @@ def _real_digits():
     config.train.lr = 1e-3
     config.train.log_every_steps = 10
     config.train.jacobian_strategy = "unroll"
+    config.eval.recompute_bn_batches = 50  # precise BN per task stream (short runs lag most)
     return config
 
 

@@ -60,8 +60,8 @@ blocks those of their input (the batch), branch c's copies those of ``s_{p_c}`` 
 copies (a CoNAL-Pro group's branch: one input for all its tasks); nothing is averaged across tasks
 (``tests/test_conal_study.py`` checks each stream against the statistics of its own input). They
 are exponential moving averages (momentum 0.9 in ``small_resnet``) of the statistics of past
-weights, so they lag the final weights, much so in short runs. ``conal.recompute_bn_batches = N``
-> 0 turns on precise BN (Wu & Johnson 2021): before every evaluation and for the saved weights,
+weights, so they lag the final weights, much so in short runs. ``eval.recompute_bn_batches = N``
+> 0 (the runner's key, as for every study) turns on precise BN (Wu & Johnson 2021): before every evaluation and for the saved weights,
 each stream's statistics are recomputed as the mean batch statistics of the current weights over
 N training batches (:func:`recompute_tree_statistics`, :mod:`mtl_jax.batchnorm`); the all-shared
 baseline is then the all-shared tree (the same step as the standard run) so that the three models
@@ -161,9 +161,6 @@ def defaults() -> ml_collections.ConfigDict:
             "pro": False,  # CoNAL-Pro (progressive, task groups)
             "pro_steps_per_stage": 0,  # 0: the search steps divided by the number of stages
             "init": "fresh",  # retrain copies: "fresh" (own init) or "copy" (the block's init)
-            # precise BN: the retrained models' running statistics recomputed on this many
-            # training batches before every evaluation and for the saved weights; 0 = off
-            "recompute_bn_batches": 0,
             # training batches of the "recomputed" column of the final A/B/C BatchNorm evaluation
             # (stored / train-mode / recomputed statistics); 0 = no such evaluation
             "bn_modes_batches": 20,
@@ -878,7 +875,7 @@ def evaluate_bn_modes(
     """Test metrics of one set of weights under three BatchNorm statistics.
 
     * ``stored``: the running statistics the run kept (what the study reports, unless
-      ``conal.recompute_bn_batches`` replaced them);
+      ``eval.recompute_bn_batches`` replaced them);
     * ``train_mode``: every layer normalises with the statistics of the test batch itself
       (batches of ``eval_batch_size``, in order; the last may be smaller);
     * ``recomputed``: the statistics recomputed on the training ``batches``
@@ -980,12 +977,12 @@ def retrain_run(
     predict = jax.jit(tree.predict)
     columns = ["image", *names]
     began = time.perf_counter()
-    recompute_n = int(config.conal.recompute_bn_batches)
+    recompute_n = int(config.eval.recompute_bn_batches)
     modes_n = int(config.conal.bn_modes_batches)
     stat_batches = statistics_batches(ctx.data.train, batch_size, seed, max(recompute_n, modes_n))
 
     def evaluated(state: RetrainState) -> RetrainState:
-        """The state evaluated and saved: with ``conal.recompute_bn_batches`` its running
+        """The state evaluated and saved: with ``eval.recompute_bn_batches`` its running
         statistics recomputed from the current weights (precise BN), else as stored."""
         if not recompute_n:
             return state
@@ -1171,7 +1168,7 @@ def runs_and_phases(ctx: StudyContext) -> list[Phase]:
         phases += [_search_phase(ctx, seed), _discretise_phase(ctx, seed)]
         for method in c.methods:
             phases.append(_retrain_phase(ctx, method, "conal", seed, k, len(blocks)))
-            if exact and not int(c.recompute_bn_batches):
+            if exact and not int(config.eval.recompute_bn_batches):
                 name, kwargs = method_spec(config, method)
                 spec = RunSpec(
                     label=method,
@@ -1225,10 +1222,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("conal.arch_lr and conal.tau must be > 0 and conal.weight_lr >= 0.")
     if int(c.search_epochs) < 0 or int(c.pro_steps_per_stage) < 0:
         raise ConfigError("conal.search_epochs and conal.pro_steps_per_stage must be >= 0.")
-    if int(c.recompute_bn_batches) < 0 or int(c.bn_modes_batches) < 0:
+    if int(c.bn_modes_batches) < 0:
         raise ConfigError(
-            "conal.recompute_bn_batches and conal.bn_modes_batches count training batches; "
-            f"got {c.recompute_bn_batches} and {c.bn_modes_batches}. Use 0 to turn them off."
+            "conal.bn_modes_batches counts training batches; "
+            f"got {c.bn_modes_batches}. Use 0 to turn it off."
         )
 
 
@@ -1376,7 +1373,7 @@ def _bn_modes_table(summary: dict, tasks) -> list[str]:
         "",
         "BatchNorm statistics of the final weights (A: the stored running statistics; B: each "
         "test batch's own; C: recomputed on training batches per stream, precise BN). The table "
-        "above reports A, or C where `conal.recompute_bn_batches` > 0.",
+        "above reports A, or C where `eval.recompute_bn_batches` > 0.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
