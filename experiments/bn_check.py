@@ -38,6 +38,7 @@ from absl import app, flags, logging
 from experiments import data as data_lib
 from experiments import models as models_lib
 from experiments import reports
+from experiments import run as run_lib
 from experiments import train as train_lib
 from experiments.logs import JsonlLog, atomic_write_text
 from experiments.phases import Artifacts
@@ -52,24 +53,6 @@ MODE_NAMES = {
 }
 
 
-def _tuples(value: Any) -> Any:
-    """JSON lists back to the tuples config files use."""
-    if isinstance(value, dict):
-        return {k: _tuples(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
-    return value
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The work dir's ``config.json`` as a ConfigDict."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: give --workdir a work dir of experiments.run.")
-    with open(path) as f:
-        return ml_collections.ConfigDict(_tuples(json.load(f)))
-
-
 def finished_runs(records: Sequence[dict], artifacts: Artifacts) -> list[tuple[str, int, dict]]:
     """``(label, seed, start record)`` of every run with a summary and a ``final`` artifact."""
     starts = {(r["run"], r["seed"]): r for r in records if r.get("kind") == "start"}
@@ -82,22 +65,13 @@ def finished_runs(records: Sequence[dict], artifacts: Artifacts) -> list[tuple[s
 
 
 def copied_spec(params: PyTree, template: PyTree, num_streams: int) -> PyTree | None:
-    """The sharing spec of ``params`` from their shapes: COPIED where a leaf is ``[K, *template
-    shape]``, SHARED where it is the template's shape; ``None`` when nothing is copied.
+    """The sharing spec of ``params`` from their shapes (:func:`experiments.train.
+    task_axis_markers`); ``None`` when nothing is copied.
 
     Raises ValueError when the trees or a shape differ otherwise (another model variant)."""
     if jax.tree.structure(params) != jax.tree.structure(template):
         raise ValueError("its parameters do not have the structure of the config's model")
-
-    def marker(path, x, t):
-        shape, base = tuple(np.shape(x)), tuple(t.shape)
-        if shape == base:
-            return sharing_lib.SHARED
-        if shape == (num_streams, *base):
-            return sharing_lib.COPIED
-        raise ValueError(f"leaf {jax.tree_util.keystr(path)} has shape {shape}, model {base}")
-
-    spec = jax.tree_util.tree_map_with_path(marker, params, template)
+    spec = train_lib.task_axis_markers(params, template, num_streams, "Parameter")
     return spec if sharing_lib.COPIED in jax.tree.leaves(spec) else None
 
 
@@ -122,8 +96,7 @@ def check_run(
     params, model_state = train_lib.parallel_lib.to_host(
         train_lib.load_final_params(artifacts, spec.run_id)
     )
-    key = jax.random.key(0, impl="rbg")
-    shapes = jax.eval_shape(lambda: train_lib.init_params(model, streams, data.input_shape, key))
+    shapes = train_lib.init_shapes(model, streams, data.input_shape)
     sharing = copied_spec(params["encoder"], shapes[0]["encoder"], len(streams))
     state_sharing = None
     if sharing is not None:
@@ -193,7 +166,7 @@ def bn_check(workdir: str, batches: int = 50, *, verbose: bool = True) -> dict:
     and returns its content."""
     if batches < 1:
         raise ValueError(f"--batches={batches}; give a positive number of training batches.")
-    config = load_config(workdir)
+    config = run_lib.load_workdir_config(workdir)
     data = data_lib.make_dataset(config.dataset)
     model = models_lib.make_model(config.model, data.tasks, data.input_shape)
     artifacts = Artifacts(workdir)
@@ -211,6 +184,7 @@ def bn_check(workdir: str, batches: int = 50, *, verbose: bool = True) -> dict:
             print(run_id, {m: r[m] for m in MODES}, flush=True)
     result = {
         "workdir": os.path.abspath(workdir),
+        "tasks": [t.name for t in data.tasks],
         "batches": batches,
         "modes": MODE_NAMES,
         "runs": runs,
@@ -252,9 +226,7 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax's per-restore INFO lines
-    from experiments.run import enable_compilation_cache
-
-    enable_compilation_cache()  # the runs of a study share their programs
+    run_lib.enable_compilation_cache()  # the runs of a study share their programs
     if not _FLAGS.workdir:
         print("error: give --workdir DIR (a work dir of experiments.run).", file=sys.stderr)
         sys.exit(2)
@@ -263,9 +235,7 @@ def main(argv: list[str]) -> None:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    config = load_config(_FLAGS.workdir)
-    names = [t.name for t in data_lib.make_dataset(config.dataset).tasks]
-    print(report(result, names))
+    print(report(result, result["tasks"]))
 
 
 if __name__ == "__main__":

@@ -6,16 +6,14 @@ the plots again and prints the report.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
-import ml_collections
 from absl import app, flags
 
 from experiments import studies
 from experiments.logs import JsonlLog
-from experiments.run import write_study_report
+from experiments.run import load_workdir_config, write_study_report
 from experiments.tasks import TaskSpec
 
 _WORKDIR = flags.DEFINE_string(
@@ -39,8 +37,7 @@ def rebuild(workdir: str) -> str:
         )
     head = study_records[0]
     tasks = [TaskSpec(**t) for t in head["tasks"]]
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = load_workdir_config(workdir)
     study = studies.get_study(head["study"])
     return write_study_report(study, records, tasks, config, workdir)
 

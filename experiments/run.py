@@ -179,6 +179,29 @@ def prepare_workdir(
     return added
 
 
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples config files use."""
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a work dir was made with (its ``config.json``, written by
+    :func:`prepare_workdir`), lists back as tuples.
+
+    Raises:
+      FileNotFoundError: the work dir has no ``config.json``.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: give --workdir a work dir of experiments.run.")
+    with open(path) as f:
+        return ml_collections.ConfigDict(_tuples(json.load(f)))
+
+
 def drop_other_study_sections(config: ml_collections.ConfigDict) -> list[str]:
     """Removes the sections of studies other than ``config.study`` (``--config.study=compare`` on
     top of the recon config: its ``recon`` section means nothing to ``compare``); returns the

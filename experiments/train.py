@@ -282,27 +282,45 @@ def per_task_state(state: PyTree, template: PyTree, num_streams: int) -> tuple[P
     average is the statistics of no stream, so a per-task encoder is evaluated with it wrongly.
     """
 
-    def one(path, x, t):
-        shape, base = tuple(np.shape(x)), tuple(t.shape)
-        if shape == base:
-            return jnp.repeat(jnp.asarray(x)[None], num_streams, axis=0)
-        if shape == (num_streams, *base):
-            return x
-        raise ValueError(
-            f"State leaf {jax.tree_util.keystr(path)} has shape {shape}; a per-task encoder with "
-            f"{num_streams} streams needs {base} (shared) or {(num_streams, *base)} (per task). "
-            "Check that the run's model matches the state (init_from artifact)."
-        )
-
-    state = jax.tree_util.tree_map_with_path(one, state, template)
+    markers = task_axis_markers(state, template, num_streams, "State")
+    state = jax.tree.map(
+        lambda x, m: (
+            x if m is sharing_lib.COPIED else jnp.repeat(jnp.asarray(x)[None], num_streams, 0)
+        ),
+        state,
+        markers,
+    )
     return state, jax.tree.map(lambda _: sharing_lib.COPIED, state)
 
 
-def encoder_state_shapes(model, streams, input_shape) -> PyTree:
-    """The un-branched encoder state's shapes (``jax.ShapeDtypeStruct``; nothing computed)."""
+def task_axis_markers(tree: PyTree, template: PyTree, num_streams: int, what: str) -> PyTree:
+    """Per leaf of ``tree``, from its shape against the un-branched ``template`` leaf's:
+    :data:`~mtl_jax.SHARED` for the template's shape, :data:`~mtl_jax.COPIED` for ``[K, *shape]``.
+
+    Raises:
+      ValueError: naming a leaf (``what``: "State", "Parameter") of any other shape.
+    """
+
+    def one(path, x, t):
+        shape, base = tuple(np.shape(x)), tuple(t.shape)
+        if shape == base:
+            return sharing_lib.SHARED
+        if shape == (num_streams, *base):
+            return sharing_lib.COPIED
+        raise ValueError(
+            f"{what} leaf {jax.tree_util.keystr(path)} has shape {shape}; a per-task encoder "
+            f"with {num_streams} streams needs {base} (shared) or {(num_streams, *base)} (per "
+            "task). Check that the run's model matches the state (init_from artifact)."
+        )
+
+    return jax.tree_util.tree_map_with_path(one, tree, template)
+
+
+def init_shapes(model, streams, input_shape) -> tuple[PyTree, PyTree]:
+    """The un-branched model's ``(params, model_state)`` shapes (``jax.ShapeDtypeStruct``;
+    nothing computed)."""
     key = jax.random.key(0, impl="rbg")
-    shapes = jax.eval_shape(lambda: init_params(model, streams, input_shape, key))
-    return shapes[1]["encoder"]
+    return jax.eval_shape(lambda: init_params(model, streams, input_shape, key))
 
 
 def _stream_state_spec(problem: Problem, enc_state: PyTree) -> PyTree:
@@ -1074,7 +1092,7 @@ def train_run(
         if spec.init_from is None:
             params["encoder"] = sharing_lib.copy_per_task(params["encoder"], sharing, len(streams))
         # per-task statistics from the start: the checkpointed state's structure is fixed here
-        template = encoder_state_shapes(model, streams, data.input_shape)
+        template = init_shapes(model, streams, data.input_shape)[1]["encoder"]
         model_state["encoder"], state_sharing = per_task_state(
             model_state["encoder"], template, len(streams)
         )
