@@ -1,4 +1,4 @@
-"""Compile time and step time of per-module weighting (``granularity=mtl.by_module``) on ResNet-18.
+"""Compile time and step time of per-module weighting (``granularity=mtl.gramian.by_module``) on ResNet-18.
 
 Issue 11: with ``by_module`` the weighting used to run once per group in a Python loop (one
 ``lax.cond`` and one solver per module), so the compiled program grew with the depth of the
@@ -9,8 +9,8 @@ times, on the BatchNorm ResNet-18 of ``experiments/models/resnet.py`` (41 encode
 * ``by_module loop``: the old layout, one solver per group (``from_weighting(_batch_groups=False)``);
 * ``by_module batched``: the new layout.
 
-Each row is a jitted train step (Jacobian of K task losses, aggregation, SGD). Compile time is the
-wall time of ``jit(step).lower(...).compile()``; step time is the median over ``--steps``
+Each row is a jitted train step (gradient rows of K task losses, aggregation, SGD). Compile time
+is the wall time of ``jit(step).lower(...).compile()``; step time is the median over ``--steps``
 interleaved rounds of one step each (``_timing.interleaved_ms``) after one warm-up step. One
 process, every configuration measured in the same run.
 
@@ -30,7 +30,7 @@ from _timing import interleaved_ms, machine_line, median_ms, stateful
 
 import mtl_jax as mtl
 from experiments.models.resnet import ResNetEncoder
-from mtl_jax.aggregate import from_weighting
+from mtl_jax.aggregation import from_weighting
 from mtl_jax.gramian import group_names
 
 K = 3
@@ -61,18 +61,19 @@ def make_problem(width: int, batch: int, seed: int = 0):
 
 def make_step(params, task_losses, aggregator):
     is_head = {"encoder": jax.tree.map(lambda _: False, params["encoder"]), "heads": True}
-    tx = optax.chain(mtl.multitask(aggregator, is_head), optax.sgd(1e-2))
+    tx = optax.chain(mtl.shared_rows(aggregator, is_head), optax.sgd(1e-2))
+    grad_fn = mtl.value_and_grads(task_losses, is_head)  # encoder rows [K, ...]; heads: gradient
 
     def step(params, opt_state):
-        losses, jac = mtl.value_and_jacobian(task_losses)(params)
-        updates, opt_state = tx.update(jac, opt_state, params, task_losses=losses)
+        losses, grads = grad_fn(params)
+        updates, opt_state = tx.update(grads, opt_state, params, task_losses=losses)
         return optax.apply_updates(params, updates), opt_state, losses
 
     return tx, step
 
 
 def by_module_groups(path: str) -> str:
-    return mtl.by_module(path)
+    return mtl.gramian.by_module(path)
 
 
 def compile_step(params, task_losses, aggregator) -> tuple[float, Callable]:
@@ -95,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
 
     params, task_losses = make_problem(args.width, args.batch)
-    groups = group_names(params["encoder"], mtl.by_module)
+    groups = group_names(params["encoder"], mtl.gramian.by_module)
     print(machine_line("by_module"))
     print(
         f"ResNet-18 encoder, width {args.width}, batch {args.batch}, K={K}, "
@@ -105,7 +106,7 @@ def main() -> None:
     header += f"{'x loop':>7} {'step ms':>8} {'x global':>8} {'x loop':>7}"
     print(header)
     for method in args.methods.split(","):
-        weighting = mtl.get_weighting(method)
+        weighting = mtl.weighting.get_weighting(method)
         configs = {
             "global": from_weighting(weighting, num_tasks=K, name=method),
             "by_module loop": from_weighting(

@@ -22,6 +22,10 @@ step each, the optimizer update included):
   ``Supernet(task_map="scan" | "unroll")``: the K private copies run in a ``lax.map`` loop, or
   as K calls in the traced program, instead of one vmapped call (vmapped per-task convolution
   kernels become grouped convolutions, whose gradients XLA:CPU runs very slowly).
+* ``retrain[vmap|scan|unroll]``: :func:`mtl_jax.conal.make_retrain` on a discretised tree (task t
+  branches at ``t mod (B + 1)``), UPGrad per parameter unit
+  (:func:`mtl_jax.conal.unit_aggregation`), Adam; ``task_map`` maps the K backward passes through
+  the trunk that give its Jacobian rows.
 
 Timing: every step is compiled first, then rounds run the variants in shuffled order, each
 variant ``--inner`` steps per round (blocking on the result); the table reports the median over
@@ -52,6 +56,7 @@ import jax.numpy as jnp
 import optax
 from _timing import interleaved_ms, machine_line, median_ms
 
+import mtl_jax as mtl
 from mtl_jax import conal
 
 
@@ -152,8 +157,49 @@ def bench(kind: str, k: int, rounds: int, inner: int) -> list[tuple[str, float]]
 
         runners[name] = run
 
+    runners.update(retrain_runners(blocks, kind, k, params, x, y, heads))
     med = median_ms(interleaved_ms(runners, rounds, inner))  # compiles in the warm-up call
     return list(med.items())
+
+
+def retrain_runners(blocks, kind, k, supernet_params, x, y, heads) -> dict:
+    """One runner per task map: the retrain step of the tree where task t branches at
+    ``t mod (B + 1)`` (weights inherited from the supernet)."""
+    nb = len(blocks)
+    arch = conal.Architecture(tuple(t % (nb + 1) for t in range(k)), nb)
+
+    def head(v, z, train):
+        return (z.mean(axis=(1, 2)) if kind == "conv" else z) @ v
+
+    tree = conal.TreeModel(blocks, arch, {f"t{t}": head for t in range(k)})
+    params = {
+        **conal.inherit_params(supernet_params, arch),
+        "heads": {f"t{t}": heads[t] for t in range(k)},
+    }
+    state = {
+        "trunk": [{}] * arch.trunk_depth,
+        "branches": [[{}] * (nb - p) for p, _ in arch.branches()],
+    }
+
+    def loss_fn(name, logits, targets):
+        labels = targets[int(name[1:])]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    tx = optax.chain(
+        conal.unit_aggregation(tree, lambda n: mtl.aggregation.upgrad()), optax.adam(1e-4)
+    )
+    runners = {}
+    for task_map in ("vmap", "scan", "unroll"):
+        retrain = conal.make_retrain(tree, loss_fn, tx, task_map=task_map)
+        st = [retrain.init(params, state)]
+        step = jax.jit(retrain.step)
+
+        def run(step=step, st=st):
+            st[0], out = step(st[0], x, y)
+            return out["losses"]
+
+        runners[f"retrain[{task_map}]"] = run
+    return runners
 
 
 class Tanh(nn.Module):

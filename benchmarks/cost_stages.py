@@ -7,7 +7,7 @@ produced:
 
 * ``forward``: the K task losses (encoder forward + K heads);
 * ``joint``: ``jax.value_and_grad`` of the summed loss: one forward + ONE backward;
-* ``jacobian``: ``mtl.mtl_value_and_grad``: one forward + the K encoder backward passes (one
+* ``jacobian``: ``mtl.TrunkAndHeads``: one forward + the K encoder backward passes (one
   vmapped pass) + the heads' gradients; ``K backward = jacobian - forward``;
 * ``gram``: ``mtl.gramian`` of the encoder Jacobian (per-leaf ``K x K`` blocks, summed);
 * ``solve``: the weighting's ``weigh`` on G (UPGrad by default, ``--method``);
@@ -51,19 +51,20 @@ def stage_runners(num_tasks: int, width: int, batch: int, size: int, method: str
     def losses_fn(params):
         return heads_loss(params["heads"], encode(params["trunk"], x), y)
 
-    grads_fn = mtl.mtl_value_and_grad(encode, loss_of_head)
-    weighting = mtl.get_weighting(method)
+    grads_fn = mtl.value_and_grads(mtl.TrunkAndHeads(encode, loss_of_head))
+    weighting = mtl.weighting.get_weighting(method)
     w_state = weighting.init(num_tasks)
     key = jax.random.PRNGKey(0)
     adam = optax.adam(1e-4)
     opt_state = adam.init(params)
-    tx = optax.chain(mtl.from_weighting(weighting, num_tasks=num_tasks, name=method), adam)
-    tx_state = trunk_jacobian_step(grads_fn, tx, adam)[0](params)
+    aggregator = mtl.aggregation.from_weighting(weighting, num_tasks=num_tasks, name=method)
+    init_step, jac_step = trunk_jacobian_step(grads_fn, aggregator, adam)
+    tx_state = init_step(params)
 
     forward = jax.jit(losses_fn)
     joint = jax.jit(jax.value_and_grad(lambda p: jnp.sum(losses_fn(p))))
-    jacobian = jax.jit(lambda p: grads_fn(p["trunk"], p["heads"], x, y))
-    gram = jax.jit(mtl.gramian)
+    jacobian = jax.jit(lambda p: grads_fn(p, x, y))
+    gram = jax.jit(mtl.gramian.gramian)
     solve = jax.jit(weighting.weigh)
     combine_all = jax.jit(lambda w, jac: jax.tree.map(lambda leaf: combine(w, leaf), jac))
 
@@ -73,10 +74,10 @@ def stage_runners(num_tasks: int, width: int, batch: int, size: int, method: str
 
     optimizer = jax.jit(optimizer_fn)
 
-    _, jac_step = trunk_jacobian_step(grads_fn, tx, adam)
     step = jax.jit(lambda params, state: jac_step(params, state, x, y)[:2])
 
-    losses, jac, head_grads, _ = jax.block_until_ready(jacobian(params))
+    losses, all_grads = jax.block_until_ready(jacobian(params))
+    jac, head_grads = all_grads["trunk"], all_grads["heads"]
     G = jax.block_until_ready(gram(jac))
     w, _ = jax.block_until_ready(solve(G, w_state, key, losses))
     grads = {"trunk": combine_all(w, jac), "heads": head_grads}

@@ -1,23 +1,25 @@
-"""One gradient tree (``mtl.value_and_grads``) versus today's two paths: time and peak memory.
+"""The model shapes of ``mtl.value_and_grads`` on one branched model: time and peak memory.
 
 Model (issues 12 and 14): a Recon-branched MLP. ``trunk`` D->H (shared), ``branch`` H->H copied
 per task (``[K, H, H]``, Recon's per-task copy), ``out`` H->H shared but run once per task stream,
 then K heads H->C (task-specific); batch B, mean squared error. Every variant is one jitted
-function from the parameters to the updates of ALL parameters (aggregator ``mtl.mean`` on the
+function from the parameters to the updates of ALL parameters (aggregator ``mtl.aggregation.mean`` on the
 shared leaves, then SGD), so only the gradient machinery differs:
 
-* ``grads_tree``: ``mtl.value_and_grads(loss, task_specific)`` -> shared leaves ``[K, ...]``,
-  copies and heads their ordinary gradient -> ``optax.chain(mtl.shared_rows(mean), sgd)``.
-* ``per_task_grads``: ``mtl.per_task_grads(task_loss, spec, K)``: the gradient of each task's
-  own loss inside the task ``vmap`` (the shared prefix runs forward once; no ``[K, K, ...]``
-  activation cotangents after the branch, which the joint-loss paths all have) -> the same
-  ``shared_rows`` chain. ``per_task_grads[unroll]``: the same with ``unroll=True`` (one traced
-  loss per task, for heterogeneous heads).
-* ``jacobian``: ``mtl.value_and_jacobian`` of all parameters (copies get a ``[K, K, H, H]``
-  Jacobian, heads ``[K, H, C]``) -> ``optax.chain(mtl.multitask(mean, labels), sgd)``.
-* ``mtl_value_and_grad``: the encoder (trunk, copies, out) gets K Jacobian rows (copies
-  ``[K, K, H, H]``), the K stacked heads their own gradients -> ``multitask(mean)`` on the
-  encoder, SGD on both.
+* ``grads_tree``: a loss vector, ``mtl.value_and_grads(loss, task_specific)`` -> shared leaves
+  ``[K, ...]``, copies and heads their ordinary gradient -> ``optax.chain(mtl.shared_rows(mean),
+  sgd)``.
+* ``per_task``: ``mtl.value_and_grads(mtl.PerTaskLosses(task_loss, spec, K))``: the gradient of
+  each task's own loss inside the task ``vmap`` (the shared prefix runs forward once; no
+  ``[K, K, ...]`` activation cotangents after the branch, which the joint-loss paths all have)
+  -> the same ``shared_rows`` chain. ``per_task[unroll]``: the same with ``task_map="unroll"``
+  (one traced loss per task, for heterogeneous heads).
+* ``jacobian``: a loss vector without ``task_specific``: rows for every leaf (copies get a
+  ``[K, K, H, H]`` Jacobian, heads ``[K, H, C]``), the task-specific rows summed here
+  (:func:`sum_specific_rows`) -> ``optax.chain(mtl.shared_rows(mean, labels), sgd)``.
+* ``trunk_and_heads``: ``mtl.TrunkAndHeads`` with the per-task body as the trunk: it gets K
+  Jacobian rows (copies ``[K, K, H, H]``, rows summed the same way), the K stacked heads their
+  own gradients -> ``shared_rows(mean)`` on the trunk, SGD on both.
 
 Every variant is checked to give the same updates before it is timed (``--no-check`` skips it).
 Columns: median ms per call (``--repeats`` interleaved rounds after a warm-up), and the compiled program's
@@ -60,7 +62,7 @@ def make_problem(k: int, d: int, h: int, c: int, b: int):
         "out": _dense(keys[2], h, h),
     }
     spec = {"trunk": mtl.SHARED, "branch": mtl.COPIED, "out": mtl.SHARED}
-    body = mtl.copy_per_task(body, spec, k)
+    body = mtl.sharing.copy_per_task(body, spec, k)
     heads = jax.vmap(lambda kk: _dense(kk, h, c))(keys[4:])  # stacked [K, ...]
     params = {"body": body, "heads": heads}
     x = jax.random.normal(keys[3], (b, d))
@@ -87,42 +89,57 @@ def make_problem(k: int, d: int, h: int, c: int, b: int):
     return params, x, ys, losses, encode, head_loss, task_loss, task_specific
 
 
+def sum_specific_rows(jac: dict, labels: dict) -> dict:
+    """The task-specific leaves' Jacobian rows ``[K, *shape]`` summed to ``[*shape]``.
+
+    A task-specific leaf's rows are zero except its own task's, so the sum is its own gradient
+    (the tree ``mtl.value_and_grads`` gives); shared leaves keep their rows. ``labels`` may be a
+    prefix of ``jac`` (``True`` on a subtree marks all its leaves).
+    """
+    return jax.tree.map(
+        lambda flag, sub: jax.tree.map(lambda j: j.sum(axis=0), sub) if flag else sub, labels, jac
+    )
+
+
 def make_variants(k: int, d: int, h: int, c: int, b: int) -> tuple[dict[str, Callable], tuple]:
     params, x, ys, losses, encode, head_loss, task_loss, task_specific = make_problem(k, d, h, c, b)
     sgd = optax.sgd(0.1)
 
-    tx_new = optax.chain(mtl.shared_rows(mtl.mean(), task_specific), sgd)
+    tx_new = optax.chain(mtl.shared_rows(mtl.aggregation.mean(), task_specific), sgd)
     grads_fn = mtl.value_and_grads(losses, task_specific)
 
     def grads_tree(params, x, ys):
         task_losses, grads = grads_fn(params, x, ys)
         return tx_new.update(grads, tx_new.init(params), params, task_losses=task_losses)[0]
 
-    per_task_fn = mtl.per_task_grads(task_loss, task_specific, k)
+    per_task_fn = mtl.value_and_grads(mtl.PerTaskLosses(task_loss, task_specific, k))
 
-    def per_task_grads(params, x, ys):
+    def per_task(params, x, ys):
         task_losses, grads = per_task_fn(params, x, ys)
         return tx_new.update(grads, tx_new.init(params), params, task_losses=task_losses)[0]
 
-    unrolled_fn = mtl.per_task_grads(task_loss, task_specific, k, unroll=True)
+    unrolled_fn = mtl.value_and_grads(
+        mtl.PerTaskLosses(task_loss, task_specific, k), task_map="unroll"
+    )
 
-    def per_task_grads_unroll(params, x, ys):
+    def per_task_unroll(params, x, ys):
         task_losses, grads = unrolled_fn(params, x, ys)
         return tx_new.update(grads, tx_new.init(params), params, task_losses=task_losses)[0]
 
-    labels = mtl.task_specific_leaves(task_specific, params)
-    tx_jac = optax.chain(mtl.multitask(mtl.mean(), labels), sgd)
-    jac_fn = mtl.value_and_jacobian(losses)
+    labels = mtl.sharing.task_specific_leaves(task_specific, params)
+    tx_jac = optax.chain(mtl.shared_rows(mtl.aggregation.mean(), labels), sgd)
+    jac_fn = mtl.value_and_grads(losses)
 
     def jacobian(params, x, ys):
         task_losses, jac = jac_fn(params, x, ys)
-        return tx_jac.update(jac, tx_jac.init(params), params, task_losses=task_losses)[0]
+        grads = sum_specific_rows(jac, labels)
+        return tx_jac.update(grads, tx_jac.init(params), params, task_losses=task_losses)[0]
 
     # encoder = the per-task body; its output z[t] feeds head t; heads stacked under one vmap
-    tx_enc = optax.chain(mtl.multitask(mtl.mean(), labels["body"]), sgd)
+    tx_enc = optax.chain(mtl.shared_rows(mtl.aggregation.mean(), labels["body"]), sgd)
 
-    def mtl_value_and_grad(params, x, ys):
-        # mtl_value_and_grad gives every head the same z; the per-task body returns [K, B, H],
+    def trunk_and_heads(params, x, ys):
+        # TrunkAndHeads gives every head the same z; the per-task body returns [K, B, H],
         # so each head picks its stream: z[t] via a one-hot of the task index (heads are vmapped)
         onehot = jnp.eye(k)
 
@@ -130,20 +147,24 @@ def make_variants(k: int, d: int, h: int, c: int, b: int) -> tuple[dict[str, Cal
             hp, e = hp_and_t
             return head_loss(hp, jnp.tensordot(e, z, axes=1), y)
 
-        fn = mtl.mtl_value_and_grad(lambda p, x: encode(p, x), head)
-        task_losses, enc_jac, head_grads, _ = fn(params["body"], (params["heads"], onehot), x, ys)
+        fn = mtl.value_and_grads(mtl.TrunkAndHeads(lambda p, x: encode(p, x), head))
+        task_losses, grads = fn(
+            {"trunk": params["body"], "heads": (params["heads"], onehot)}, x, ys
+        )
+        enc_jac, head_grads = grads["trunk"], grads["heads"]
+        enc_grads = sum_specific_rows(enc_jac, labels["body"])
         enc_upd = tx_enc.update(
-            enc_jac, tx_enc.init(params["body"]), params["body"], task_losses=task_losses
+            enc_grads, tx_enc.init(params["body"]), params["body"], task_losses=task_losses
         )[0]
         head_upd = sgd.update(head_grads[0], sgd.init(params["heads"]), params["heads"])[0]
         return {"body": enc_upd, "heads": head_upd}
 
     variants = {
         "grads_tree": grads_tree,
-        "per_task_grads": per_task_grads,
-        "per_task_grads[unroll]": per_task_grads_unroll,
+        "per_task": per_task,
+        "per_task[unroll]": per_task_unroll,
         "jacobian": jacobian,
-        "mtl_value_and_grad": mtl_value_and_grad,
+        "trunk_and_heads": trunk_and_heads,
     }
     return variants, (params, x, ys)
 

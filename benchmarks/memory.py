@@ -5,14 +5,14 @@ scalar heads ``H -> 1`` (stacked ``[K, H]``), batch B, squared error. Every vari
 train step, the Adam update of all parameters included:
 
 * ``joint``: ``jax.value_and_grad`` of the summed loss (no Jacobian; the baseline);
-* ``jac``: ``mtl.mtl_value_and_grad`` (trunk Jacobian ``[K, P]`` in leaves, heads their own
+* ``jac``: ``mtl.TrunkAndHeads`` (trunk Jacobian ``[K, P]`` in leaves, heads their own
   gradients), UPGrad (Gram matrix, QP solve, combination), Adam;
 * ``jac[chunk=c]``: the same with ``chunk_size=c``: the K backward passes run c at a time, so
   only c rows of activation cotangents ``[c, B, H]`` live at once (the Jacobian itself is still
   ``K x P``);
-* ``per_task_grads``: ``mtl.per_task_grads`` (the gradient of each task's own loss inside one
+* ``per_task``: ``mtl.PerTaskLosses`` (the gradient of each task's own loss inside one
   task ``vmap``), ``shared_rows(UPGrad)``, Adam;
-* ``ub``: the representation-gradient path (``mtl.representation_value_and_grad``, MGDA-UB):
+* ``ub``: the representation-gradient path (``mtl.RepresentationWeighting``, MGDA-UB):
   no Jacobian at all.
 
 Memory is XLA's own analysis of the compiled program (``jax.jit(step).lower(...).compile()
@@ -129,19 +129,21 @@ def make_step(variant: str, num_tasks: int) -> tuple[Callable, Callable]:
 
     if variant.startswith("jac"):
         chunk = int(variant.split("=")[1].rstrip("]")) if "chunk" in variant else None
-        grads_fn = mtl.mtl_value_and_grad(trunk, head_loss, chunk_size=chunk)
-        tx = optax.chain(mtl.upgrad(num_tasks=num_tasks), optax.adam(1e-4))
-        init, jac_step = trunk_jacobian_step(grads_fn, tx, adam)
+        grads_fn = mtl.value_and_grads(mtl.TrunkAndHeads(trunk, head_loss), chunk_size=chunk)
+        aggregator = mtl.aggregation.upgrad(num_tasks=num_tasks)
+        init, jac_step = trunk_jacobian_step(grads_fn, aggregator, adam)
         return init, lambda params, opt_state, x, y: jac_step(params, opt_state, x, y)[:2]
 
-    if variant == "per_task_grads":
+    if variant == "per_task":
         labels = {"trunk": False, "heads": True}
 
         def task_loss(view, t, x, y):
             return head_loss(view["heads"][t], trunk(view["trunk"], x), y[t])
 
-        grads_fn = mtl.per_task_grads(task_loss, mtl.SHARED, num_tasks, task_specific=labels)
-        tx = optax.chain(mtl.shared_rows(mtl.upgrad(num_tasks=num_tasks), labels), adam)
+        grads_fn = mtl.value_and_grads(
+            mtl.PerTaskLosses(task_loss, mtl.SHARED, num_tasks), task_specific=labels
+        )
+        tx = optax.chain(mtl.shared_rows(mtl.aggregation.upgrad(num_tasks=num_tasks), labels), adam)
 
         def step(params, opt_state, x, y):
             losses, grads = grads_fn(params, x, y)
@@ -151,7 +153,10 @@ def make_step(variant: str, num_tasks: int) -> tuple[Callable, Callable]:
         return tx.init, step
 
     if variant == "ub":
-        fn = mtl.representation_value_and_grad(trunk, head_loss, "mgda")
+        fn = mtl.value_and_grads(
+            mtl.TrunkAndHeads(trunk, head_loss),
+            representation=mtl.RepresentationWeighting("mgda"),
+        )
         init, ub_step = representation_step(fn, num_tasks, adam)
         return init, lambda params, opt_state, x, y: ub_step(params, opt_state, x, y)[:2]
 
@@ -272,7 +277,7 @@ def main() -> None:
         args.ks, args.hiddens, args.chunk_batch = [2, 8, 32], [128, 512, 1024], 1024
         args.resnet_width, args.resnet_batch = 16, 8
 
-    variants = ["joint", "jac", f"jac[chunk={args.chunk}]", "per_task_grads", "ub"]
+    variants = ["joint", "jac", f"jac[chunk={args.chunk}]", "per_task", "ub"]
     print(machine_line("memory"))
     print(
         f"# MLP trunk {LAYERS}x(H -> H), K scalar heads, batch {args.batch}, UPGrad + Adam; "
@@ -385,7 +390,7 @@ def chunk_table(num_tasks: int, hidden: int, batch: int) -> None:
     )
     chunks = [c for c in (1, 4, 16) if c < num_tasks]
     mems = {}
-    for variant in ["jac", *[f"jac[chunk={c}]" for c in chunks], "per_task_grads", "ub"]:
+    for variant in ["jac", *[f"jac[chunk={c}]" for c in chunks], "per_task", "ub"]:
         compiled, _ = compile_step(variant, num_tasks, hidden, batch)
         mems[variant] = compiled_memory(compiled)
     for variant, mem in mems.items():

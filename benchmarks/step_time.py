@@ -7,20 +7,21 @@ channels, 28x28x1 input) at K = 2. Every variant is one jitted step including th
 * ``summed``: ``jax.value_and_grad`` of the summed loss (the floor: 1 forward + 1 backward).
 * ``naive+pcgrad``: K separate ``jax.grad`` calls, one per task loss, in one jit, stacked and
   given to PCGrad (compare with ``jac+pcgrad``).
-* ``jac_all+mean``: ``mtl.value_and_jacobian`` over *all* parameters (heads included), mean.
-* ``jac+<method>``: ``mtl.mtl_value_and_grad`` (Jacobian rows for the trunk only, heads get their
+* ``jac_all+mean``: ``mtl.value_and_grads`` of the loss vector over *all* parameters (heads
+  included: rows for every leaf), mean.
+* ``jac+<method>``: ``mtl.TrunkAndHeads`` (Jacobian rows for the trunk only, heads get their
   own gradient), then the aggregator on the trunk rows.
 * ``jac+mean+tracker``: ``jac+mean`` plus a ``ConflictTracker`` update from the same Jacobian.
 * ``jac[unroll]+mean``, ``jac[scan]+mean``: ``jac+mean`` with the K backward passes unrolled or in
-  a ``lax.map`` loop instead of one vmapped pass (``strategy=`` of ``mtl_value_and_grad``).
+  a ``lax.map`` loop instead of one vmapped pass (``task_map=`` of ``mtl.value_and_grads``).
 * ``ub+<weighting>``: the representation-gradient path (MGDA-UB / Aligned-MTL-UB,
-  ``mtl.representation_value_and_grad``): one trunk forward, the K heads' gradients with respect to
+  ``mtl.RepresentationWeighting``): one trunk forward, the K heads' gradients with respect to
   the trunk output, their Gram matrix, the weighting, ONE trunk backward pass.
-* ``loss+<scalarizer>``: a loss-only method (``mtl.scalarize``): one forward (``jax.vjp``), the
+* ``loss+<scalarizer>``: a loss-only method (``mtl.scalarization``): one forward (``jax.vjp``), the
   scalarizer's weights, one backward pass of the weights as cotangent. ``loss+famo`` adds the
   extra forward pass for its post-step losses; ``loss+gradnorm`` adds the task gradient norms of
   the last trunk layer, read off that layer's rows of the trunk Jacobian of
-  ``mtl.mtl_value_and_grad`` (XLA keeps only the part of the K backward passes that reaches that
+  ``mtl.TrunkAndHeads`` (XLA keeps only the part of the K backward passes that reaches that
   layer), and one trunk backward of the weighted representation gradients.
 
 Ratios: every row against ``summed``; every aggregator against ``jac+mean``. The column
@@ -161,7 +162,7 @@ def make_problem(kind: str, num_tasks: int, batch: int = 256, seed: int = 0):
 
 
 def build_steps(
-    trunk_fn, num_tasks: int, methods, ub_methods=(), loss_methods=(), strategies=()
+    trunk_fn, num_tasks: int, methods, ub_methods=(), loss_methods=(), task_maps=()
 ) -> dict[str, Callable]:
     """One jitted ``(params, opt_state, x, labels) -> (params, opt_state, losses)`` per variant."""
 
@@ -181,7 +182,7 @@ def build_steps(
 
     # The naive way: K separate jax.grad calls stacked into a Jacobian, then PCGrad (a non-linear
     # aggregator, so XLA cannot fold the K backward passes into one as it can for a mean).
-    naive_tx = optax.chain(mtl.pcgrad(num_tasks=num_tasks), optax.adam(1e-4))
+    naive_tx = optax.chain(mtl.aggregation.pcgrad(num_tasks=num_tasks), optax.adam(1e-4))
 
     def naive(params, opt_state, x, labels):
         grads = [
@@ -193,21 +194,22 @@ def build_steps(
 
     steps["naive+pcgrad"] = (naive, naive_tx)
 
-    mean_all = optax.chain(mtl.mean(num_tasks=num_tasks), optax.adam(1e-4))
+    mean_all = optax.chain(mtl.aggregation.mean(num_tasks=num_tasks), optax.adam(1e-4))
 
     def jac_all(params, opt_state, x, labels):
-        losses, jac = mtl.value_and_jacobian(task_losses)(params, x, labels)
+        losses, jac = mtl.value_and_grads(task_losses)(params, x, labels)
         updates, opt_state = mean_all.update(jac, opt_state, params, task_losses=losses)
         return optax.apply_updates(params, updates), opt_state, losses
 
     steps["jac_all+mean"] = (jac_all, mean_all)
 
-    grad_fn = mtl.mtl_value_and_grad(trunk_fn, head_loss)
+    model = mtl.TrunkAndHeads(trunk_fn, head_loss)
+    grad_fn = mtl.value_and_grads(model, representation=True)
     tracker = mtl.ConflictTracker(num_tasks=num_tasks)
 
-    def structured(method: str, track: bool = False, strategy: str = "vmap"):
-        grads = mtl.mtl_value_and_grad(trunk_fn, head_loss, strategy=strategy)
-        agg = mtl.get_aggregator(method, num_tasks=num_tasks)
+    def structured(method: str, track: bool = False, task_map: str = "vmap"):
+        grads = mtl.value_and_grads(model, task_map=task_map)
+        agg = mtl.get_method(method, num_tasks=num_tasks).transform
         tx = optax.chain(agg, optax.adam(1e-4))
         head_tx = optax.adam(1e-4)
 
@@ -220,7 +222,8 @@ def build_steps(
 
         def step(params, opt_state, x, labels):
             trunk_state, head_state, cstate = opt_state
-            losses, enc_jac, head_grads, _ = grads(params["trunk"], params["heads"], x, labels)
+            losses, g = grads(params, x, labels)
+            enc_jac, head_grads = g["trunk"], g["heads"]
             t_updates, trunk_state = tx.update(
                 enc_jac, trunk_state, params["trunk"], task_losses=losses
             )
@@ -238,12 +241,12 @@ def build_steps(
     for method in dict.fromkeys(["mean", *methods]):  # jac+mean is every ratio's baseline
         steps[f"jac+{method}"] = structured(method)
     steps["jac+mean+tracker"] = structured("mean", track=True)
-    for strategy in strategies:
-        steps[f"jac[{strategy}]+mean"] = structured("mean", strategy=strategy)
+    for task_map in task_maps:
+        steps[f"jac[{task_map}]+mean"] = structured("mean", task_map=task_map)
 
     def representation(method: str):
-        weighting = mtl.get_weighting(method)
-        grads_fn = mtl.representation_value_and_grad(trunk_fn, head_loss, weighting)
+        weighting = mtl.weighting.get_weighting(method)
+        grads_fn = mtl.value_and_grads(model, representation=mtl.RepresentationWeighting(weighting))
 
         def init(params):
             return (
@@ -254,14 +257,14 @@ def build_steps(
 
         def step(params, opt_state, x, labels):
             trunk_state, head_state, w_state = opt_state
-            res = grads_fn(params["trunk"], params["heads"], x, labels, w_state)
-            t_updates, trunk_state = adam.update(res.encoder_grads, trunk_state, params["trunk"])
-            h_updates, head_state = adam.update(res.head_grads, head_state, params["heads"])
+            (losses, aux), g = grads_fn(params, x, labels, weighting_state=w_state)
+            t_updates, trunk_state = adam.update(g["trunk"], trunk_state, params["trunk"])
+            h_updates, head_state = adam.update(g["heads"], head_state, params["heads"])
             params = {
                 "trunk": optax.apply_updates(params["trunk"], t_updates),
                 "heads": optax.apply_updates(params["heads"], h_updates),
             }
-            return params, (trunk_state, head_state, res.state), res.losses
+            return params, (trunk_state, head_state, aux["weighting_state"]), losses
 
         return step, init
 
@@ -269,7 +272,7 @@ def build_steps(
         steps[f"ub+{method}"] = representation(method)
 
     def loss_only(name: str):
-        sc = mtl.get_scalarizer(name)
+        sc = mtl.scalarization.get_scalarizer(name)
 
         def init(params):
             return adam.init(params), sc.init(num_tasks)
@@ -290,12 +293,12 @@ def build_steps(
     def gradnorm_step():
         """GradNorm on the last trunk layer W: its rows of the trunk Jacobian give the norms.
 
-        ``mtl_value_and_grad`` pulls each task's representation gradient back through the trunk;
+        ``mtl.TrunkAndHeads`` pulls each task's representation gradient back through the trunk;
         only W's rows are used, so XLA keeps the K backward passes through the last layer alone.
         The weighted gradient is then one trunk backward of ``sum_k w_k dL_k/dz`` (the heads get
         ``w_k`` times their own gradient).
         """
-        sc = mtl.get_scalarizer("gradnorm")
+        sc = mtl.scalarization.get_scalarizer("gradnorm")
 
         def init(params):
             return adam.init(params), sc.init(num_tasks)
@@ -303,9 +306,10 @@ def build_steps(
         def step(params, opt_state, x, labels):
             opt, sc_state = opt_state
             trunk = params["trunk"]
-            losses, enc_jac, head_grads, rep_grads = grad_fn(trunk, params["heads"], x, labels)
+            (losses, aux), g = grad_fn(params, x, labels)
+            enc_jac, head_grads, rep_grads = g["trunk"], g["heads"], aux["rep_grads"]
             last = str(len(trunk) - 1) if isinstance(trunk, list) else "fc"
-            norms = mtl.layer_grad_norms(enc_jac, last)
+            norms = mtl.scalarization.layer_grad_norms(enc_jac, last)
             _, w, sc_state = sc.scalarize(losses, sc_state, grad_norms=norms)
             _, trunk_pullback = jax.vjp(lambda p: trunk_fn(p, x), trunk)
             (trunk_grads,) = trunk_pullback(jnp.tensordot(w, rep_grads, axes=1))
@@ -351,15 +355,16 @@ def time_aggregators(trunk_fn, num_tasks, methods, states, x, labels, repeats: i
     the parameters and aggregator state where ``jac+<method>`` stopped (UPGrad's QP, say, has
     more active constraints late in training than at initialisation). Interleaved rounds.
     """
-    grads = jax.jit(mtl.mtl_value_and_grad(trunk_fn, head_loss))
+    grads = jax.jit(mtl.value_and_grads(mtl.TrunkAndHeads(trunk_fn, head_loss)))
     calls = {}
     for method in methods:
         if f"jac+{method}" not in states:
             continue
         params, opt_state = states[f"jac+{method}"]
         agg_state = opt_state[0][0]  # optax.chain(aggregator, adam): the aggregator's state
-        losses, jac, _, _ = grads(params["trunk"], params["heads"], x, labels)
-        agg = mtl.get_aggregator(method, num_tasks=num_tasks)
+        losses, jac = grads(params, x, labels)
+        jac = jac["trunk"]
+        agg = mtl.get_method(method, num_tasks=num_tasks).transform
         update = jax.jit(
             lambda j, s, p, losses, agg=agg: agg.update(j, s, p, task_losses=losses)[0]
         )
@@ -368,7 +373,8 @@ def time_aggregators(trunk_fn, num_tasks, methods, states, x, labels, repeats: i
         calls[method] = (update, args)
     if "jac+mean+tracker" in states:  # the conflict tracker's update alone, same treatment
         params, opt_state = states["jac+mean+tracker"]
-        losses, jac, _, _ = grads(params["trunk"], params["heads"], x, labels)
+        losses, jac = grads(params, x, labels)
+        jac = jac["trunk"]
         tracker = mtl.ConflictTracker(num_tasks=num_tasks)
         update = jax.jit(lambda j, s: tracker.update(s, j))
         args = (jac, opt_state[2])
@@ -406,7 +412,7 @@ def report(
                 target = f"(tracker alone: {100 * agg_ms[method] / jac_mean:.1f}% of jac+mean)"
         if name.startswith("jac["):
             vs_jac = f"{m / jac_mean:.3f}"
-            target = "(strategy vs vmap)"
+            target = "(task_map vs vmap)"
         if name == "naive+pcgrad":
             vs_jac = f"{m / med['jac+pcgrad']:.3f}" if "jac+pcgrad" in med else ""
             target = "(vs jac+pcgrad)"
@@ -431,12 +437,12 @@ def time_solvers(ks, repeats: int = 50) -> None:
     """Median ms of every Gram-space weighting alone (jitted ``weigh``), at each K."""
     print("| weighting | " + " | ".join(f"K={k} ms" for k in ks) + " |")
     print("|---|" + "---|" * len(ks))
-    for name in sorted(mtl.WEIGHTINGS):
+    for name in sorted(mtl.weighting.WEIGHTINGS):
         if name == "linear":
             continue
         cells = []
         for k in ks:
-            weighting = mtl.get_weighting(name)
+            weighting = mtl.weighting.get_weighting(name)
             state = weighting.init(k)
             gram = random_gram(k)
             key = jax.random.PRNGKey(0)
@@ -498,7 +504,7 @@ def build_resnet_steps(
 ):
     """``{name: (step, init)}``: ``joint``, ``jac+<aggregator>``, ``ub+<weighting>``; Adam.
 
-    ``chunk_size``: of the Jacobian's K backward passes (``mtl.mtl_value_and_grad``).
+    ``chunk_size``: of the Jacobian's K backward passes (``mtl.TrunkAndHeads``).
     """
     adam = optax.adam(1e-4)
 
@@ -514,13 +520,16 @@ def build_resnet_steps(
     steps = {"joint": (joint, adam.init)}
 
     def jacobian(method: str):
-        grads = mtl.mtl_value_and_grad(encode, loss_of_head, chunk_size=chunk_size)
-        tx = optax.chain(mtl.get_aggregator(method, num_tasks=num_tasks), adam)
-        init, step = trunk_jacobian_step(grads, tx, adam)
+        grads = mtl.value_and_grads(mtl.TrunkAndHeads(encode, loss_of_head), chunk_size=chunk_size)
+        aggregator = mtl.get_method(method, num_tasks=num_tasks).transform
+        init, step = trunk_jacobian_step(grads, aggregator, adam)
         return step, init
 
     def representation(method: str):
-        fn = mtl.representation_value_and_grad(encode, loss_of_head, method)
+        fn = mtl.value_and_grads(
+            mtl.TrunkAndHeads(encode, loss_of_head),
+            representation=mtl.RepresentationWeighting(method),
+        )
         init, step = representation_step(fn, num_tasks, adam)
         return step, init
 
@@ -563,10 +572,10 @@ def main() -> None:
     parser.add_argument("--ub", nargs="*", default=list(UB_METHODS), help="ub+<weighting> rows")
     parser.add_argument("--loss", nargs="*", default=list(LOSS_METHODS), help="loss+<name> rows")
     parser.add_argument(
-        "--strategies",
+        "--task-maps",
         nargs="*",
         default=["unroll", "scan"],
-        help="jac[<strategy>]+mean rows: the K backward passes unrolled or in a loop (vs vmap)",
+        help="jac[<task_map>]+mean rows: the K backward passes unrolled or in a loop (vs vmap)",
     )
     parser.add_argument(
         "--solvers", action="store_true", help="time the Gram-space solvers alone instead"
@@ -614,7 +623,7 @@ def main() -> None:
     configs = [("mlp", k) for k in args.ks] + ([("conv", 2)] if args.conv else [])
     for kind, num_tasks in configs:
         trunk_fn, params, x, labels = make_problem(kind, num_tasks)
-        steps = build_steps(trunk_fn, num_tasks, args.methods, args.ub, args.loss, args.strategies)
+        steps = build_steps(trunk_fn, num_tasks, args.methods, args.ub, args.loss, args.task_maps)
         times, states = time_steps(steps, params, x, labels, args.repeats, args.inner)
         methods = list(dict.fromkeys(["mean", *args.methods]))
         agg_ms = time_aggregators(trunk_fn, num_tasks, methods, states, x, labels)

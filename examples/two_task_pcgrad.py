@@ -52,15 +52,17 @@ def train(method: str, steps: int, seed: int):
     params = init_params(seed)
     is_head = {"shared": {"w1": False, "w2": False}, "heads": True}
     tx = optax.chain(
-        mtl.multitask(mtl.get_aggregator(method, num_tasks=2), is_head), optax.adam(3e-3)
+        mtl.shared_rows(mtl.get_method(method, num_tasks=2).transform, is_head),
+        optax.adam(3e-3),
     )
+    grad_fn = mtl.value_and_grads(task_losses, is_head)  # shared: rows [K, ...]; heads: gradient
     tracker = mtl.ConflictTracker(num_tasks=2)
 
     @jax.jit
     def step(params, opt_state, cstate):
-        losses, jac = mtl.value_and_jacobian(task_losses)(params, x, y)
-        cstate = tracker.update(cstate, jac["shared"])
-        updates, opt_state = tx.update(jac, opt_state, params, task_losses=losses)
+        losses, grads = grad_fn(params, x, y)
+        cstate = tracker.update(cstate, grads["shared"])
+        updates, opt_state = tx.update(grads, opt_state, params, task_losses=losses)
         return optax.apply_updates(params, updates), opt_state, cstate
 
     opt_state, cstate = tx.init(params), tracker.init(params["shared"])

@@ -7,7 +7,7 @@ A config file is a Python module whose ``get_config()`` returns an ``ml_collecti
   is the default); ``python -m experiments.run --list`` lists them.
 * ``seeds``: tuple of ints; every method runs on the same seeds.
 * ``methods``: tuple of method strings ``"name"`` or ``"name:key=value,key=value"`` (e.g.
-  ``"cagrad:c=0.4"``); names are ``mtl.AGGREGATORS`` keys. ``method_kwargs.<name>`` adds
+  ``"cagrad:c=0.4"``); names are keys of the library's catalogue, ``mtl.METHODS``. ``method_kwargs.<name>`` adds
   hyper-parameters from config files.
 * ``single_task``: also train one single-task model per task (references for Δm).
 * ``dataset``, ``model``: their ``name`` and builder keys (``experiments.data`` / ``experiments.models``).
@@ -26,7 +26,6 @@ A config file is a Python module whose ``get_config()`` returns an ``ml_collecti
 
 from __future__ import annotations
 
-import ast
 from collections.abc import Mapping
 from typing import Any
 
@@ -77,7 +76,7 @@ def train_defaults() -> ml_collections.ConfigDict:
             "checkpoint_every_steps": 0,  # 0: only at epoch ends (checkpoint_every_epochs)
             "checkpoint_every_epochs": 1,
             "eval_every_epochs": 1,
-            "jacobian_strategy": "vmap",  # or "unroll" (faster for conv nets on CPU) / "scan"
+            "task_map": "vmap",  # or "unroll" (faster for conv nets on CPU) / "scan"
         }
     )
 
@@ -144,24 +143,14 @@ def base_config(dataset: str, model: str) -> ml_collections.ConfigDict:
     return config
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+_parse_value = mtl.methods.parse_literal  # a Python literal, or the text itself
 
 
 def parse_method(method: str, extra: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
-    """``"cagrad:c=0.4,rescale=True"`` -> ``("cagrad", {"c": 0.4, "rescale": True})``."""
-    name, _, rest = method.partition(":")
-    name = name.strip()
-    kwargs = dict(extra or {})
-    for item in filter(None, (part.strip() for part in rest.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"Bad method string {method!r}: expected 'name:key=value,...'.")
-        kwargs[key.strip()] = _parse_value(value.strip())
-    return name, kwargs
+    """``"cagrad:c=0.4,rescale=True"`` -> ``("cagrad", {"c": 0.4, "rescale": True})``
+    (:func:`mtl_jax.parse_method`), over the config's ``extra`` hyper-parameters."""
+    name, kwargs = mtl.parse_method(method)
+    return name, {**dict(extra or {}), **kwargs}
 
 
 def check_keys(section: ml_collections.ConfigDict, valid, where: str) -> None:
@@ -198,9 +187,9 @@ def validate_base(config: ml_collections.ConfigDict, study_sections: tuple[str, 
         raise ValueError(f"Unknown optimizer {config.train.optimizer!r}; valid: {OPTIMIZERS}.")
     if config.train.lr_schedule not in SCHEDULES:
         raise ValueError(f"Unknown lr_schedule {config.train.lr_schedule!r}; valid: {SCHEDULES}.")
-    if config.train.jacobian_strategy not in mtl.jacobian.STRATEGIES:
+    if config.train.task_map not in mtl.gradients.TASK_MAPS:
         raise ValueError(
-            f"Unknown jacobian_strategy {config.train.jacobian_strategy!r}; valid: {mtl.jacobian.STRATEGIES}."
+            f"Unknown task_map {config.train.task_map!r}; valid: {mtl.gradients.TASK_MAPS}."
         )
     if config.conflict.granularity not in GRANULARITIES:
         raise ValueError(

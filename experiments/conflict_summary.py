@@ -15,7 +15,7 @@ Records read (per run label and seed; single-task runs are labelled ``"single:<t
 
 * the **last** ``conflict`` record: ``steps``; ``pair_cos_sum[group]`` (``float[C(K, 2)]``, the
   sum over steps of each pair's cosine) and ``pair_histogram[group]`` (``int[C(K, 2)][nbins]``,
-  counts per Recon bin) -- the :class:`mtl_jax.ConflictState` fields of the same names; pairs in
+  counts per Recon bin) -- the :class:`mtl_jax.conflict.ConflictState` fields of the same names; pairs in
   the order of :func:`mtl_jax.conflict.pair_indices` over the run's ``tasks``;
 * the ``summary`` record: ``tasks``, ``test`` (final test metrics), ``s_scores`` (Recon's
   S-conflict score per module: (step, pair) events with ``cos < S``).

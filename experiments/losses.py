@@ -107,17 +107,20 @@ def head_loss_fns(
 ) -> dict[str, Callable[[PyTree, PyTree, jax.Array], tuple[jax.Array, PyTree]]]:
     """``{task: (head_params, z, target) -> (loss, new_head_state)}`` in task order.
 
-    With :meth:`MultiTaskModel.encoder_fn` this is what ``mtl.mtl_value_and_grad(...,
-    has_aux=True)`` takes::
+    With :meth:`MultiTaskModel.encoder_fn` this is the heads of a ``mtl.TrunkAndHeads``
+    (``has_aux=True``)::
 
         params, state = model.split(variables)
-        fn = mtl.mtl_value_and_grad(
-            model.encoder_fn(state["encoder"], train=True),
-            head_loss_fns(model, state["heads"], train=True),
+        fn = mtl.value_and_grads(
+            mtl.TrunkAndHeads(
+                model.encoder_fn(state["encoder"], train=True),
+                head_loss_fns(model, state["heads"], train=True),
+            ),
             has_aux=True,
         )
-        (losses, (enc_state, head_states)), enc_jac, head_grads, rep_grads = fn(
-            params["encoder"], params["heads"], x, targets)
+        (losses, aux), grads = fn(
+            {"trunk": params["encoder"], "heads": params["heads"]}, x, targets)
+        # grads["trunk"]: rows [K, ...]; aux["trunk"], aux["heads"]: the new states
     """
     tasks: Sequence[TaskSpec] = model.tasks
     fns = {}

@@ -199,8 +199,15 @@ def _global_array(x: Any, sharding: NamedSharding) -> jax.Array:
     transfers only its own shards)."""
     if jax.process_count() == 1:
         return jax.device_put(x, sharding)
+    if _is_key(x):  # a typed PRNG key (the methods' state): its key data, laid out the same
+        data = _global_array(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
     host = to_host(x)
     return jax.make_array_from_callback(np.shape(host), sharding, lambda index: host[index])
+
+
+def _is_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def place(tree: PyTree, shardings: PyTree) -> PyTree:
@@ -224,9 +231,14 @@ def shard_batch(batch: PyTree, layout: Layout | None) -> PyTree:
 
 
 def to_host(tree: PyTree) -> PyTree:
-    """NumPy copies of every leaf, gathering the shards other processes hold if needed."""
+    """NumPy copies of every leaf, gathering the shards other processes hold if needed (a typed
+    PRNG key stays a key, on the host's default device)."""
 
     def one(x):
+        if _is_key(x):
+            return jax.random.wrap_key_data(
+                jnp.asarray(one(jax.random.key_data(x))), impl=jax.random.key_impl(x)
+            )
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             from jax.experimental import multihost_utils
 

@@ -291,16 +291,12 @@ def listing() -> str:
         f"  {name:20s} {entry.description}" for name, entry in sorted(models_lib.MODELS.items())
     ]
     lines.append("Methods (config.methods; 'name:key=value,...' sets hyper-parameters):")
-    lines += [f"  {name:20s} aggregator of the task Jacobian" for name in sorted(mtl.AGGREGATORS)]
-    lines += [
-        f"  {name:20s} loss-only (scalarizer)"
-        for name in sorted(mtl.SCALARIZERS)
-        if name not in mtl.AGGREGATORS
-    ]
-    lines.append(
-        f"  {'<weighting>_ub':20s} representation gradients (e.g. mgda_ub); weightings: "
-        + ", ".join(sorted(mtl.WEIGHTINGS))
-    )
+    what = {
+        "jacobian": "aggregator of the task Jacobian",
+        "loss": "loss-only (weights from the losses)",
+        "representation": "representation gradients (d loss_k / d z)",
+    }
+    lines += [f"  {name:20s} {what[entry.cost]}" for name, entry in mtl.METHODS.items()]
     return "\n".join(lines)
 
 

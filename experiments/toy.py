@@ -12,7 +12,7 @@ Two setups, as in the papers:
   FAMO ran 50k).
 
 Each method (every aggregator of the catalogue but those in :data:`NOT_APPLICABLE`, plus the
-loss-only FAMO through ``mtl.from_scalarizer``) runs from every start of the setup with
+loss-only FAMO, both from ``mtl.get_method``) runs from every start of the setup with
 ``optax.chain(aggregator, optax.adam(1e-3))``, the papers' optimizer: one jitted ``lax.scan``
 per method, ``vmap``-ed over the starts. Hyper-parameters are the methods' defaults except those
 the toy scripts set (:func:`method_kwargs`): CAGrad ``c = 0.5`` (CAGrad's ``toy.py``), FAMO
@@ -61,7 +61,6 @@ import matplotlib.pyplot as plt
 
 import mtl_jax as mtl
 from experiments.config import parse_method
-from experiments.train import make_aggregator
 from mtl_jax.testing import toy
 
 #: The papers' optimizer: Adam, learning rate 1e-3.
@@ -100,7 +99,8 @@ SETUPS: dict[str, Setup] = {
 
 def method_names() -> list[str]:
     """Every applicable aggregator (catalogue order), then the loss-only FAMO."""
-    return [name for name in mtl.AGGREGATORS if name not in NOT_APPLICABLE] + ["famo"]
+    jacobian = [n for n, e in mtl.METHODS.items() if e.cost == "jacobian"]
+    return [name for name in jacobian if name not in NOT_APPLICABLE] + ["famo"]
 
 
 def method_kwargs(name: str, scale: float) -> dict[str, Any]:
@@ -131,17 +131,17 @@ def make_update(method: str, scale: float, seed: int = 0):
     into Adam on the toy, FAMO's post-step (the losses after the step) included."""
     name, extra = parse_method(method)
     kwargs = {**method_kwargs(name, scale), **extra}
-    _, aggregator, post_step = make_aggregator(name, kwargs, num_tasks=2, seed=seed)
-    tx = optax.chain(aggregator, optax.adam(LEARNING_RATE))
+    method = mtl.get_method(name, num_tasks=2, seed=seed, **kwargs)
+    tx = optax.chain(method.transform, optax.adam(LEARNING_RATE))
     loss_fn = functools.partial(toy.losses, scale=scale)
-    value_and_jacobian = mtl.value_and_jacobian(loss_fn)  # losses [2], jac [2 tasks, 2]
+    value_and_grads = mtl.value_and_grads(loss_fn)  # losses [2], rows [2 tasks, 2]
 
     def update(x: jax.Array, state: Any) -> tuple[jax.Array, Any]:
-        losses, jac = value_and_jacobian(x)
+        losses, jac = value_and_grads(x)
         updates, state = tx.update(jac, state, x, task_losses=losses)
         x = optax.apply_updates(x, updates)
-        if post_step is not None:
-            state = mtl.post_step_in_state(state, post_step, loss_fn(x))
+        if method.post_step is not None:
+            state = method.post_step(state, loss_fn(x))
         return x, state
 
     return tx.init, update

@@ -2,7 +2,7 @@
 
 Step (``make_train_step``), for a shared encoder and per-task heads::
 
-    losses[K], encoder Jacobian, head gradients  <- mtl.mtl_value_and_grad(encoder, heads)
+    losses[K], encoder Jacobian, head gradients  <- mtl.value_and_grads(mtl.TrunkAndHeads(...))
     conflict statistics                          <- mtl.ConflictTracker on the encoder Jacobian
                                                     (masked by the sparse-training mask, if any)
     encoder update   <- aggregator -> [mask] -> optimizer -> [mask again, so frozen weights stay
@@ -12,9 +12,9 @@ Step (``make_train_step``), for a shared encoder and per-task heads::
 With a sharing spec (``RunSpec.sharing_fn``: per-task copies such as modulation scales, per-task
 masks such as LaSS's; ``RunSpec.branch_fn``: Recon's branched layers, BatchNorm statistics
 included), the encoder runs through ``mtl.per_task`` (the shared prefix once, then one stream per
-task), one gradient tree comes from ``mtl.value_and_grads`` (Jacobian rows for the shared leaves,
+task), one gradient tree comes from ``mtl.value_and_grads`` of a ``mtl.PerTaskLosses`` (Jacobian rows for the shared leaves,
 each copy's and each head's own task's gradient), the aggregator sees the shared leaves through
-``mtl.shared_rows``, and the tracker measures the remaining shared leaves only. A per-task
+``mtl.aggregation.shared_rows``, and the tracker measures the remaining shared leaves only. A per-task
 encoder keeps per-task BatchNorm statistics everywhere (:func:`per_task_state`: every state leaf
 ``[K, ...]``, COPIED, also after a shared layer; rows before the branch stay identical), fixed at
 the run's start, so each stream is evaluated with the statistics it was trained with -- never
@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import math
 import os
 import time
@@ -95,7 +94,8 @@ class RunSpec:
 
     Attributes:
       label: display name, unique within a study (e.g. ``"pcgrad"``, ``"pcgrad+st"``).
-      method: aggregator name in ``mtl.AGGREGATORS``.
+      method: a method name of the library's catalogue (``mtl.METHODS``, built by
+        ``mtl.get_method``).
       method_kwargs: its hyper-parameters.
       seed: seeds the initialisation, the data order and the aggregator's PRNG key.
       tasks: the tasks whose losses are trained (single-task references, per-task fine-tuning);
@@ -147,7 +147,7 @@ class TrainState(NamedTuple):
     params: dict[str, PyTree]  # {"encoder": ..., "heads": {task: ...}}
     model_state: dict[str, PyTree]  # non-parameter collections (BatchNorm statistics)
     opt_state: tuple[PyTree, PyTree]  # (encoder chain, heads) states
-    conflict: mtl.ConflictState
+    conflict: mtl.conflict.ConflictState
     first_nonfinite: jax.Array  # int32 []: step of the first non-finite loss, -1 if none
 
 
@@ -161,12 +161,11 @@ class Problem:
     encoder_tx: optax.GradientTransformation  # aggregator -> optimizer -> post transforms
     heads_tx: optax.GradientTransformation
     tracker: mtl.ConflictTracker
-    strategy: str = "vmap"
+    method: mtl.Method  # from the library's catalogue: its transform is inside encoder_tx
+    task_map: str = "vmap"
     sharing: PyTree | None = None  # encoder sharing spec (per-task mode) or None
     state_sharing: PyTree | None = None  # spec of the encoder's state (Recon: branched BN stats)
-    kind: str = "jacobian"  # "jacobian" | "loss" (a scalarizer) | "representation" (MGDA-UB style)
     measure_mask: PyTree | None = None  # conflicts measured on the Jacobian masked by it (ST)
-    post_step: Any = None  # the scalarizer whose post_step needs the losses after the step (FAMO)
     layout: parallel_lib.Layout | None = None  # mesh and parameter sharding (None: one device)
 
 
@@ -175,7 +174,7 @@ class StepMasks(NamedTuple):
     mesh like the parameters they mask, instead of constants baked into the compiled program.
 
     ``sharing``: the masks of the sharing spec's ``Masked`` leaves (LaSS), split off it by
-    ``mtl.split_masks`` (leaves ``[K, *param.shape]``, ``None`` at unmasked leaves; the Problem
+    ``mtl.sharing.split_masks`` (leaves ``[K, *param.shape]``, ``None`` at unmasked leaves; the Problem
     holds the spec's structure). ``measure``: the sparse-training mask conflicts are measured on
     (shaped like the encoder parameters), or None."""
 
@@ -191,13 +190,13 @@ def _masks_or_constants(problem: Problem, masks: StepMasks | None) -> StepMasks:
 
 def split_sharing_masks(sharing: PyTree | None) -> tuple[PyTree | None, PyTree | None]:
     """``(spec structure, masks)`` of a sharing spec with ``Masked`` leaves
-    (``mtl.split_masks``); ``(sharing, None)`` for a spec without masks (or no spec)."""
+    (``mtl.sharing.split_masks``); ``(sharing, None)`` for a spec without masks (or no spec)."""
     is_masked = lambda m: isinstance(m, sharing_lib.Masked)
     if sharing is None or not any(
         is_masked(m) for m in jax.tree.leaves(sharing, is_leaf=is_masked)
     ):
         return sharing, None
-    return mtl.split_masks(sharing)
+    return mtl.sharing.split_masks(sharing)
 
 
 def step_mask_shardings(
@@ -260,7 +259,7 @@ def init_params(model, tasks, input_shape, key) -> tuple[dict, dict]:
 def shared_view(tree: PyTree, spec: PyTree | None) -> PyTree:
     """``tree`` with the spec's COPIED leaves hidden (``optax.MaskedNode``): the shared parameters,
     on which conflicts are measured."""
-    return tree if spec is None else mtl.shared_view(tree, spec)
+    return tree if spec is None else mtl.sharing.shared_view(tree, spec)
 
 
 def _mask_rows(jac: PyTree, mask: PyTree) -> PyTree:
@@ -371,7 +370,8 @@ def _encoder_forward(
 
 
 def _structured_grads(problem: Problem, state: TrainState, x, targets, sharing_masks=None):
-    """Encoder + heads: ``mtl_value_and_grad`` (encoder Jacobian, heads' own gradients)."""
+    """Encoder + heads: :class:`mtl.TrunkAndHeads` (encoder rows, heads' own gradients, and
+    ``d loss_k / d z`` for a representation method)."""
     model, head_states = problem.model, state.model_state["heads"]
 
     def head_loss_fn(task: TaskSpec) -> Callable:
@@ -383,23 +383,25 @@ def _structured_grads(problem: Problem, state: TrainState, x, targets, sharing_m
 
         return fn
 
-    grad_fn = mtl.mtl_value_and_grad(
-        _encoder_forward(problem, state.model_state["encoder"], True, sharing_masks),
-        {t.name: head_loss_fn(t) for t in problem.tasks},
+    grad_fn = mtl.value_and_grads(
+        mtl.TrunkAndHeads(
+            _encoder_forward(problem, state.model_state["encoder"], True, sharing_masks),
+            {t.name: head_loss_fn(t) for t in problem.tasks},
+        ),
         has_aux=True,
-        strategy=problem.strategy,
+        task_map=problem.task_map,
+        representation="rep_grads" in problem.method.inputs,
     )
     heads = {t.name: state.params["heads"][t.name] for t in problem.tasks}
-    (losses, (enc_state, new_heads)), enc_jac, head_grads, rep_grads = grad_fn(
-        state.params["encoder"], heads, x, targets
-    )
-    head_grads = {**jax.tree.map(jnp.zeros_like, state.params["heads"]), **head_grads}
-    return losses, enc_jac, head_grads, enc_state, {**head_states, **new_heads}, rep_grads
+    (losses, aux), grads = grad_fn({"trunk": state.params["encoder"], "heads": heads}, x, targets)
+    head_grads = {**jax.tree.map(jnp.zeros_like, state.params["heads"]), **grads["heads"]}
+    new_heads = {**head_states, **aux["heads"]}
+    return losses, grads["trunk"], head_grads, aux["trunk"], new_heads, aux.get("rep_grads")
 
 
-def _per_task_grads(problem: Problem, state: TrainState, x, targets, sharing_masks=None):
+def _per_task_losses_grads(problem: Problem, state: TrainState, x, targets, sharing_masks=None):
     """Sharing spec: per-task encoder streams and ONE gradient tree from
-    :func:`mtl_jax.per_task_grads`: each task's loss is differentiated inside its own stream
+    a :class:`mtl_jax.PerTaskLosses` (``task_map="unroll"``): each task's loss is differentiated inside its own stream
     (unrolled over the tasks, whose heads differ), so the shared (and masked) encoder leaves get
     their Jacobian rows, each copied leaf and each head its own task's gradient, and nothing is
     ever K x K -- neither the leaves nor the activations after the branch.
@@ -425,14 +427,12 @@ def _per_task_grads(problem: Problem, state: TrainState, x, targets, sharing_mas
         "encoder": problem.sharing,
         "heads": jax.tree.map(lambda _: sharing_lib.SHARED, state.params["heads"]),
     }
-    grad_fn = mtl.per_task_grads(
-        task_loss,
-        spec,
-        len(problem.streams),
-        has_state=True,
-        state_spec=state_spec,
-        unroll=True,
+    grad_fn = mtl.value_and_grads(
+        mtl.PerTaskLosses(
+            task_loss, spec, len(problem.streams), has_state=True, state_spec=state_spec
+        ),
         task_specific={"encoder": False, "heads": True},
+        task_map="unroll",
     )
     kw = {} if sharing_masks is None else {"masks": {"encoder": sharing_masks}}
     (losses, new_enc_state), grads = grad_fn(state.params, enc_state, x, targets, **kw)
@@ -485,7 +485,7 @@ def make_train_step(problem: Problem) -> Callable[..., tuple[TrainState, dict]]:
     weights. ``masks``: the run's :class:`StepMasks` (needed when ``problem.sharing`` has mask
     slots; without them the Problem's own masks are constants of the program)."""
     names = [t.name for t in problem.tasks]
-    grads_fn = _structured_grads if problem.sharing is None else _per_task_grads
+    grads_fn = _structured_grads if problem.sharing is None else _per_task_losses_grads
 
     def step(
         state: TrainState, batch: dict[str, jax.Array], masks: StepMasks | None = None
@@ -503,12 +503,14 @@ def make_train_step(problem: Problem) -> Callable[..., tuple[TrainState, dict]]:
         # aggregator always sees the full Jacobian (the mask acts on the combined update).
         measured = enc_jac if masks.measure is None else _mask_rows(enc_jac, masks.measure)
         conflict = problem.tracker.update(state.conflict, shared_view(measured, problem.sharing))
-        extra = {"rep_grads": rep_grads} if problem.kind == "representation" else {}
+        method = problem.method
+        extra = {"rep_grads": rep_grads} if "rep_grads" in method.inputs else {}
         enc_updates, enc_opt = problem.encoder_tx.update(
             enc_jac, enc_opt, state.params["encoder"], task_losses=losses, **extra
         )
-        if problem.kind == "loss":  # the gradient of the scalarized loss scales every head too
-            head_grads = _scale_head_grads(problem, head_grads, mtl.last_weights(enc_opt))
+        weights = mtl.aggregation.weights(enc_opt)
+        if method.scales_heads:  # the gradient of the weighted loss scales every head too
+            head_grads = _scale_head_grads(problem, head_grads, weights)
         head_updates, head_opt = problem.heads_tx.update(
             head_grads, head_opt, state.params["heads"]
         )
@@ -516,16 +518,15 @@ def make_train_step(problem: Problem) -> Callable[..., tuple[TrainState, dict]]:
             "encoder": optax.apply_updates(state.params["encoder"], enc_updates),
             "heads": optax.apply_updates(state.params["heads"], head_updates),
         }
-        if problem.post_step is not None:  # FAMO: the losses after the step, on the same batch
+        if method.post_step is not None:  # FAMO: the losses after the step, on the same batch
             new_losses = grads_fn_losses(
                 problem, state._replace(params=params), batch["image"], targets, masks.sharing
             )
-            enc_opt = mtl.post_step_in_state(enc_opt, problem.post_step, new_losses)
+            enc_opt = method.post_step(enc_opt, new_losses)
         finite = jnp.all(jnp.isfinite(losses))
         first_nonfinite = jnp.where(
             (state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite
         )
-        weights = mtl.last_weights(enc_opt)
         outputs = {
             "losses": losses,
             "incidence": conflict.last_incidence["global"],
@@ -679,20 +680,21 @@ def build_problem(
     """The transforms for the encoder and heads and the conflict tracker of one run; ``layout``:
     the mesh the run's step is laid out on (:mod:`experiments.parallel`)."""
     num_tasks = len(tasks)
-    kind, aggregator, post_step = make_aggregator(
-        spec.method, spec.method_kwargs, num_tasks, steps_per_epoch, seed=spec.seed
-    )
-    if kind == "representation" and sharing is not None:
+    method = get_method(spec.method, spec.method_kwargs, num_tasks, steps_per_epoch, spec.seed)
+    aggregator = method.transform
+    if method.cost == "representation" and sharing is not None:
         raise ValueError(
             f"{spec.method}: representation-gradient methods need one shared representation; a "
             "sharing spec gives every task its own stream."
         )
     if sharing is not None:  # copied leaves (Recon's copies, modulation) get their own gradient
-        aggregator = mtl.shared_rows(aggregator, sharing_lib.spec_task_specific(sharing))
+        aggregator = mtl.aggregation.shared_rows(
+            aggregator, sharing_lib.spec_task_specific(sharing)
+        )
     masks = () if mask is None else (sparse_lib.apply_mask(mask),)
     opt = optim.optimizer(config.train, steps_per_epoch)
     heads_tx = opt
-    granularity = {"global": "global", "module": mtl.by_module, "leaf": "leaf"}[
+    granularity = {"global": "global", "module": mtl.gramian.by_module, "leaf": "leaf"}[
         config.conflict.granularity
     ]
     tracker = mtl.ConflictTracker(
@@ -711,90 +713,33 @@ def build_problem(
         encoder_tx=optax.chain(aggregator, *masks, opt, *masks),
         heads_tx=heads_tx,
         tracker=tracker,
-        strategy=config.train.jacobian_strategy,
+        method=method,
+        task_map=config.train.task_map,
         sharing=sharing,
         state_sharing=state_sharing,
-        kind=kind,
-        post_step=post_step,
         measure_mask=mask if spec.measure_masked else None,
         layout=layout,
     )
 
 
-UB_SUFFIX = "_ub"
-
-
-def method_names() -> str:
-    """Every name a config may use: aggregators, loss-only methods, ``<weighting>_ub``."""
-    loss_only = sorted(n for n in mtl.SCALARIZERS if n not in mtl.AGGREGATORS)
-    return (
-        f"aggregators {sorted(mtl.AGGREGATORS)}; loss-only methods {loss_only}; "
-        f"representation-gradient methods '<weighting>_ub' (e.g. 'mgda_ub') for a weighting in "
-        f"{sorted(mtl.WEIGHTINGS)}"
-    )
-
-
-def _accepts_seed(factory: Callable) -> bool:
-    return "seed" in inspect.signature(factory).parameters
-
-
-def make_aggregator(
+def get_method(
     method: str,
     kwargs: Mapping[str, Any],
     num_tasks: int,
     steps_per_epoch: int = 1,
     seed: int | None = None,
-) -> tuple[str, optax.GradientTransformation, Any]:
-    """``(kind, transform, post_step scalarizer or None)`` for a method name of a config.
-
-    * an aggregator name (``mtl.AGGREGATORS``): the aggregator;
-    * a loss-only method (``mtl.SCALARIZERS``, e.g. ``uw``, ``dwa``, ``famo``, ``gradnorm``):
-      :func:`mtl.from_scalarizer` -- the scalarized loss's gradient from the same Jacobian the
-      conflict metrics use (identical update); GradNorm needs ``layer=<encoder path prefix>``;
-    * ``<weighting>_ub`` (e.g. ``mgda_ub``, ``aligned_mtl_ub``): weights from the representation
-      gradients (:func:`mtl.from_representation`), the MGDA-UB / Aligned-MTL-UB update.
-
-    ``seed`` (the run's seed) seeds the method's PRNG key -- PCGrad's task orders, GradDrop's and
-    RLW's draws -- unless the method string sets ``seed=`` itself; every seed of a study then
-    draws its own sequence, and a rerun of one seed the same one.
-    """
+) -> mtl.Method:
+    """The method of a config's method name from the library's catalogue
+    (:func:`mtl_jax.get_method`), with its hyper-parameters ``kwargs`` (method string and
+    ``method_kwargs``); ``seed`` (the run's seed) seeds the method's PRNG key unless ``kwargs``
+    sets ``seed``: every seed of a study draws its own sequence, and a rerun of one seed the
+    same one."""
     kwargs = dict(kwargs)
-
-    def seeded(factory: Callable) -> dict:
-        if seed is not None and "seed" not in kwargs and _accepts_seed(factory):
-            return {**kwargs, "seed": int(seed)}
-        return kwargs
-
-    if method in mtl.AGGREGATORS:
-        kwargs = seeded(mtl.AGGREGATORS[method])
-        return "jacobian", mtl.get_aggregator(method, **kwargs, num_tasks=num_tasks), None
-    if method in mtl.SCALARIZERS:
-        kwargs = seeded(mtl.SCALARIZERS[method])
-        layer = kwargs.pop("layer", None)
-        if method == "gradnorm" and layer is None:
-            raise ValueError(
-                "gradnorm needs layer=<a path prefix of the shared layer W>, e.g. 'gradnorm:layer=Dense_1'."
-            )
-        if method == "dwa":
-            kwargs.setdefault("steps_per_epoch", steps_per_epoch)
-        scalarizer = mtl.get_scalarizer(method, **kwargs)
-        transform = mtl.from_scalarizer(
-            scalarizer, num_tasks=num_tasks, grad_norm_layer=layer, name=method
-        )
-        return "loss", transform, scalarizer if method == "famo" else None
-    if method.endswith(UB_SUFFIX) and method[: -len(UB_SUFFIX)] in mtl.WEIGHTINGS:
-        sum_over_batch = bool(kwargs.pop("sum_over_batch", False))
-        rep_seed = int(kwargs.pop("seed", 0 if seed is None else seed))
-        weighting = mtl.get_weighting(method[: -len(UB_SUFFIX)], **kwargs)
-        transform = mtl.from_representation(
-            weighting,
-            num_tasks=num_tasks,
-            sum_over_batch=sum_over_batch,
-            seed=rep_seed,
-            name=method,
-        )
-        return "representation", transform, None
-    raise ValueError(f"Unknown method {method!r}; valid names: {method_names()}.")
+    if "seed" in kwargs:  # an explicit seed is a hyper-parameter (checked like the others)
+        method = f"{method}:seed={int(kwargs.pop('seed'))}"
+    return mtl.get_method(
+        method, num_tasks=num_tasks, seed=seed, steps_per_epoch=steps_per_epoch, **kwargs
+    )
 
 
 def init_state(problem: Problem, params: PyTree, model_state: PyTree) -> TrainState:

@@ -1,35 +1,14 @@
 """Precise BatchNorm: recompute running statistics after training, for any EMA-style statistic.
 
-A BatchNorm's running statistics are an exponential moving average of batch statistics taken
-while the weights were still moving, so at evaluation they lag the weights, more so at high
-learning rates. *Precise BN* (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021, section 3;
-detectron2's ``precise_bn``) replaces them after training by population statistics of the final
-weights: the mean over N batches of each batch's mean and of each batch's variance.
-
-:func:`recompute_statistics` does that for Flax Linen, Flax NNX or any model whose train-mode
-forward updates its running statistics as ``r' = m r + (1 - m) b`` (``b``: the batch
-statistic, ``m``: the momentum), *without knowing m*. It needs only ``update_fn(state, batch)
--> new_state``, one train-mode forward returning the updated statistics. Since ``r'`` is affine
-in ``r``, two forwards on the first batch at ``r = 0`` and ``r = S`` give ``m = (r'(S) -
-r'(0)) / S`` elementwise; then every batch gives ``b = r'(0) / (1 - m)``. The result is the
-mean of ``b`` over the batches: for the mean, the population mean of the batch means; for the
-variance, the mean of the (biased) batch variances, as detectron2's precise BN does (it leaves
-out the between-batch variance of the batch means, which is what train-mode normalisation
-divides by anyway).
-
-A per-task model (:func:`mtl_jax.per_task` with per-task statistics, e.g. after
-:func:`mtl_jax.recon.branch`) needs nothing special: with ``update_fn`` its per-task forward's
-new state, every task stream gets its own statistics (the algebra is elementwise)::
-
-  forward = mtl.per_task(
-      lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), spec, K,
-      has_state=True)
-  update = jax.jit(lambda s, x: forward({"params": params, "batch_stats": s}, x)[1]["batch_stats"])
-  stats = mtl.batchnorm.recompute_statistics(update, stats, batches)   # leaves [K, C]
-
-Departures: the train-mode forward must not depend on the running statistics themselves
-(true of BatchNorm, which normalises with the batch statistics in training; not of e.g. batch
-renormalisation), and ``update_fn`` must apply the same momentum to every batch.
+Running statistics lag the weights; *precise BN* (Wu & Johnson, "Rethinking 'Batch' in
+BatchNorm", 2021, section 3; detectron2's ``precise_bn``) replaces them after training by
+population statistics of the final weights. :func:`recompute_statistics` does that for Flax
+Linen, Flax NNX or any model whose train-mode forward updates ``r' = m r + (1 - m) b``, *without
+knowing m*, from ``update_fn(state, batch) -> new_state`` alone; a per-task model's streams each
+get their own statistics. Departures: the variance is the mean of the (biased) batch variances,
+as detectron2; the train-mode forward must not depend on the running statistics (true of
+BatchNorm, not of batch renormalisation) and ``update_fn`` must apply one momentum to every
+batch. The algebra and an example: ``docs/recipes/recon.md``, "Precise BatchNorm statistics".
 """
 
 from __future__ import annotations

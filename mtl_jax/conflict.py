@@ -1,23 +1,14 @@
 """Conflict metrics from Gram matrices: cosines, incidence p%, Recon histograms and S-scores.
 
-Two tasks conflict when ``cos(g_i, g_j) < 0`` (docs/design/METHODS.md section 0). Everything here is computed
-from ``G = J J^T`` (global or per group, :mod:`mtl_jax.gramian`), so it costs O(K^2) on top of the
-Gram matrices an aggregator computes anyway (inside one jitted step XLA shares the identical
-Gram computations), and everything is pure and jit-able.
-
-* :func:`pairwise_cosines`: the ``K (K - 1) / 2`` cosines of the pairs ``i < j``.
-* :func:`conflict_incidence`: p% = 100 x the share of pairs with ``cos < threshold`` (threshold 0:
-  the sparse-training paper's N_gc / C(T, 2)).
-* :func:`cosine_histogram`: counts in Recon's bins (Table 6): ``[0, 1]``, ``[-0.01, 0)``,
-  ``[-0.02, -0.01)``, ``[-0.03, -0.02)``, ``[-1, -0.03)``.
-* :func:`magnitude_similarity`: Yu et al.'s gradient-magnitude similarity
-  ``2 |g_i| |g_j| / (|g_i|^2 + |g_j|^2)``.
-* :class:`ConflictTracker`: a pure ``init`` / ``update`` tracker (its state is a pytree, so it lives
-  inside a jitted train step) that accumulates, per parameter group, the number of (step, pair)
-  events with ``cos < S`` -- Recon's S-conflict score -- the conflict incidence over time, and
-  per task pair the sum of cosines (the pair's mean cosine over training) and a histogram.
-
-With K = 1 there are no pairs: the cosine vector is empty and the incidence is 0.
+Two tasks conflict when ``cos(g_i, g_j) < 0`` (docs/design/METHODS.md section 0). Everything
+here is computed from ``G = J J^T`` (global or per group, :mod:`mtl_jax.gramian`), so it costs
+O(K^2) on top of the Gram matrices an aggregator computes anyway, and is pure and jit-able:
+:func:`pairwise_cosines` (pairs ``i < j``), :func:`conflict_incidence` (p%, the sparse-training
+paper's N_gc / C(T, 2)), :func:`cosine_histogram` (Recon's Table 6 bins),
+:func:`magnitude_similarity` (Yu et al.) and :class:`ConflictTracker`, a pytree-state tracker of
+per-group S-conflict counts (Recon), incidence over time and per-pair cosines. With K = 1 there
+are no pairs: the cosine vector is empty and the incidence is 0. The metrics and how to read
+them: ``docs/conflict.md``.
 """
 
 from __future__ import annotations
@@ -144,7 +135,7 @@ class ConflictTracker:
 
     Example (Recon's search run)::
 
-      tracker = mtl.ConflictTracker(num_tasks=2, granularity=mtl.by_module, severity=-0.1)
+      tracker = mtl.ConflictTracker(num_tasks=2, granularity=mtl.gramian.by_module, severity=-0.1)
       cstate = tracker.init(params)
       ...  # inside the jitted step:
       cstate = tracker.update(cstate, jac)

@@ -1,21 +1,13 @@
 """Gram space: ``G = J J^T`` of the task Jacobian, cosines, and parameter groupings.
 
 Almost every gradient-manipulation method returns ``d = sum_k w_k g_k`` with weights that depend
-on the task gradients only through the K x K Gram matrix (docs/design/DESIGN.md section 2). The Jacobian is
-never flattened into one K x P matrix: :func:`leaf_gramians` computes one ``[K, K]`` block per
-leaf (the leaf's rows ``[K, n]`` times their transpose) and groups sum their leaves' blocks, and
-:func:`combine` works leaf by leaf too. So no compiled step holds a concatenated ``[K, P]`` copy
-of the Jacobian (tests/test_memory_paths.py reads the optimized HLO of the Gram matrix, the
-aggregators, the conflict tracker and the representation path); ``benchmarks/memory.py`` measures
-what a step needs against K and P.
-
-Groupings (``granularity``) say where G is computed:
-
-* ``"global"``: one Gram matrix over all parameters (the default of most papers);
-* ``"leaf"``: one per parameter array;
-* a callable ``path -> group name`` on ``/``-joined leaf paths, e.g. :func:`by_module`, which puts
-  a Flax module's leaves (kernel and bias; BatchNorm scale and bias) into one group, as Recon's
-  per-layer conflict scores and GradVac's per-layer targets use.
+on the task gradients only through the K x K Gram matrix (docs/design/DESIGN.md section 2). The
+Jacobian is never flattened into one ``[K, P]`` matrix: :func:`leaf_gramians` computes one
+``[K, K]`` block per leaf, groups sum their leaves' blocks, and :func:`combine` works leaf by
+leaf (tests/test_memory_paths.py reads the optimized HLO). ``granularity`` says where G is
+computed: ``"global"`` (one matrix), ``"leaf"`` (one per array) or a callable ``path -> group``
+such as :func:`by_module` (a Flax module's kernel and bias together, as Recon and GradVac use).
+Details: ``docs/conflict.md``, "Gram matrices and groupings".
 """
 
 from __future__ import annotations
@@ -73,7 +65,7 @@ def _leaf_label(granularity: Granularity) -> Callable[[str], str]:
         return granularity
     raise ValueError(
         f"Unknown granularity {granularity!r}; use 'global', 'leaf' or a callable path -> group "
-        "(e.g. mtl.by_module)."
+        "(e.g. mtl.gramian.by_module)."
     )
 
 

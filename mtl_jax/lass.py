@@ -2,45 +2,15 @@
 
 Lin et al., "Learning Language Specific Sub-network for Multilingual Machine Translation"
 (ACL 2021), as used for image tasks by Alison, Jonathan & Suhartono (CommIT 18(1), 2024;
-docs/design/METHODS.md section 3). Checked against the official code (NLP-Playground/LaSS,
-``toolbox/generate_mask.py``). The procedure:
-
-1. train the multi-task model;
-2. fine-tune a copy of it on each task's loss alone;
-3. prune each weight tensor of task t's fine-tuned copy to its largest-|w| fraction, giving a
-   binary mask ``M_t`` (:func:`magnitude_mask`, :func:`lass_masks`);
-4. continue training the *original* multi-task parameters ``theta``, task t's forward using
-   ``theta * M_t``: :func:`lass_spec` builds the sharing spec and
-   :func:`mtl_jax.sharing.per_task` the forward. Task t's gradient is then exactly zero outside
-   ``M_t``, so parameters outside the overlap of the masks get no conflicting updates.
-
-Steps 1, 2 and 4 are ordinary training (the experiment code drives them); this module gives the
-pruning step and the bookkeeping (:func:`subnetwork_sizes`)::
-
-  spec = mtl.lass_spec(finetuned_params, prune_fraction=0.3, include="^params/encoder/")
-  forward = mtl.per_task(model.apply, spec, num_tasks=K)
-  print(mtl.subnetwork_sizes(spec))
-
-The spec holds the masks as constants, which ``jit`` bakes into the program. To keep them as
-ordinary (shardable) arrays, split them off with :func:`mtl_jax.sharing.split_masks` and give
-them at call time::
-
-  structure, masks = mtl.split_masks(spec)
-  forward = jax.jit(mtl.per_task(model.apply, structure, num_tasks=K))
-  outs = forward(params, x, masks=masks)      # same values; new masks do not recompile
-  print(mtl.subnetwork_sizes(masks))
-
-Which tensors are pruned (a documented option). LaSS prunes weight matrices only: names with
-``weight`` that are neither embeddings nor LayerNorm; biases are never pruned. Here a leaf is
-pruned when it is inside ``include`` and is a weight tensor (``ndim >= 2``: Dense/Conv kernels);
-with ``weights_only=False`` biases and norm parameters inside ``include`` are pruned too.
-Embedding tables (a path containing ``embed``) are skipped unless ``include_embedding=True``
-(LaSS's ``--include-embedding``; it then prunes every embedding *row* separately, here the table is
-pruned as one tensor -- a departure). Unpruned leaves are kept whole by every task.
-
-Count and ties. The official code drops the ``int(prob * n)`` smallest entries of every tensor
-by ``|w| > kthvalue``, which drops every entry tied with the threshold. Here exactly
-``n - floor(prune_fraction * n)`` entries are kept, ties broken by position.
+docs/design/METHODS.md section 3); checked against the official code (NLP-Playground/LaSS,
+``toolbox/generate_mask.py``). Train the multi-task model, fine-tune a copy per task, prune each
+copy's weight tensors to their largest-|w| fraction (:func:`magnitude_mask`, :func:`lass_masks`),
+then continue training the original parameters with task t's forward on ``theta * M_t``
+(:func:`lass_spec` builds the sharing spec; :func:`subnetwork_sizes` reports). Departures: an
+embedding table is pruned as one tensor (LaSS prunes each row); exactly
+``n - floor(prune_fraction * n)`` entries are kept, ties broken by position (the official
+``kthvalue`` drops every tie). The procedure, which tensors are pruned and masks as arrays:
+``docs/recipes/lass.md``.
 """
 
 from __future__ import annotations
@@ -190,7 +160,7 @@ def _stacked_masks(masks_or_spec: PyTree) -> list[tuple[str, np.ndarray]]:
     if slots:
         raise ValueError(
             f"subnetwork_sizes: the spec's Masked leaves [{_tree._listing(slots)}] are mask "
-            "slots (their masks were split off by mtl.split_masks); pass the masks instead."
+            "slots (their masks were split off by mtl.sharing.split_masks); pass the masks instead."
         )
     if any(is_masked(x) for _, x in flat):
         return [(_tree.path_str(p), np.asarray(x.mask) != 0) for p, x in flat if is_masked(x)]

@@ -1,26 +1,13 @@
 """Flax NNX helpers: which leaves of an NNX state are task-specific, by path or variable type.
 
 :func:`mtl_jax.value_and_grads` and :func:`mtl_jax.shared_rows` take ``task_specific`` as a bool
-pytree or a callable ``tree -> bool tree``. With NNX the same parameters appear as two different
-trees: the ``nnx.State`` of ``nnx.Param`` variables that a loss differentiates (leaf paths end in
-``/value``, e.g. ``heads/0/kernel/value``) and the pure arrays that ``nnx.Optimizer`` hands to the
-optax transform (``heads/0/kernel``). A fixed bool tree matches only one of them; the callables
-built here label any tree by its paths, so one object serves both::
-
-  from flax import nnx
-  import mtl_jax as mtl
-  from mtl_jax.nnx import task_specific_paths
-
-  is_head = task_specific_paths("^heads/")         # the per-task heads: their own gradient
-  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  grad_fn = mtl.value_and_grads(loss_fn, is_head, has_aux=True)   # on the nnx.State
-  tx = optax.chain(mtl.shared_rows(mtl.pcgrad(), is_head), optax.adam(1e-3))
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)             # on the pure arrays
-  optimizer.update(model, grads, task_losses=losses)
-
-The full recipe (BatchNorm statistics through ``nnx.BatchStat``, never in the optimizer) is the
-documentation page ``docs/custom_loop.md``; it runs as a test (``tests/test_docs.py``).
-The callables work on Linen variable dicts and plain pytrees too.
+pytree or a callable ``tree -> bool tree``. With NNX the same parameters appear as two trees:
+the ``nnx.State`` a loss differentiates (leaf paths end in ``/value``) and the pure arrays that
+``nnx.Optimizer`` hands to optax. :func:`task_specific_paths` (by path regex) and
+:func:`task_specific_types` (by ``nnx.Variable`` subclass) build callables that label any tree
+by its paths, so one object serves both (and Linen variable dicts and plain pytrees too). The
+full recipe, with BatchNorm statistics through ``nnx.BatchStat``: ``docs/custom_loop.md``
+(section "Flax NNX with BatchNorm"; it runs as a test).
 """
 
 from __future__ import annotations
@@ -81,7 +68,7 @@ def task_specific_paths(*patterns: str) -> Callable[[PyTree], PyTree]:
 
     Returns:
       ``labels(tree) -> bool tree`` shaped like ``tree``, for :func:`mtl_jax.value_and_grads`,
-      :func:`mtl_jax.shared_rows`, :func:`mtl_jax.shared_view`.
+      :func:`mtl_jax.shared_rows`, :func:`mtl_jax.sharing.shared_view`.
 
     Raises:
       ValueError: if no pattern is given, or (when called) if no leaf of the tree matches: a

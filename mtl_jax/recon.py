@@ -1,63 +1,17 @@
-"""Recon: reducing conflicting gradients from the root (Shi et al., ICLR 2023; docs/design/METHODS.md section 1).
+"""Recon: reducing conflicting gradients from the root (Shi et al., ICLR 2023;
+docs/design/METHODS.md section 1).
 
-Recon finds the shared layers whose task gradients conflict most often and gives each task its own
-copy of them. The pieces, each usable in a custom training loop:
-
-1. **Search run** (Alg. 1, lines 1-8). Train the all-shared model (any MTL optimizer) and feed the
-   shared parameters' task Jacobian to a :func:`search_tracker`: a
-   :class:`~mtl_jax.ConflictTracker` with ``granularity=mtl.by_module`` (a layer is a module: a
-   conv or linear layer's kernel and bias together, a BatchNorm's scale and bias together) that
-   counts, per layer, the (step, pair) events with ``cos(g_i, g_j) < S`` (strict).
-2. **Score and select.** :func:`layer_scores` (the count over the whole search run, not a rate, as
-   the paper and the official code do) and :func:`select_layers` (top K by score, or the longest
-   top prefix within a parameter budget). Controls: :func:`random_layers` (RSL: K random layers)
-   and :func:`random_parameters` (RSP: random layers up to the same parameter count).
-3. **Branch.** :func:`branch` gives the variables with K per-task copies of the chosen layers
-   and of every BatchNorm's running statistics (each task stream normalises with its own batch
-   statistics, so it keeps its own running statistics), and the sharing spec. With
-   :func:`mtl_jax.per_task` the layers before the first branched layer run once and every later
-   shared layer runs once per task stream (the official ``modules_recon.py``).
-4. **Retrain** from scratch with any aggregator on the remaining shared parameters:
-   :func:`mtl_jax.value_and_grads` (any loss vector) or :func:`mtl_jax.per_task_grads` (a loss
-   per task; also avoids ``[K, K, batch, ...]`` activation cotangents in the task streams) give
-   Jacobian rows for the shared leaves and each copy its own task's gradient (O(K x leaf),
-   never a ``[K, K, ...]`` Jacobian), and
-   ``optax.chain(mtl.shared_rows(aggregator, spec["params"]), optimizer)`` updates everything.
-5. **Report.** :func:`histogram_percent`, :func:`fraction_below` (a share in [0, 1]) and
-   :func:`reduction_percent`
-   (Table 6: the relative drop of the mass below the severity threshold versus joint training,
-   measured on the remaining shared parameters) and :func:`parameter_increase`.
-
-End to end on a Flax Linen model with BatchNorm (``K`` tasks, ``apply`` returning per-task
-outputs and the updated ``batch_stats``)::
-
-  # 1. search run on the all-shared model
-  tracker = mtl.recon.search_tracker(K, severity=-0.1)
-  cstate = tracker.init(variables["params"])
-  ...  # in the jitted step: cstate = tracker.update(cstate, shared_rows_of_the_jacobian)
-  # 2. select
-  layers = mtl.recon.select_layers(mtl.recon.layer_scores(tracker, cstate), k=25)
-  # 3. branch a fresh initialisation
-  variables, spec = mtl.recon.branch(model.init(key, x), layers, K)
-  forward = mtl.per_task(
-      lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), spec, K,
-      has_state=True)
-  # 4. retrain: losses(params, batch_stats, batch) -> (f32[K], new_batch_stats)
-  grad_fn = mtl.value_and_grads(losses, spec["params"], has_aux=True)
-  tx = optax.chain(mtl.shared_rows(mtl.pcgrad(), spec["params"]), optax.adam(1e-3))
-  (task_losses, batch_stats), grads = grad_fn(params, batch_stats, batch)
-  updates, opt_state = tx.update(grads, opt_state, params, task_losses=task_losses)
-  # 5. conflicts on the remaining shared parameters, with the search run's bins
-  after = mtl.ConflictTracker(K, severity=-0.1)
-  astate = after.init(mtl.shared_view(params, spec["params"]))
-  astate = after.update(astate, mtl.shared_view(grads, spec["params"]))
-  drop = mtl.recon.reduction_percent(
-      mtl.recon.fraction_below(joint_state.histogram["global"], -0.01),
-      mtl.recon.fraction_below(astate.histogram["global"], -0.01))
-
-Flax NNX: ``graphdef, state = nnx.split(model)`` (parameters and statistics in one state),
-``state, spec = branch(state, layers, K)``, and ``apply = lambda s, x: ...nnx.merge(graphdef,
-s)...`` returning ``(out, nnx.state(model))``; tests/test_recon.py has the full example.
+The shared layers whose task gradients conflict most often get one copy per task:
+:func:`search_tracker` counts per layer (a module: kernel and bias together) the (step, pair) events
+with ``cos(g_i, g_j) < S`` during a search run (Alg. 1, lines 1-8); :func:`layer_scores` and
+:func:`select_layers` pick the top K (or a parameter budget), :func:`random_layers` (RSL) and
+:func:`random_parameters` (RSP) are the controls; :func:`branch` gives K per-task copies of the
+chosen layers *and of every BatchNorm's running statistics*, plus the sharing spec for
+:func:`mtl_jax.per_task` and ``mtl.value_and_grads(mtl.PerTaskLosses(...))``;
+:func:`histogram_percent`, :func:`fraction_below`, :func:`reduction_percent` and
+:func:`parameter_increase` give the paper's Table 6. Scores are counts over the whole search
+run, not rates, as in the paper and the official code. The steps, a runnable example, Flax NNX
+and the BatchNorm rules: ``docs/recipes/recon.md``.
 """
 
 from __future__ import annotations
@@ -113,7 +67,7 @@ def search_tracker(
 ) -> ConflictTracker:
     """The conflict tracker of Recon's search run: per-module groups, S-conflict counts.
 
-    ``ConflictTracker(num_tasks, granularity=mtl.by_module, severity=severity)``: the group of a
+    ``ConflictTracker(num_tasks, granularity=mtl.gramian.by_module, severity=severity)``: the group of a
     leaf is its module (Linen ``Conv_0/kernel`` and ``Conv_0/bias`` -> ``Conv_0``; a BatchNorm's
     ``scale`` and ``bias`` form one layer; NNX ``conv/kernel/value`` -> ``conv``), and a (step,
     pair) event counts when ``cos < severity`` (strict), Alg. 1 line 6.
@@ -160,7 +114,7 @@ def layer_scores(tracker: ConflictTracker, state: ConflictState) -> dict[str, in
     if not scores:
         raise ValueError(
             "The tracker state has no per-layer groups; build it with mtl.recon.search_tracker "
-            "(granularity=mtl.by_module)."
+            "(granularity=mtl.gramian.by_module)."
         )
     return scores
 
@@ -339,7 +293,7 @@ def branch(
         ``"fresh"``: copy t takes the layer's leaves from ``fresh_variables[t]`` (the official
         code deep-copies the layer and re-runs its initialiser; BatchNorm's init is constant).
       fresh_variables: with ``init="fresh"``, K variable trees with the structure and shapes of
-        ``variables``, e.g. ``[model.init(jax.random.PRNGKey(100 + t), x) for t in range(K)]``
+        ``variables``, e.g. ``[model.init(jax.random.key(100 + t), x) for t in range(K)]``
         (NNX: ``nnx.split(Model(rngs=nnx.Rngs(100 + t)))[1]``).
       collections: top-level keys that are Flax collections (dropped from layer names).
 
@@ -354,7 +308,7 @@ def branch(
 
     Example::
 
-      variables = model.init(jax.random.PRNGKey(0), x)
+      variables = model.init(jax.random.key(0), x)
       branched, spec = branch(variables, ["Conv_1", "BatchNorm_1"], num_tasks=2)
       branched["batch_stats"]["BatchNorm_1"]["mean"].shape   # (2, C)
       branched["batch_stats"]["BatchNorm_0"]["mean"].shape   # (2, C): per-task statistics

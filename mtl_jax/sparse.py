@@ -1,47 +1,15 @@
 """Sparse training: fixed masks of trainable parameters and the mask transform.
 
 Sparse training (ST; Zhang et al., "Proactive Gradient Conflict Mitigation in Multi-Task
-Learning: A Sparse Training Perspective", arXiv 2411.18615; docs/design/METHODS.md section 4) updates only a
-fixed subset of the shared encoder's parameters, ``theta <- theta - lr * M * d`` with ``d`` the
-combined (joint or gradient-manipulated) update. The mask is computed **once, before training**,
-from the parameter magnitudes and stays fixed; decoders and heads train densely.
-
-Masks are pytrees of bool arrays shaped like the parameters (``True`` = trainable):
-
-* :func:`psn_mask` -- the paper's rule (PSN, parameter selection per neuron): every output unit
-  keeps the ``k`` largest-|w| of its incoming weights;
-* the paper's selection controls (Table 5) at the *same number of trainable weights* as a given
-  reference mask: :func:`random_mask`, :func:`global_magnitude_mask` (top-|w| over the whole
-  subtree) and :func:`reverse_mask` (lowest |w| per neuron);
-* :func:`mask_stats` counts trainable parameters per leaf and in total; :func:`psn_k` finds the
-  ``k`` reaching a target trainable fraction.
-
-Which leaves are masked. A leaf is *selected* when it is inside the subtree (``include``: a path
-predicate or regex, e.g. ``"^params/encoder/"``; ``None`` = every leaf) **and** is a weight tensor
-(``ndim >= 2``, output units on ``out_axis``, the last axis for Flax ``Dense``/``Conv`` and NNX
-``Linear``/``Conv`` kernels: ``[in, out]``, ``[h, w, in, out]``). Leaves outside the subtree are
-dense (all ``True``). Leaves inside it with ``ndim <= 1`` -- biases, norm scales and offsets,
-:class:`~mtl_jax.modules.TaskModulation` scales -- follow ``other``:
-
-* ``"train"`` (default): trained densely. The paper leaves this unspecified (UNVERIFIED); a bias is
-  a neuron's own single input-independent parameter, so the per-neuron rule with any ``k >= 1``
-  would keep it, and these leaves hold a negligible share of the parameters;
-* ``"freeze"``: masked out (never updated).
-
-The mask transform :func:`apply_mask` zeroes the masked coordinates of updates. Place it **after**
-the optimizer so that frozen parameters stay bit-identical (weight decay and momentum included)::
-
-  mask = mtl.psn_mask(params, k=300, include="^params/encoder/")
-  tx = optax.chain(
-      mtl.multitask(mtl.pcgrad(), task_specific=is_head),
-      optax.adamw(1e-4),
-      mtl.apply_mask(mask),
-  )
-
-It also accepts task-stacked updates (a task Jacobian), so it can sit in front of an aggregator
-to mask every task's gradient, e.g. to measure conflict in the trainable subspace (whether the
-paper's conflict numbers use the full or the masked gradient is UNVERIFIED; its Fig. 2 suggests
-the masked one).
+Learning: A Sparse Training Perspective", arXiv 2411.18615; docs/design/METHODS.md section 4)
+updates only a fixed subset of the shared encoder, ``theta <- theta - lr * M * d``, with the mask
+computed once, before training, from the parameter magnitudes. :func:`psn_mask` is the paper's
+rule (every output unit keeps its ``k`` largest-|w| incoming weights); :func:`random_mask`,
+:func:`global_magnitude_mask` and :func:`reverse_mask` are its controls at the same count;
+:func:`mask_stats` and :func:`psn_k` count and size masks. :func:`apply_mask` zeroes masked
+coordinates of updates: put it after the optimizer, so frozen weights stay bit-identical.
+Departure (UNVERIFIED in the paper): biases and other ``ndim <= 1`` leaves train densely unless
+``other="freeze"``. Which leaves are masked, and an example: ``docs/recipes/sparse.md``.
 """
 
 from __future__ import annotations
@@ -383,8 +351,8 @@ def apply_mask(mask: PyTree) -> optax.GradientTransformation:
 
     Example::
 
-      mask = mtl.psn_mask(params, k=8, include="encoder")
-      tx = optax.chain(mtl.pcgrad(), optax.adamw(1e-3), mtl.apply_mask(mask))
+      mask = mtl.sparse.psn_mask(params, k=8, include="encoder")
+      tx = optax.chain(mtl.aggregation.pcgrad(), optax.adamw(1e-3), mtl.sparse.apply_mask(mask))
 
     Args:
       mask: a pytree with the structure of the parameters whose leaves are bool or 0/1 arrays of

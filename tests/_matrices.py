@@ -83,3 +83,21 @@ def all_samples(ks=KS, kinds=KINDS, scales=SCALES):
         for kind in kinds:
             for scale in scales:
                 yield k, kind, scale, scale * sample(kind, k)
+
+
+def plain(x) -> np.ndarray:
+    """A leaf as a NumPy array; a typed PRNG key as its key data (``uint32``)."""
+    import jax
+
+    if jax.dtypes.issubdtype(
+        np.result_type(x) if not hasattr(x, "dtype") else x.dtype, jax.dtypes.prng_key
+    ):
+        return np.asarray(jax.random.key_data(x))
+    return np.asarray(x)
+
+
+def assert_trees_equal(a, b) -> None:
+    """Leaf-by-leaf exact equality of two pytrees; typed PRNG keys compared by their key data."""
+    import jax
+
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(plain(x), plain(y)), a, b)

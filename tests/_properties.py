@@ -23,33 +23,33 @@ import mtl_jax as mtl
 from tests import _matrices as M
 
 FACTORIES: dict[str, Callable[[int], object]] = {
-    "mean": lambda k: mtl.mean(num_tasks=k),
-    "sum": lambda k: mtl.sum(num_tasks=k),
-    "linear": lambda k: mtl.linear(np.linspace(0.5, 2.0, k), num_tasks=k),
-    "pcgrad": lambda k: mtl.pcgrad(seed=0, num_tasks=k),
-    "mgda": lambda k: mtl.mgda(num_tasks=k),
-    "cagrad": lambda k: mtl.cagrad(num_tasks=k),
-    "cagrad_1": lambda k: mtl.cagrad(c=1.0, num_tasks=k),
-    "cagrad_2": lambda k: mtl.cagrad(c=2.0, num_tasks=k),
-    "imtl_g": lambda k: mtl.imtl_g(num_tasks=k),
-    "graddrop": lambda k: mtl.graddrop(seed=0, num_tasks=k),
-    "gradvac": lambda k: mtl.gradvac(seed=0, num_tasks=k),
-    "nash_mtl": lambda k: mtl.nash_mtl(num_tasks=k),
-    "nash_mtl_unclipped": lambda k: mtl.nash_mtl(max_norm=0.0, num_tasks=k),
-    "aligned_mtl": lambda k: mtl.aligned_mtl(num_tasks=k),
-    "aligned_mtl_median": lambda k: mtl.aligned_mtl(scale_mode="median", num_tasks=k),
-    "aligned_mtl_rmse": lambda k: mtl.aligned_mtl(scale_mode="rmse", num_tasks=k),
-    "upgrad": lambda k: mtl.upgrad(num_tasks=k),
-    "dualproj": lambda k: mtl.dualproj(num_tasks=k),
-    "config": lambda k: mtl.config(num_tasks=k),
-    "random_weighting": lambda k: mtl.random_weighting(seed=0, num_tasks=k),
-    "fairgrad": lambda k: mtl.fairgrad(num_tasks=k),
-    "fairgrad_half": lambda k: mtl.fairgrad(alpha=0.5, num_tasks=k),
-    "fairgrad_2": lambda k: mtl.fairgrad(alpha=2.0, num_tasks=k),
-    "fairgrad_3": lambda k: mtl.fairgrad(alpha=3.0, num_tasks=k),
-    "nocl": lambda k: mtl.nocl(num_tasks=k),
-    "excess_mtl": lambda k: mtl.excess_mtl(num_tasks=k),
-    "ema_weights": lambda k: mtl.ema_weights(num_tasks=k),
+    "mean": lambda k: mtl.aggregation.mean(num_tasks=k),
+    "sum": lambda k: mtl.aggregation.sum_(num_tasks=k),
+    "linear": lambda k: mtl.aggregation.linear(np.linspace(0.5, 2.0, k), num_tasks=k),
+    "pcgrad": lambda k: mtl.aggregation.pcgrad(seed=0, num_tasks=k),
+    "mgda": lambda k: mtl.aggregation.mgda(num_tasks=k),
+    "cagrad": lambda k: mtl.aggregation.cagrad(num_tasks=k),
+    "cagrad_1": lambda k: mtl.aggregation.cagrad(c=1.0, num_tasks=k),
+    "cagrad_2": lambda k: mtl.aggregation.cagrad(c=2.0, num_tasks=k),
+    "imtl_g": lambda k: mtl.aggregation.imtl_g(num_tasks=k),
+    "graddrop": lambda k: mtl.aggregation.graddrop(seed=0, num_tasks=k),
+    "gradvac": lambda k: mtl.aggregation.gradvac(seed=0, num_tasks=k),
+    "nash_mtl": lambda k: mtl.aggregation.nash_mtl(num_tasks=k),
+    "nash_mtl_unclipped": lambda k: mtl.aggregation.nash_mtl(max_norm=0.0, num_tasks=k),
+    "aligned_mtl": lambda k: mtl.aggregation.aligned_mtl(num_tasks=k),
+    "aligned_mtl_median": lambda k: mtl.aggregation.aligned_mtl(scale_mode="median", num_tasks=k),
+    "aligned_mtl_rmse": lambda k: mtl.aggregation.aligned_mtl(scale_mode="rmse", num_tasks=k),
+    "upgrad": lambda k: mtl.aggregation.upgrad(num_tasks=k),
+    "dualproj": lambda k: mtl.aggregation.dualproj(num_tasks=k),
+    "config": lambda k: mtl.aggregation.conflict_free(num_tasks=k),
+    "random_weighting": lambda k: mtl.aggregation.random_weighting(seed=0, num_tasks=k),
+    "fairgrad": lambda k: mtl.aggregation.fairgrad(num_tasks=k),
+    "fairgrad_half": lambda k: mtl.aggregation.fairgrad(alpha=0.5, num_tasks=k),
+    "fairgrad_2": lambda k: mtl.aggregation.fairgrad(alpha=2.0, num_tasks=k),
+    "fairgrad_3": lambda k: mtl.aggregation.fairgrad(alpha=3.0, num_tasks=k),
+    "nocl": lambda k: mtl.aggregation.nocl(num_tasks=k),
+    "excess_mtl": lambda k: mtl.aggregation.excess_mtl(num_tasks=k),
+    "ema_weights": lambda k: mtl.aggregation.ema_weights(num_tasks=k),
 }
 
 
@@ -128,7 +128,7 @@ def assert_finite_on_every_sample(name: str, ks=(1, 2, 5, 40)) -> None:
     for k, kind, scale, J in M.all_samples(ks=ks):
         d, state = run(name, J)
         assert np.all(np.isfinite(d)), f"{name}: non-finite output for K={k} {kind} x{scale:g}"
-        w = mtl.last_weights(state)
+        w = mtl.aggregation.weights(state)
         if w is not None:
             assert np.all(np.isfinite(np.asarray(w))), f"{name}: non-finite weights K={k} {kind}"
 

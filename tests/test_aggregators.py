@@ -8,6 +8,7 @@ opposite, zero rows, rank-deficient, zero) and scales 1e-8, 1, 1e8.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -19,17 +20,20 @@ import mtl_jax as mtl
 from tests import _matrices as M
 from tests import _reference as R
 
-# K -> transform; num_tasks=K so that the state logs the weights (mtl.last_weights).
+# K -> transform; num_tasks=K so that the state logs the weights (mtl.aggregation.weights).
 GRAM_AGGREGATORS = {
-    "mean": lambda k: mtl.mean(num_tasks=k),
-    "sum": lambda k: mtl.sum(num_tasks=k),
-    "pcgrad": lambda k: mtl.pcgrad(seed=0, num_tasks=k),
-    "pcgrad_ordered": lambda k: mtl.pcgrad(shuffle=False, num_tasks=k),
-    "mgda": lambda k: mtl.mgda(num_tasks=k),
-    "cagrad": lambda k: mtl.cagrad(c=0.5, num_tasks=k),
-    "imtl_g": lambda k: mtl.imtl_g(num_tasks=k),
+    "mean": lambda k: mtl.aggregation.mean(num_tasks=k),
+    "sum": lambda k: mtl.aggregation.sum_(num_tasks=k),
+    "pcgrad": lambda k: mtl.aggregation.pcgrad(seed=0, num_tasks=k),
+    "pcgrad_ordered": lambda k: mtl.aggregation.pcgrad(shuffle=False, num_tasks=k),
+    "mgda": lambda k: mtl.aggregation.mgda(num_tasks=k),
+    "cagrad": lambda k: mtl.aggregation.cagrad(c=0.5, num_tasks=k),
+    "imtl_g": lambda k: mtl.aggregation.imtl_g(num_tasks=k),
 }
-ALL_AGGREGATORS = {**GRAM_AGGREGATORS, "graddrop": lambda k: mtl.graddrop(seed=0, num_tasks=k)}
+ALL_AGGREGATORS = {
+    **GRAM_AGGREGATORS,
+    "graddrop": lambda k: mtl.aggregation.graddrop(seed=0, num_tasks=k),
+}
 
 
 @functools.cache
@@ -75,7 +79,7 @@ def test_finite_output_on_every_sample(name):
     for k, kind, scale, J in M.all_samples():
         d, state = aggregate(name, J)
         assert np.all(np.isfinite(d)), f"{name}: non-finite output for K={k} {kind} x{scale:g}"
-        w = mtl.last_weights(state)
+        w = mtl.aggregation.weights(state)
         if w is not None:
             assert np.all(np.isfinite(np.asarray(w))), f"{name}: non-finite weights, K={k} {kind}"
 
@@ -140,7 +144,7 @@ def test_pcgrad_transform_uses_the_orders_drawn_from_its_state_key():
     J = M.sample("conflicting", k)
     with jax.enable_x64(True):
         d, _ = aggregate("pcgrad", J, dtype=np.float64)
-        key = jax.random.PRNGKey(0)  # the state key of mtl.pcgrad(seed=0)
+        key = jax.random.PRNGKey(0)  # the state key of mtl.aggregation.pcgrad(seed=0)
         _, sub = jax.random.split(key)
         (group_key,) = jax.random.split(sub, 1)
         orders = np.asarray(mtl.weighting.visiting_orders(k, group_key))
@@ -156,7 +160,7 @@ def test_mgda_is_the_min_norm_point_to_1e6(k):
             for scale in M.SCALES:
                 J = scale * M.sample(kind, k)
                 d, state = aggregate("mgda", J, dtype=np.float64)
-                w = np.asarray(mtl.last_weights(state))
+                w = np.asarray(mtl.aggregation.weights(state))
                 assert np.all(w >= -1e-12) and abs(w.sum() - 1.0) < 1e-9, (kind, w)
                 np.testing.assert_allclose(w @ J, d, atol=1e-12 * scale * k)
                 gap = d @ d - np.min(J @ d)
@@ -231,7 +235,7 @@ def test_graddrop_matches_reference(k):
     with jax.enable_x64(True):
         key = jax.random.PRNGKey(3)
         U = np.asarray(jax.random.uniform(key, (M.P,), dtype=jnp.float64))
-        out = mtl.aggregate.graddrop_leaf(jnp.asarray(J), key, jnp.asarray(leak))
+        out = mtl.aggregation.graddrop_leaf(jnp.asarray(J), key, jnp.asarray(leak))
     np.testing.assert_allclose(np.asarray(out), R.graddrop_ref(J, U, leak), rtol=1e-12, atol=1e-12)
 
 
@@ -292,7 +296,7 @@ def test_pcgrad_reproducible_for_a_seed_and_different_across_seeds():
     params = M.params_like(jac)
 
     def run(seed):
-        tx = mtl.pcgrad(seed=seed)
+        tx = mtl.aggregation.pcgrad(seed=seed)
         state = tx.init(params)
         outs = []
         for _ in range(3):
@@ -372,21 +376,21 @@ def test_imtl_g_equal_projections():
         d, state = aggregate("imtl_g", J)
         proj = J @ d / np.linalg.norm(J, axis=1)
         np.testing.assert_allclose(proj, proj[0], rtol=1e-3)
-        np.testing.assert_allclose(np.sum(mtl.last_weights(state)), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(np.sum(mtl.aggregation.weights(state)), 1.0, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
-# Granularity, multitask, last_weights, chaining.
+# Granularity, shared_rows, state readers, chaining.
 
 
 def test_leaf_granularity_weights_each_leaf_separately():
     J = M.sample("conflicting", 3)
     tree = M.to_tree(J, np.float64)
     params = M.params_like(tree)
-    tx = mtl.mgda(granularity="leaf", num_tasks=3)
+    tx = mtl.aggregation.mgda(granularity="leaf", num_tasks=3)
     with jax.enable_x64(True):
         out, state = tx.update(tree, tx.init(params), params)
-        weights = mtl.last_weights(state)
+        weights = mtl.aggregation.weights(state)
     assert set(weights) == {"enc/w", "enc/b", "head"}
     for path, leaf in (
         ("enc/w", tree["enc"]["w"]),
@@ -408,9 +412,9 @@ def test_by_module_granularity_groups_modules():
         }
     }
     params = jax.tree.map(lambda x: x[0], tree)
-    tx = mtl.pcgrad(granularity=mtl.by_module, num_tasks=2)
+    tx = mtl.aggregation.pcgrad(granularity=mtl.gramian.by_module, num_tasks=2)
     _, state = tx.update(tree, tx.init(params), params)
-    assert set(mtl.last_weights(state)) == {"params/Dense_0", "params/BatchNorm_0"}
+    assert set(mtl.aggregation.weights(state)) == {"params/Dense_0", "params/BatchNorm_0"}
 
 
 @pytest.mark.parametrize("method", ["upgrad", "pcgrad", "gradvac", "nash_mtl"])
@@ -420,17 +424,17 @@ def test_batched_groups_match_one_solve_per_group(method):
     J = M.sample("conflicting", 3)
     tree = M.to_tree(J, np.float64)
     params = M.params_like(tree)
-    weighting = mtl.get_weighting(method)
+    weighting = mtl.weighting.get_weighting(method)
     with jax.enable_x64(True):
         outs = []
         for batch in (True, False):
-            tx = mtl.aggregate.from_weighting(
+            tx = mtl.aggregation.from_weighting(
                 weighting, granularity="leaf", num_tasks=3, _batch_groups=batch
             )
             state = tx.init(params)
             for _ in range(2):  # the second step uses the state of the first (GradVac)
                 out, state = tx.update(tree, state, params)
-            outs.append((M.from_tree(out), mtl.last_weights(state)))
+            outs.append((M.from_tree(out), mtl.aggregation.weights(state)))
     np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-10, atol=1e-12)
     for group in outs[0][1]:
         np.testing.assert_allclose(outs[0][1][group], outs[1][1][group], rtol=1e-10)
@@ -449,51 +453,63 @@ def test_batched_groups_non_finite_group_gives_an_all_nan_update():
     J[1, 0] = np.nan  # only the first leaf ("enc/w") is non-finite
     tree = M.to_tree(J)
     params = M.params_like(tree)
-    tx = mtl.gradvac(granularity="leaf", num_tasks=3)
+    tx = mtl.aggregation.gradvac(granularity="leaf", num_tasks=3)
     state = tx.init(params)
     out, new_state = tx.update(tree, state, params)
     assert np.all(np.isnan(M.from_tree(out)))
     jax.tree.map(np.testing.assert_array_equal, new_state.inner, state.inner)
 
 
-def test_multitask_sums_head_rows_and_aggregates_shared_rows():
+def test_shared_rows_aggregates_shared_rows_and_passes_head_gradients():
+    # loss_k = mean((tanh(x W) h_k - y_k)^2): W shared, head h_k task k's own
     rng = np.random.default_rng(0)
-    shared = rng.normal(size=(2, 6))
-    heads = np.zeros((2, 2, 3))  # head k only gets task k's gradient
-    heads[0, 0] = rng.normal(size=3)
-    heads[1, 1] = rng.normal(size=3)
-    jac = {"encoder": shared.astype(np.float32), "heads": heads.astype(np.float32)}
-    params = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), jac)
-    tx = optax.chain(
-        mtl.multitask(mtl.mgda(num_tasks=2), task_specific={"encoder": False, "heads": True}),
-        optax.sgd(1.0),
-    )
-    updates, state = tx.update(jac, tx.init(params), params)
-    np.testing.assert_allclose(-updates["heads"], heads.sum(0), rtol=1e-6)
-    w = R.mgda_bruteforce_weights(shared @ shared.T)
-    np.testing.assert_allclose(-updates["encoder"], w @ shared, rtol=1e-5)
-    assert mtl.last_weights(state).shape == (2,)
+    x = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(2, 5)), jnp.float32)
+    params = {
+        "encoder": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+        "heads": jnp.asarray(rng.normal(size=(2, 3)), jnp.float32),
+    }
+
+    def task_loss(p, k):
+        return jnp.mean((jnp.tanh(x @ p["encoder"]) @ p["heads"][k] - y[k]) ** 2)
+
+    def task_losses(p):
+        return jnp.stack([task_loss(p, k) for k in range(2)])
+
+    is_head = {"encoder": False, "heads": True}
+    tx = optax.chain(mtl.shared_rows(mtl.aggregation.mgda(num_tasks=2), is_head), optax.sgd(1.0))
+    losses, grads = mtl.value_and_grads(task_losses, is_head)(params)
+    updates, state = tx.update(grads, tx.init(params), params, task_losses=losses)
+
+    # reference from the definition: one jax.grad per task loss
+    per_task = [jax.grad(task_loss)(params, k) for k in range(2)]
+    rows = np.stack([np.asarray(g["encoder"]).ravel() for g in per_task])  # [K, n]
+    w = R.mgda_bruteforce_weights(rows @ rows.T)
+    np.testing.assert_allclose(-np.asarray(updates["encoder"]).ravel(), w @ rows, rtol=1e-5)
+    own = sum(np.asarray(g["heads"]) for g in per_task)  # head k: d loss_k / d h_k only
+    np.testing.assert_allclose(-np.asarray(updates["heads"]), own, rtol=1e-6)
+    assert mtl.aggregation.weights(state[0].inner_state).shape == (2,)
 
 
 def test_chains_in_front_of_adam_and_passes_task_losses():
     J = M.sample("conflicting", 3)
     jac = M.to_tree(J)
     params = M.params_like(jac)
-    tx = optax.chain(mtl.mgda(normalization="loss", num_tasks=3), optax.adam(1e-3))
+    tx = optax.chain(mtl.aggregation.mgda(normalization="loss", num_tasks=3), optax.adam(1e-3))
     state = tx.init(params)
     updates, state = jax.jit(tx.update)(jac, state, params, task_losses=jnp.array([1.0, 2.0, 3.0]))
     assert np.all(np.isfinite(M.from_tree(updates)))
-    assert mtl.last_weights(state).shape == (3,)
-    np.testing.assert_allclose(mtl.last_gram(state), J @ J.T, rtol=1e-5, atol=1e-5)
+    assert mtl.aggregation.weights(state).shape == (3,)
+    np.testing.assert_allclose(mtl.aggregation.gram(state), J @ J.T, rtol=1e-5, atol=1e-5)
 
 
 def test_num_tasks_gives_fixed_shape_state_usable_in_scan():
     J = M.sample("conflicting", 4)
     jac = M.to_tree(J)
     params = M.params_like(jac)
-    tx = mtl.pcgrad(num_tasks=4)
+    tx = mtl.aggregation.pcgrad(num_tasks=4)
     state = tx.init(params)
-    assert mtl.last_weights(state).shape == (4,)
+    assert mtl.aggregation.weights(state).shape == (4,)
 
     def body(state, _):
         out, state = tx.update(jac, state, params)
@@ -501,15 +517,92 @@ def test_num_tasks_gives_fixed_shape_state_usable_in_scan():
 
     state, outs = jax.lax.scan(body, state, None, length=3)
     assert outs.shape == (3, 16)
-    assert np.all(np.isfinite(np.asarray(mtl.last_weights(state))))
+    assert np.all(np.isfinite(np.asarray(mtl.aggregation.weights(state))))
 
 
 def test_last_weights_before_the_first_step():
     params = M.params_like(M.to_tree(M.sample("normal", 2)))
-    np.testing.assert_array_equal(mtl.last_weights(mtl.mean(num_tasks=2).init(params)), [0, 0])
-    assert mtl.last_weights(optax.adam(1e-3).init(params)) is None
+    np.testing.assert_array_equal(
+        mtl.aggregation.weights(mtl.aggregation.mean(num_tasks=2).init(params)), [0, 0]
+    )
+    assert mtl.aggregation.weights(optax.adam(1e-3).init(params)) is None
     with pytest.raises(ValueError, match="num_tasks"):
-        mtl.last_weights(mtl.mean().init(params))  # K unknown at init: no logs
+        mtl.aggregation.weights(mtl.aggregation.mean().init(params))  # K unknown at init: no logs
+
+
+def test_state_readers_take_an_aggregator_state_or_a_chain_holding_one():
+    J = M.sample("conflicting", 3)
+    jac = M.to_tree(J)
+    params = M.params_like(jac)
+    tx = optax.chain(mtl.aggregation.upgrad(num_tasks=3), optax.adam(1e-3))
+    _, state = tx.update(jac, tx.init(params), params)
+    agg_state = state[0]
+    w, gram = mtl.aggregation.weights(agg_state), mtl.aggregation.gram(agg_state)
+    np.testing.assert_allclose(gram, J @ J.T, rtol=1e-5, atol=1e-5)
+    assert w.shape == (3,)
+    # optax's own lookup finds the logs by the field's name: {group: w[K]}
+    np.testing.assert_array_equal(optax.tree_utils.tree_get(state, "weights")["global"], w)
+    np.testing.assert_array_equal(optax.tree_utils.tree_get(state, "gram")["global"], gram)
+    np.testing.assert_array_equal(mtl.aggregation.weights(state), w)  # the chain's one state
+    assert mtl.aggregation.weights(optax.adam(1e-3).init(params)) is None  # no aggregator
+
+
+def test_weights_refuses_to_guess_between_two_aggregator_states():
+    params = M.params_like(M.to_tree(M.sample("normal", 2)))
+    tx = optax.chain(mtl.aggregation.mean(num_tasks=2), mtl.aggregation.upgrad(num_tasks=2))
+    state = tx.init(params)
+    with pytest.raises(ValueError, match=r"2 aggregator states .*opt_state\[0\].*opt_state\[1\]"):
+        mtl.aggregation.weights(state)
+    with pytest.raises(ValueError, match="mtl.aggregation.gram"):
+        mtl.aggregation.gram(state)
+    np.testing.assert_array_equal(mtl.aggregation.weights(state[1]), [0.0, 0.0])
+
+
+def test_generated_factories_keep_their_signatures():
+    """The table-generated factories: name, kind and default of every parameter, as written out."""
+    expected = {
+        "mean": "(*, num_tasks=None)",
+        "sum": "(*, num_tasks=None)",
+        "linear": "(weights, *, num_tasks=None)",
+        "pcgrad": "(seed=0, shuffle=True, *, granularity='global', num_tasks=None)",
+        "mgda": "(normalization='none', *, granularity='global', num_tasks=None)",
+        "cagrad": "(c=0.5, rescale=False, *, granularity='global', num_tasks=None)",
+        "imtl_g": "(*, granularity='global', num_tasks=None)",
+        "gradvac": "(beta=0.5, seed=0, shuffle=True, *, granularity='global', num_tasks=None)",
+        "nash_mtl": (
+            "(max_norm=1.0, update_weights_every=1, *, granularity='global', num_tasks=None)"
+        ),
+        "aligned_mtl": (
+            "(scale_mode='min', pref_vector=None, *, granularity='global', num_tasks=None)"
+        ),
+        "upgrad": "(pref_vector=None, *, granularity='global', num_tasks=None)",
+        "dualproj": "(pref_vector=None, *, granularity='global', num_tasks=None)",
+        "config": "(pref_vector=None, *, granularity='global', num_tasks=None)",
+        "random_weighting": "(seed=0, *, granularity='global', num_tasks=None)",
+        "fairgrad": "(alpha=1.0, *, granularity='global', num_tasks=None)",
+        "nocl": "(*, granularity='global', num_tasks=None)",
+        "ema_weights": (
+            "(method='mgda', alpha=0.9, method_kwargs=None, seed=0, *, granularity='global', "
+            "num_tasks=None)"
+        ),
+    }
+    for name, text in expected.items():
+        sig = inspect.signature(mtl.aggregation.AGGREGATORS[name])
+        plain = sig.replace(
+            parameters=[p.replace(annotation=p.empty) for p in sig.parameters.values()],
+            return_annotation=sig.empty,
+        )
+        assert str(plain) == text, name
+    assert mtl.aggregation.sum_ is mtl.aggregation.AGGREGATORS["sum"]
+    assert mtl.aggregation.conflict_free is mtl.aggregation.AGGREGATORS["config"]
+    assert "mtl_jax.weighting.pcgrad" in mtl.aggregation.pcgrad.__doc__
+    with pytest.raises(TypeError, match="unexpected keyword argument 'c'"):
+        mtl.aggregation.pcgrad(c=0.5)
+    with pytest.raises(ValueError, match="num_tasks=2 but the per-task vector has 3"):
+        mtl.aggregation.upgrad(pref_vector=[1.0, 1.0, 1.0], num_tasks=2)
+    assert mtl.aggregation.linear([0.2, 0.8]).init({"w": jnp.zeros(3)}).weights["global"].shape == (
+        2,
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -518,13 +611,13 @@ def test_empty_task_axis_is_a_clear_error(dtype):
     with jax.enable_x64(dtype == np.float64):
         jac = M.to_tree(np.zeros((0, M.P)), dtype)
         params = M.params_like(jac)
-        for tx in (mtl.mean(), mtl.upgrad(), mtl.graddrop()):
+        for tx in (mtl.aggregation.mean(), mtl.aggregation.upgrad(), mtl.aggregation.graddrop()):
             with pytest.raises(ValueError, match="K=0"):
                 tx.update(jac, tx.init(params), params)
 
 
-def test_get_aggregator_by_name():
-    tx = mtl.get_aggregator("cagrad", c=0.2)
+def test_get_method_by_name():
+    tx = mtl.get_method("cagrad:c=0.2").transform
     J = M.sample("normal", 3)
     jac = M.to_tree(J)
     params = M.params_like(jac)

@@ -158,7 +158,7 @@ def _per_task_spec(variables):
 
 def _averaged_spec(variables):  # the former default: bn's statistics shared and averaged
     spec = mtl.sharing.layer_spec(variables, ["branch"])
-    return mtl.copy_per_task(variables, spec, K), spec
+    return mtl.sharing.copy_per_task(variables, spec, K), spec
 
 
 def test_branched_model_evaluates_like_k_single_task_models():
@@ -168,7 +168,7 @@ def test_branched_model_evaluates_like_k_single_task_models():
     x_test = _batches(n=1, seed=9)[0]
     outs = evaluate(trained, x_test)
     for t in range(K):  # task t alone: its view of the params, its own row of statistics
-        ref = model.apply(mtl.task_params(trained, spec, t), x_test, train=False)
+        ref = model.apply(mtl.sharing.task_params(trained, spec, t), x_test, train=False)
         np.testing.assert_allclose(outs[t], ref, rtol=1e-5, atol=1e-5)
 
     # precise BN through the per_task forward: each stream gets its own population statistics
@@ -183,7 +183,7 @@ def test_branched_model_evaluates_like_k_single_task_models():
 
     precise = recompute_statistics(jax.jit(update), trained["batch_stats"], batches)
     for t in range(K):
-        view = mtl.task_params(trained, spec, t)
+        view = mtl.sharing.task_params(trained, spec, t)
         single = recompute_statistics(
             _linen_update(model, view["params"]), view["batch_stats"], batches
         )

@@ -66,6 +66,20 @@ def naive_features(modules, params, x, weights):
     return np.stack(out)
 
 
+def _feature_tree(blocks, arch):
+    """The retrain tree with identity heads: ``apply`` gives every task's encoder feature."""
+    heads = {f"t{t}": (lambda params, z, train: z) for t in range(arch.num_tasks)}
+    return conal.TreeModel(blocks, arch, heads)
+
+
+def _tree_params(tree, supernet_tree):
+    """Tree params (or state) from the supernet's, plus the (empty) identity heads."""
+    return {
+        **conal.inherit_params(supernet_tree, tree.arch),
+        "heads": {name: {} for name in tree.heads},
+    }
+
+
 def _random_weights(key, k, p):
     return jax.nn.softmax(2.0 * jax.random.normal(key, (k, p)), axis=-1)
 
@@ -117,9 +131,9 @@ def test_one_hot_weights_recover_the_discrete_architecture(mixing):
         blocks = sn.blocks
         # ungrouped: every task its own copy = the supernet's; grouped: tasks 1 and 3 (branch
         # point 2) share task 1's copy, so task 3's reference uses task 1's private blocks
-        p_arch = conal.inherit_params(params, arch)
-        s_arch = conal.inherit_params(state, arch)
-        feats, _ = conal.architecture_apply(blocks, arch, p_arch, s_arch, x)
+        tree = _feature_tree(blocks, arch)
+        out = tree.predict(_tree_params(tree, params), conal.inherit_params(state, arch), x)
+        feats = np.stack([out[name] for name in tree.task_names])
         expected = ref.copy()
         if grouped:
             expected[3] = ref[1]
@@ -136,11 +150,6 @@ def test_scan_and_unroll_task_maps_equal_vmap(mixing):
             a = sn.apply(params, state, x, w, train=train)
             b = other.apply(params, state, x, w, train=train)
             jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), a, b)
-    arch = conal.Architecture((0, 2, 1), 3)
-    p, st = conal.inherit_params(params, arch), conal.inherit_params(state, arch)
-    a = conal.architecture_apply(sn.blocks, arch, p, st, x, train=True)
-    b = conal.architecture_apply(sn.blocks, arch, p, st, x, train=True, task_map="scan")
-    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), a, b)
     with pytest.raises(ValueError, match="task_map"):
         conal.Supernet(sn.blocks, 3, task_map="loop")
 
@@ -437,7 +446,9 @@ def test_param_counts_against_hand_counts():
     assert conal.param_counts(sizes, private)["learned"] == 342
     # the retrain model holds exactly that many encoder parameters
     for a in (arch, grouped, private):
-        p, _ = conal.architecture_init(sn.blocks, a, jax.random.PRNGKey(0), x)
+        tree = _feature_tree(sn.blocks, a)
+        block_vars = conal.random_block_init(sn.blocks, jax.random.PRNGKey(0), x)
+        p, _ = conal.tree_init(tree, block_vars)
         n = sum(int(np.size(v)) for v in jax.tree.leaves(p))
         assert n == conal.param_counts(sizes, a)["learned"]
     with pytest.raises(ValueError, match="Branch points"):
@@ -454,34 +465,130 @@ def test_architecture_text():
     assert "group task0+task1" in grouped
 
 
-def test_retrain_with_any_aggregator():
-    k = 3
-    _, sn, x, _, _ = _setup(Tanh, k=k)
-    arch = conal.Architecture((1, 3, 1), 3)
-    enc, enc_state = conal.architecture_init(sn.blocks, arch, jax.random.PRNGKey(0), x)
-    params = {"encoder": enc, "heads": jnp.zeros((k, 6))}
-    y = jnp.stack([x[:, 0], x[:, 1], -x[:, 0]])
+def _tree_setup(branch_points, grouped=False, module=Tanh):
+    """A retrain tree of three blocks with linear heads ``z @ v_t`` and squared-error losses."""
+    k = len(branch_points)
+    arch = conal.Architecture(branch_points, 3, grouped=grouped)
+    blocks = tuple(conal.linen_block(module()) for _ in range(3))
+    heads = {f"t{t}": (lambda v, z, train: z @ v) for t in range(k)}
+    tree = conal.TreeModel(blocks, arch, heads)
+    x = jax.random.normal(jax.random.PRNGKey(7), (5, 4))
+    enc, state = conal.tree_init(tree, conal.random_block_init(blocks, jax.random.PRNGKey(1), x))
+    vs = jax.random.normal(jax.random.PRNGKey(2), (k, 6))
+    params = {**enc, "heads": {f"t{t}": vs[t] for t in range(k)}}
+    ys = {f"t{t}": jnp.sin((t + 1.0) * x[:, t % 4]) for t in range(k)}
 
-    def task_losses(params):
-        feats, _ = conal.architecture_apply(sn.blocks, arch, params["encoder"], enc_state, x)
-        preds = jnp.einsum("knd,kd->kn", feats, params["heads"])
-        return jnp.mean((preds - y) ** 2, axis=1)
+    def loss_fn(name, pred, targets):
+        return jnp.mean((pred - targets[name]) ** 2)
 
-    labels = {"encoder": conal.retrain_task_specific(enc), "heads": True}
-    tx = optax.chain(mtl.multitask(mtl.upgrad(), labels), optax.adam(1e-2))
-    opt = tx.init(params)
+    return tree, params, state, x, ys, loss_fn
 
-    @jax.jit
-    def step(params, opt):
-        losses, jac = mtl.value_and_jacobian(task_losses)(params)
-        upd, opt = tx.update(jac, opt, params, task_losses=losses)
-        return optax.apply_updates(params, upd), opt, losses
 
+def _reference_task_losses(params, tree, x, ys):
+    """Each task's loss from the definition: tanh(h W + b) through the trunk blocks 0..p-1, then
+    its branch's copies p..B-1, then ``z @ v``; no library forward."""
+    out = []
+    for t, p in enumerate(tree.arch.branch_points):
+        h = x
+        layers = params["trunk"][:p]
+        if p < tree.arch.num_blocks:
+            c = next(i for i, (_, ts) in enumerate(tree.arch.branches()) if t in ts)
+            layers = layers + params["branches"][c]
+        for layer in layers:
+            w = layer["Dense_0"]
+            h = jnp.tanh(h @ w["kernel"] + w["bias"])
+        out.append(jnp.mean((h @ params["heads"][f"t{t}"] - ys[f"t{t}"]) ** 2))
+    return jnp.stack(out)
+
+
+@pytest.mark.parametrize("task_map", ["vmap", "scan", "unroll"])
+@pytest.mark.parametrize(
+    "branch_points, grouped", [((1, 3, 0), False), ((2, 2, 3), True), ((0, 0, 0), False)], ids=str
+)
+def test_tree_gradients_are_rows_for_shared_and_own_for_task_specific(
+    branch_points, grouped, task_map
+):
+    """The one gradient format: trunk and group copies get Jacobian rows [K, ...] (zero for tasks
+    that do not use them), a task's own copies and head its own gradient."""
+    tree, params, state, x, ys, loss_fn = _tree_setup(branch_points, grouped)
+    fn = jax.jit(conal.tree_value_and_grads(tree, loss_fn, task_map=task_map))
+    losses, grads, _ = fn(params, state, x, ys)
+    ref = _reference_task_losses(params, tree, x, ys)
+    np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=1e-6)
+    per_task = [
+        jax.grad(lambda p, t=t: _reference_task_losses(p, tree, x, ys)[t])(params) for t in range(3)
+    ]
+    spec = tree.task_specific(params)
+    for path_leaf, own in zip(
+        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(spec), strict=True
+    ):
+        path, got = path_leaf
+        expected = [_leaf_at(g, path) for g in per_task]
+        if own:  # the one task that uses it (the reference gradients of the others are zero)
+            np.testing.assert_allclose(got, sum(expected), rtol=1e-5, atol=1e-6)
+        else:
+            np.testing.assert_allclose(got, np.stack(expected), rtol=1e-5, atol=1e-6)
+    # the rows of the tasks that branched before a trunk block are exactly zero
+    for b, leaf in enumerate(grads["trunk"]):
+        for t, p in enumerate(branch_points):
+            if p <= b:
+                assert not np.any(np.asarray(leaf["Dense_0"]["kernel"][t]))
+
+
+def _leaf_at(tree, path):
+    for key in path:
+        tree = tree[getattr(key, "key", getattr(key, "idx", None))]
+    return np.asarray(tree)
+
+
+def test_retrain_with_shared_rows_and_unit_aggregation():
+    """``optax.chain(mtl.shared_rows(aggregator, tree.task_specific), optimizer)`` consumes the
+    tree's gradients; ``unit_aggregation`` averages each unit over its users only."""
+    tree, params, state, x, ys, loss_fn = _tree_setup((1, 3, 1))
+    tx = optax.chain(
+        mtl.shared_rows(mtl.aggregation.upgrad(), tree.task_specific), optax.adam(1e-2)
+    )
+    retrain = conal.make_retrain(tree, loss_fn, tx)
+    st = retrain.init(params, state)
+    step = jax.jit(retrain.step)
     first = None
     for _ in range(30):
-        params, opt, losses = step(params, opt)
-        first = losses if first is None else first
-    assert float(jnp.sum(losses)) < float(jnp.sum(first))
+        st, out = step(st, x, ys)
+        first = out["losses"] if first is None else first
+    assert float(jnp.sum(out["losses"])) < float(jnp.sum(first))
+    assert int(st.first_nonfinite) == -1
+
+    # unit_aggregation with the plain mean: block 0 (all three tasks) moves by the mean of the
+    # three rows, blocks 1..2 (task 1 only) by task 1's row
+    def mean(n):
+        return optax.GradientTransformation(
+            lambda p: optax.EmptyState(),
+            lambda g, s, p=None, **kw: (jax.tree.map(lambda r: jnp.mean(r, 0), g), s),
+        )
+
+    sgd = optax.chain(conal.unit_aggregation(tree, mean), optax.sgd(1.0))
+    retrain = conal.make_retrain(tree, loss_fn, sgd, task_map="unroll")
+    new, _ = jax.jit(retrain.step)(retrain.init(params, state), x, ys)
+    per_task = [
+        jax.grad(lambda p, t=t: _reference_task_losses(p, tree, x, ys)[t])(params) for t in range(3)
+    ]
+    moved = jax.tree.map(lambda a, b: a - b, params, new.params)
+    expected0 = jax.tree.map(lambda *g: sum(g) / 3, *[g["trunk"][0] for g in per_task])
+    jax.tree.map(
+        lambda e, g: np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6),
+        expected0,
+        moved["trunk"][0],
+    )
+    for b in (1, 2):
+        jax.tree.map(
+            lambda e, g: np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6),
+            per_task[1]["trunk"][b],
+            moved["trunk"][b],
+        )
+    with pytest.raises(ValueError, match="task_map"):
+        conal.tree_value_and_grads(tree, loss_fn, task_map="loop")
+    with pytest.raises(ValueError, match="heads"):
+        conal.TreeModel(tree.blocks, tree.arch, {"t0": None})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,13 +697,15 @@ def test_split_by_conflict_is_greedy_in_task_order():
 
 def test_any_aggregator_on_the_shared_blocks():
     _, sn, x, _, _ = _setup(Tanh, k=3)
-    pcgrad = mtl.pcgrad(num_tasks=3)  # global granularity: one Gram matrix for all shared blocks
+    pcgrad = mtl.aggregation.pcgrad(
+        num_tasks=3
+    )  # global granularity: one Gram matrix for all shared blocks
     search = conal.make_search(sn, _readout_loss(6), shared_aggregator=pcgrad)
     st = search.init(jax.random.PRNGKey(0), x)
     y = jnp.stack([x[:, 0], -x[:, 0], x[:, 1]])
     st2, m = jax.jit(search.step)(st, (x, y), (x, y))
     assert m["shared_conflict"].shape == (3,)
-    assert mtl.last_weights(st2.aggregator_state).shape == (3,)
+    assert mtl.aggregation.weights(st2.aggregator_state).shape == (3,)
     assert m["shared_conflict"].max() == 1.0  # flags per block, whatever the aggregator's groups
     assert not np.allclose(
         st2.params["shared"][0]["Dense_0"]["kernel"], st.params["shared"][0]["Dense_0"]["kernel"]

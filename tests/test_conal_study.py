@@ -67,11 +67,15 @@ def _reference_losses(params, arch, x, ys):
     return out
 
 
+def _tasks(k, num_classes=3):
+    return tuple(TaskSpec(f"t{t}", "classification", num_classes) for t in range(k))
+
+
 def _tree(arch, width=5, num_classes=3):
     blocks = tuple(conal.linen_block(_DenseTanh(width), f"b{b}") for b in range(arch.num_blocks))
-    tasks = tuple(TaskSpec(f"t{t}", "classification", num_classes) for t in range(arch.num_tasks))
+    tasks = _tasks(arch.num_tasks, num_classes)
     model = types.SimpleNamespace(heads={t.name: ClassifierHead(num_classes) for t in tasks})
-    tree = conal_study.TreeModel(blocks, arch, model, tasks)
+    tree = conal_study.tree_model(blocks, arch, model, tasks)
     key = jax.random.PRNGKey(3)
     x = jax.random.normal(key, (8, 4))
     shapes = [x]
@@ -125,7 +129,7 @@ def test_retrain_step_updates_each_parameter_with_the_tasks_that_use_it(branch_p
     with the mean of their gradients under ``mean``)."""
     arch = conal.Architecture(branch_points, 3, grouped=grouped)
     tree, params, state, batch, ys = _tree(arch)
-    init, step = conal_study.make_retrain(tree, "mean", {}, optax.sgd(1.0), 1, seed=0)
+    init, step = conal_study.make_retrain(tree, _tasks(3), "mean", {}, optax.sgd(1.0), 1, seed=0)
     new, out = jax.jit(step)(init(params, state), batch)
 
     grads = [
@@ -187,9 +191,9 @@ def _bn_tree(arch, width=4, num_classes=3):
     """A tree of Dense -> BatchNorm -> tanh blocks whose parameters (and BN scale/bias) differ per
     copy; running statistics start at mean 0, variance 1."""
     blocks = tuple(conal.linen_block(_DenseBN(width), f"b{b}") for b in range(arch.num_blocks))
-    tasks = tuple(TaskSpec(f"t{t}", "classification", num_classes) for t in range(arch.num_tasks))
+    tasks = _tasks(arch.num_tasks, num_classes)
     model = types.SimpleNamespace(heads={t.name: ClassifierHead(num_classes) for t in tasks})
-    tree = conal_study.TreeModel(blocks, arch, model, tasks)
+    tree = conal_study.tree_model(blocks, arch, model, tasks)
     key = jax.random.PRNGKey(7)
     x = jnp.zeros((2, 3))
     shapes = [x]
@@ -269,7 +273,7 @@ def test_retrain_keeps_every_streams_own_running_statistics():
     tree, params, state = _bn_tree(arch)
     x = 3.0 * jax.random.normal(jax.random.PRNGKey(1), (16, 3)) + 2.0
     ys = {f"t{t}": jax.random.randint(jax.random.PRNGKey(10 + t), (16,), 0, 3) for t in range(3)}
-    init, step = conal_study.make_retrain(tree, "mean", {}, optax.sgd(0.0), 1, seed=0)
+    init, step = conal_study.make_retrain(tree, _tasks(3), "mean", {}, optax.sgd(0.0), 1, seed=0)
     new, _ = jax.jit(step)(init(params, state), {"image": x, **ys})
     expected = _streams(tree, params, x)
     assert len(expected) == 2 + 2 + 1  # trunk b0 b1, task 0's b0 b1, task 1's b1
@@ -298,7 +302,7 @@ def test_recomputed_statistics_are_each_streams_mean_batch_statistics():
         {"image": (1.0 + i) * jax.random.normal(jax.random.PRNGKey(20 + i), (8, 3)) - i}
         for i in range(3)
     ]
-    got = conal_study.recompute_tree_statistics(tree, params, state, batches)
+    got = conal.recompute_tree_statistics(tree, params, state, [b["image"] for b in batches])
     per_batch = [_streams(tree, params, b["image"]) for b in batches]
     for where in per_batch[0]:
         mean = np.mean([s[where][0] for s in per_batch], axis=0)
@@ -316,15 +320,15 @@ def test_bn_modes_train_mode_normalises_with_the_test_batch():
     tree, params, state = _bn_tree(arch)
     x = jax.random.normal(jax.random.PRNGKey(3), (32, 3))
     ys = jax.random.randint(jax.random.PRNGKey(4), (32,), 0, 3)
-    exact = conal_study.recompute_tree_statistics(tree, params, state, [{"image": x}])
+    exact = conal.recompute_tree_statistics(tree, params, state, [x])
     test = [{"image": np.asarray(x[i]), "t0": int(ys[i]), "t1": int(ys[i])} for i in range(32)]
-    modes = conal_study.evaluate_bn_modes(tree, params, exact, test, 32, [{"image": x}])
+    modes = conal_study.evaluate_bn_modes(tree, _tasks(2), params, exact, test, 32, [x])
     assert modes["batches"] == 1
     for mode in ("train_mode", "recomputed"):
         for t in ("t0", "t1"):
             assert modes[mode][t]["accuracy"] == pytest.approx(modes["stored"][t]["accuracy"])
     stale = jax.tree.map(lambda a: a + 3.0, exact)
-    modes = conal_study.evaluate_bn_modes(tree, params, stale, test, 32, [{"image": x}])
+    modes = conal_study.evaluate_bn_modes(tree, _tasks(2), params, stale, test, 32, [x])
     logits = tree.predict(params, stale, x)
     for t in ("t0", "t1"):
         acc = 100.0 * float(np.mean(np.argmax(np.asarray(logits[t]), -1) == np.asarray(ys)))
@@ -508,11 +512,9 @@ def test_precise_bn_retrain_evaluates_and_saves_recomputed_statistics(tmp_path):
         )
     final = ctx.artifacts.load_arrays("t__seed0", "final")
     blocks, _ = conal_study._blocks_for(ctx)
-    tree = conal_study.TreeModel(tuple(blocks), arch, ctx.model, tuple(ctx.data.tasks))
+    tree = conal_study.tree_model(blocks, arch, ctx.model, ctx.data.tasks)
     batches = conal_study.statistics_batches(ctx.data.train, 64, 0, 2)
-    again = conal_study.recompute_tree_statistics(
-        tree, final["params"], final["model_state"], batches
-    )
+    again = conal.recompute_tree_statistics(tree, final["params"], final["model_state"], batches)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
         again,
@@ -558,6 +560,10 @@ def test_unknown_conal_keys_and_bad_methods_are_rejected():
     config = _config()
     config.conal.methods = ("uw",)
     with pytest.raises(ConfigError, match="gradient aggregators"):
+        validate(config)
+    config = _config()
+    config.conal.retrain_task_map = "loop"
+    with pytest.raises(ConfigError, match=r"conal.retrain_task_map must be one of"):
         validate(config)
     config = _config()
     with config.unlocked():

@@ -19,39 +19,39 @@ def _cos(J):
 def test_pairwise_cosines_and_incidence_hand_computed():
     J = np.array([[1.0, 0.0], [-1.0, 1.0], [0.0, 1.0]])
     G = jnp.asarray(J @ J.T, jnp.float32)
-    cos = np.asarray(mtl.pairwise_cosines(G))
+    cos = np.asarray(mtl.conflict.pairwise_cosines(G))
     np.testing.assert_allclose(cos, [-1 / np.sqrt(2), 0.0, 1 / np.sqrt(2)], rtol=1e-6)
-    assert float(mtl.conflict_incidence(G)) == pytest.approx(100 / 3)
-    assert float(mtl.conflict_incidence(G, threshold=0.5)) == pytest.approx(200 / 3)
-    assert float(mtl.mean_pairwise_cosine(G)) == pytest.approx(0.0, abs=1e-7)
+    assert float(mtl.conflict.conflict_incidence(G)) == pytest.approx(100 / 3)
+    assert float(mtl.conflict.conflict_incidence(G, threshold=0.5)) == pytest.approx(200 / 3)
+    assert float(mtl.conflict.mean_pairwise_cosine(G)) == pytest.approx(0.0, abs=1e-7)
 
 
 def test_single_task_has_no_pairs():
     G = jnp.ones((1, 1))
-    assert mtl.pairwise_cosines(G).shape == (0,)
-    assert float(mtl.conflict_incidence(G)) == 0.0
+    assert mtl.conflict.pairwise_cosines(G).shape == (0,)
+    assert float(mtl.conflict.conflict_incidence(G)) == 0.0
 
 
 def test_recon_histogram_bins_edges_included_once():
     cos = jnp.array([1.0, 0.5, 0.0, -0.005, -0.01, -0.015, -0.02, -0.025, -0.03, -0.5, -1.0])
-    counts = np.asarray(mtl.cosine_histogram(cos))
+    counts = np.asarray(mtl.conflict.cosine_histogram(cos))
     # [0, 1] | [-0.01, 0) | [-0.02, -0.01) | [-0.03, -0.02) | [-1, -0.03)
     np.testing.assert_array_equal(counts, [3, 2, 2, 2, 2])
     assert counts.sum() == cos.shape[0]
     with pytest.raises(ValueError, match="descending"):
-        mtl.cosine_histogram(cos, edges=(0.0, 1.0))
+        mtl.conflict.cosine_histogram(cos, edges=(0.0, 1.0))
 
 
 def test_magnitude_similarity():
     G = jnp.diag(jnp.array([1.0, 4.0, 0.0]))
-    S = np.asarray(mtl.magnitude_similarity(G))
+    S = np.asarray(mtl.conflict.magnitude_similarity(G))
     assert S[0, 1] == pytest.approx(2 * 1 * 2 / (1 + 4))
     assert S[0, 0] == pytest.approx(1.0) and np.isfinite(S).all()
 
 
 def test_tracker_counts_match_numpy_recount():
     k, steps, severity = 4, 6, -0.1
-    tracker = mtl.ConflictTracker(num_tasks=k, granularity=mtl.by_module, severity=severity)
+    tracker = mtl.ConflictTracker(num_tasks=k, granularity=mtl.gramian.by_module, severity=severity)
     tree0 = M.to_tree(M.sample("normal", k))
     state = tracker.init(M.params_like(tree0))
     assert set(state.severe) == {"global", "enc", "head"}
@@ -99,10 +99,12 @@ def _numpy_bins(c: float) -> int:
 
 def test_per_pair_sums_and_histograms_match_numpy_recount():
     k, steps = 3, 7
-    tracker = mtl.ConflictTracker(num_tasks=k, granularity=mtl.by_module, pair_groups="all")
+    tracker = mtl.ConflictTracker(num_tasks=k, granularity=mtl.gramian.by_module, pair_groups="all")
     tree0 = M.to_tree(M.sample("normal", k))
     state0 = tracker.init(M.params_like(tree0))
-    default = mtl.ConflictTracker(num_tasks=k, granularity=mtl.by_module).init(M.params_like(tree0))
+    default = mtl.ConflictTracker(num_tasks=k, granularity=mtl.gramian.by_module).init(
+        M.params_like(tree0)
+    )
     assert set(default.pair_cos_sum) == set(default.pair_histogram) == {"global"}
     with pytest.raises(ValueError, match="pair_groups must be 'global'"):
         mtl.ConflictTracker(num_tasks=k, pair_groups="enc")

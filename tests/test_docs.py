@@ -229,9 +229,10 @@ def test_conflict_page_metrics_match_numpy_cosines_of_the_rows():
     cos = unit @ unit.T
     expected = np.array([cos[0, 1], cos[0, 2], cos[1, 2]])
     gram = mtl_gramian(grads["shared"])
-    np.testing.assert_allclose(ns["mtl"].pairwise_cosines(gram), expected, rtol=1e-4, atol=1e-5)
+    conflict = ns["mtl"].conflict
+    np.testing.assert_allclose(conflict.pairwise_cosines(gram), expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(
-        ns["mtl"].conflict_incidence(gram), 100.0 * np.mean(expected < 0), atol=1e-4
+        conflict.conflict_incidence(gram), 100.0 * np.mean(expected < 0), atol=1e-4
     )
     cstate = ns["cstate"]
     assert int(cstate.steps) == 30
@@ -243,7 +244,7 @@ def test_conflict_page_metrics_match_numpy_cosines_of_the_rows():
 def mtl_gramian(tree):
     import mtl_jax as mtl
 
-    return mtl.gramian(tree)
+    return mtl.gramian.gramian(tree)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,9 +289,9 @@ def test_lass_recipe_masks_are_per_task_and_training_continues_through_them():
 
             g = np.asarray(jax.grad(loss_t)(ns["params"]["encoder"][layer]["kernel"]))
             assert np.all(g[~masks[t]] == 0.0)
-            _, grads = ns["mtl"].per_task_grads(ns["task_loss"], spec, 2)(
-                ns["params"], ns["x"], ns["y"]
-            )
+            mtl = ns["mtl"]
+            grad_fn = mtl.value_and_grads(mtl.PerTaskLosses(ns["task_loss"], spec, 2))
+            _, grads = grad_fn(ns["params"], ns["x"], ns["y"])
             np.testing.assert_allclose(
                 grads["encoder"][layer]["kernel"][t], g, rtol=1e-4, atol=1e-6
             )

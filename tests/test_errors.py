@@ -12,14 +12,14 @@ import mtl_jax as mtl
 from tests import _matrices as M
 
 EVERY = [
-    mtl.mean,
-    mtl.sum,
-    mtl.pcgrad,
-    mtl.mgda,
-    mtl.cagrad,
-    mtl.imtl_g,
-    mtl.graddrop,
-    lambda: mtl.linear([1.0, 2.0, 3.0]),
+    mtl.aggregation.mean,
+    mtl.aggregation.sum_,
+    mtl.aggregation.pcgrad,
+    mtl.aggregation.mgda,
+    mtl.aggregation.cagrad,
+    mtl.aggregation.imtl_g,
+    mtl.aggregation.graddrop,
+    lambda: mtl.aggregation.linear([1.0, 2.0, 3.0]),
 ]
 
 
@@ -81,7 +81,9 @@ def test_apply_if_finite_skips_non_finite_steps():
     params = jax.tree.map(lambda p: p + 1.0, params)
     # optax.apply_if_finite goes after the aggregator (whose NaN update it then rejects): its
     # rejected update is zeros shaped like its input, which must be the parameters' shape.
-    tx = optax.chain(mtl.pcgrad(), optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=5))
+    tx = optax.chain(
+        mtl.aggregation.pcgrad(), optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=5)
+    )
     state = tx.init(params)
     jac["head"][0, 0] = np.nan
     updates, state = tx.update(jac, state, params)
@@ -92,21 +94,23 @@ def test_apply_if_finite_skips_non_finite_steps():
 
 def test_num_tasks_mismatch_and_linear_length():
     jac, params = _problem()
-    tx = mtl.pcgrad(num_tasks=4)
+    tx = mtl.aggregation.pcgrad(num_tasks=4)
     with pytest.raises(ValueError, match="num_tasks=4.*K=3"):
         tx.update(jac, tx.init(params), params)
-    tx = mtl.linear([1.0, 2.0])
+    tx = mtl.aggregation.linear([1.0, 2.0])
     with pytest.raises(ValueError, match="length 2.*K=3"):
         tx.update(jac, tx.init(params), params)
 
 
 def test_unknown_aggregator_name_and_hyperparameter():
-    with pytest.raises(ValueError, match=r"Unknown aggregator 'pcgard'.*valid names.*pcgrad"):
-        mtl.get_aggregator("pcgard")
+    with pytest.raises(ValueError, match=r"Unknown method 'pcgard'.*valid names.*pcgrad"):
+        mtl.get_method("pcgard")
     with pytest.raises(ValueError, match=r"Unknown hyper-parameter\(s\) \['alpha'\].*'c'"):
-        mtl.get_aggregator("cagrad", alpha=0.4)
+        mtl.get_method("cagrad", alpha=0.4)
 
 
 def test_scalar_leaf_in_jacobian():
     with pytest.raises(ValueError, match="scalar"):
-        mtl.mean().update({"a": jnp.ones(())}, mtl.mean().init({"a": jnp.ones(())}))
+        mtl.aggregation.mean().update(
+            {"a": jnp.ones(())}, mtl.aggregation.mean().init({"a": jnp.ones(())})
+        )

@@ -1,4 +1,5 @@
-"""Flax Linen and NNX models through value_and_jacobian / mtl_value_and_grad, and end-to-end training."""
+"""Flax Linen and NNX models through mtl.value_and_grads (a loss vector, TrunkAndHeads), and
+end-to-end training."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def test_linen_jacobian_equals_per_task_grads():
         pa, pb = model.apply(params, x)
         return jnp.stack([jnp.mean((pa - ya) ** 2), jnp.mean((pb - yb) ** 2)])
 
-    _, jac = jax.jit(mtl.value_and_jacobian(losses))(params)
+    _, jac = jax.jit(mtl.value_and_grads(losses))(params)
     for t in range(2):
         grad = jax.grad(lambda p, t=t: losses(p)[t])(params)
         jax.tree.map(
@@ -54,7 +55,7 @@ def test_linen_jacobian_equals_per_task_grads():
     assert np.all(jac["params"]["head_a"]["kernel"][1] == 0)
 
 
-def test_linen_encoder_and_heads_with_mtl_value_and_grad():
+def test_linen_encoder_and_heads_with_trunk_and_heads():
     x, ya, yb = _data()
     trunk, head = LinenTrunk(), nn.Dense(1)
     tp = trunk.init(jax.random.PRNGKey(0), x)
@@ -64,8 +65,10 @@ def test_linen_encoder_and_heads_with_mtl_value_and_grad():
     def head_loss(hp, z, y):
         return jnp.mean((head.apply(hp, z)[:, 0] - y) ** 2)
 
-    fn = jax.jit(mtl.mtl_value_and_grad(trunk.apply, [head_loss, head_loss]))
-    _losses, enc_jac, head_grads, rep_grads = fn(tp, hps, x, [ya, yb])
+    model = mtl.TrunkAndHeads(trunk.apply, [head_loss, head_loss])
+    fn = jax.jit(mtl.value_and_grads(model, representation=True))
+    (_losses, aux), grads = fn({"trunk": tp, "heads": hps}, x, [ya, yb])
+    enc_jac, head_grads, rep_grads = grads["trunk"], grads["heads"], aux["rep_grads"]
 
     def full(tp, t):
         return head_loss(hps[t], trunk.apply(tp, x), (ya, yb)[t])
@@ -100,7 +103,7 @@ def test_nnx_jacobian_and_pcgrad_step():
         pa, pb = nnx.merge(graphdef, state)(x)
         return jnp.stack([jnp.mean((pa - ya) ** 2), jnp.mean((pb - yb) ** 2)])
 
-    _, jac = jax.jit(mtl.value_and_jacobian(losses))(state)
+    _, jac = jax.jit(mtl.value_and_grads(losses))(state)
     for t in range(2):
         grad = jax.grad(lambda s, t=t: losses(s)[t])(state)
         jax.tree.map(
@@ -108,10 +111,12 @@ def test_nnx_jacobian_and_pcgrad_step():
         )
 
     # by_module groups NNX paths ('trunk1/kernel/value' -> 'trunk1')
-    tx = optax.chain(mtl.pcgrad(granularity=mtl.by_module, num_tasks=2), optax.adam(1e-2))
+    tx = optax.chain(
+        mtl.aggregation.pcgrad(granularity=mtl.gramian.by_module, num_tasks=2), optax.adam(1e-2)
+    )
     opt_state = tx.init(state)
     updates, opt_state = tx.update(jac, opt_state, state)
-    assert set(mtl.last_weights(opt_state)) == {"trunk1", "trunk2", "head_a", "head_b"}
+    assert set(mtl.aggregation.weights(opt_state)) == {"trunk1", "trunk2", "head_a", "head_b"}
     new_state = optax.apply_updates(state, updates)
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
 
@@ -122,23 +127,26 @@ def test_two_task_model_trained_end_to_end_lowers_both_losses(aggregator):
     model = LinenTwoHeads()
     params = model.init(jax.random.PRNGKey(0), x)
     is_head = lambda p: jax.tree_util.tree_map_with_path(lambda path, _: "head" in str(path), p)
-    if aggregator == "plain_pcgrad":  # exactly the README's chain, heads included in PCGrad
-        tx = optax.chain(mtl.pcgrad(), optax.adam(1e-2))
-    else:
-        tx = optax.chain(
-            mtl.multitask(mtl.get_aggregator(aggregator, num_tasks=2), task_specific=is_head),
-            optax.adam(1e-2),
-        )
-    state = tx.init(params)
 
     def losses(params):
         pa, pb = model.apply(params, x)
         return jnp.stack([jnp.mean((pa - ya) ** 2), jnp.mean((pb - yb) ** 2)])
 
+    if aggregator == "plain_pcgrad":  # the full Jacobian, heads included in PCGrad
+        tx = optax.chain(mtl.aggregation.pcgrad(), optax.adam(1e-2))
+        grad_fn = mtl.value_and_grads(losses)
+    else:
+        tx = optax.chain(
+            mtl.shared_rows(mtl.get_method(aggregator, num_tasks=2).transform, is_head),
+            optax.adam(1e-2),
+        )
+        grad_fn = mtl.value_and_grads(losses, is_head)
+    state = tx.init(params)
+
     @jax.jit
     def step(params, state):
-        value, jac = mtl.value_and_jacobian(losses)(params)
-        updates, state = tx.update(jac, state, params, task_losses=value)
+        value, grads = grad_fn(params)
+        updates, state = tx.update(grads, state, params, task_losses=value)
         return optax.apply_updates(params, updates), state, value
 
     first = None

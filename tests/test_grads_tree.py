@@ -57,13 +57,13 @@ def _mlp_losses(params, x, ys):
 
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize(
-    "strategy,chunk_size", [("vmap", None), ("vmap", 2), ("unroll", None), ("scan", None)]
+    "task_map,chunk_size", [("vmap", None), ("vmap", 2), ("unroll", None), ("scan", None)]
 )
-def test_shared_rows_and_head_gradients_equal_per_task_grads(jit, strategy, chunk_size):
+def test_shared_rows_and_head_gradients_equal_per_task_grads(jit, task_map, chunk_size):
     params, ys = _mlp()
     x = _x()
     fn = mtl.value_and_grads(
-        _mlp_losses, {"trunk": False, "heads": True}, strategy=strategy, chunk_size=chunk_size
+        _mlp_losses, {"trunk": False, "heads": True}, task_map=task_map, chunk_size=chunk_size
     )
     fn = jax.jit(fn) if jit else fn
     losses, grads = fn(params, x, ys)
@@ -83,7 +83,7 @@ def test_all_shared_equals_value_and_jacobian_and_all_specific_equals_grad():
     params, ys = _mlp()
     x = _x()
     losses, rows = mtl.value_and_grads(_mlp_losses, False)(params, x, ys)
-    _, jac = mtl.value_and_jacobian(_mlp_losses)(params, x, ys)
+    _, jac = mtl.value_and_grads(_mlp_losses)(params, x, ys)
     _close(rows, jac)
     _, total = mtl.value_and_grads(_mlp_losses, True)(params, x, ys)
     _close(total, jax.grad(lambda p: jnp.sum(_mlp_losses(p, x, ys)))(params))
@@ -195,7 +195,7 @@ def test_task_specific_leaves_never_get_a_task_by_task_jacobian():
     # the compiled program: no [K, K, H, H] buffer anywhere (XLA drops the copies' rows of the
     # K pullbacks); today's full Jacobian has one, so the check can see it
     kk = f"f32[{K},{K},{H},{H}]"
-    assert kk in _shapes_in_hlo(mtl.value_and_jacobian(losses), params, x, ys)
+    assert kk in _shapes_in_hlo(mtl.value_and_grads(losses), params, x, ys)
     assert kk not in _shapes_in_hlo(new, params, x, ys)
     heads_kk = f"f32[{K},{H},2]"  # a head's K Jacobian rows
     assert heads_kk not in _shapes_in_hlo(new, params, x, ys)
@@ -204,7 +204,7 @@ def test_task_specific_leaves_never_get_a_task_by_task_jacobian():
 def test_shared_rows_chain_updates_every_parameter():
     params, x, ys, losses, task_specific = _linen_problem()
     tx = optax.chain(
-        mtl.shared_rows(mtl.pcgrad(seed=0, num_tasks=K), task_specific), optax.sgd(0.1)
+        mtl.shared_rows(mtl.aggregation.pcgrad(seed=0, num_tasks=K), task_specific), optax.sgd(0.1)
     )
     state = tx.init(params)
     grad_fn = mtl.value_and_grads(losses, task_specific)
@@ -225,7 +225,7 @@ def test_shared_rows_chain_updates_every_parameter():
     task_losses, grads = grad_fn(params, x, ys)
     shared = {k: v for k, v in grads["body"].items() if k != "branch"}
     shared_params = {k: v for k, v in params["body"].items() if k != "branch"}
-    agg = mtl.pcgrad(seed=0)
+    agg = mtl.aggregation.pcgrad(seed=0)
     by_hand, _ = agg.update(shared, agg.init(shared_params), task_losses=task_losses)
     _close(
         {k: v for k, v in updates["body"].items() if k != "branch"},
@@ -237,8 +237,8 @@ def test_shared_rows_chain_updates_every_parameter():
 
 def test_shared_rows_rejects_a_full_jacobian_for_task_specific_leaves():
     params, x, ys, losses, task_specific = _linen_problem()
-    tx = mtl.shared_rows(mtl.mean(), task_specific)
-    _, jac = mtl.value_and_jacobian(losses)(params, x, ys)
+    tx = mtl.shared_rows(mtl.aggregation.mean(), task_specific)
+    _, jac = mtl.value_and_grads(losses)(params, x, ys)
     with pytest.raises(ValueError, match=r"body/branch/bias: grad \(3, 3, 16\) vs param \(3, 16\)"):
         tx.update(jac, tx.init(params), params)
     with pytest.raises(ValueError, match="only in the parameters: .*heads"):
@@ -251,7 +251,7 @@ def test_labels_from_a_spec_with_masks_and_copies():
     masks["trunk"]["kernel"] = np.random.default_rng(0).random((K, D, H)) < 0.5
     spec = spec_from_masks(masks)
     spec["branch"] = {"kernel": COPIED, "bias": COPIED}
-    labels = mtl.task_specific_leaves({"body": spec, "heads": True}, params)
+    labels = mtl.sharing.task_specific_leaves({"body": spec, "heads": True}, params)
     assert labels["body"]["trunk"] == {"kernel": False, "bias": False}
     assert labels["body"]["branch"] == {"kernel": True, "bias": True}
     assert SHARED is spec["out"]["kernel"]
@@ -282,7 +282,9 @@ def _stacked_heads_problem():
 
 def test_per_task_grads_equals_value_and_grads():
     stacked, spec, x, ys, task_loss, joint = _stacked_heads_problem()
-    losses, grads = jax.jit(mtl.per_task_grads(task_loss, spec, K))(stacked, x, ys)
+    losses, grads = jax.jit(mtl.value_and_grads(mtl.PerTaskLosses(task_loss, spec, K)))(
+        stacked, x, ys
+    )
     ref_losses, ref = mtl.value_and_grads(joint, spec)(stacked, x, ys)
     _close(losses, ref_losses)
     _close(grads, ref)
@@ -292,13 +294,17 @@ def test_per_task_grads_equals_value_and_grads():
 
 def test_per_task_grads_has_no_task_by_task_buffer():
     stacked, spec, x, ys, task_loss, joint = _stacked_heads_problem()
-    text = _shapes_in_hlo(mtl.per_task_grads(task_loss, spec, K), stacked, x, ys)
+    text = _shapes_in_hlo(
+        mtl.value_and_grads(mtl.PerTaskLosses(task_loss, spec, K)), stacked, x, ys
+    )
     assert f"f32[{K},{K},{B},{H}]" in _shapes_in_hlo(
         mtl.value_and_grads(joint, spec), stacked, x, ys
     )
     assert f"[{K},{K}," not in text  # no [K, K, ...] anything: leaves or activations
     with pytest.raises(TypeError, match="scalar-output"):  # jax.value_and_grad's own check
-        mtl.per_task_grads(lambda v, t, x, ys: jnp.zeros(2), spec, K)(stacked, x, ys)
+        mtl.value_and_grads(mtl.PerTaskLosses(lambda v, t, x, ys: jnp.zeros(2), spec, K))(
+            stacked, x, ys
+        )
 
 
 def test_per_task_grads_unrolled_with_heterogeneous_heads():
@@ -326,8 +332,10 @@ def test_per_task_grads_unrolled_with_heterogeneous_heads():
         )
 
     labels = {"body": body_spec, "heads": True}
-    fn = mtl.per_task_grads(
-        task_loss, {"body": body_spec, "heads": SHARED}, K, unroll=True, task_specific=labels
+    fn = mtl.value_and_grads(
+        mtl.PerTaskLosses(task_loss, {"body": body_spec, "heads": SHARED}, K),
+        task_map="unroll",
+        task_specific=labels,
     )
     losses_u, grads = jax.jit(fn)(p, x, ys)
     ref_losses, ref = mtl.value_and_grads(joint, labels)(p, x, ys)
@@ -337,4 +345,6 @@ def test_per_task_grads_unrolled_with_heterogeneous_heads():
     assert grads["body"]["branch"]["kernel"].shape == (K, H, H)
     assert grads["body"]["trunk"]["kernel"].shape == (K, D, H)
     with pytest.raises(ValueError, match="axis_name needs the task vmap"):
-        mtl.per_task_grads(task_loss, labels, K, unroll=True, axis_name="tasks")
+        mtl.value_and_grads(
+            mtl.PerTaskLosses(task_loss, labels, K, axis_name="tasks"), task_map="unroll"
+        )

@@ -97,7 +97,7 @@ def test_lass_pipeline_gradient_is_zero_outside_each_task_mask():
         outs = forward(p, x)  # [K, n, K]: task t's stream, all heads
         return jnp.stack([jnp.mean((outs[t, :, t] - y[t]) ** 2) for t in range(K)])
 
-    _, jac = jax.jit(mtl.value_and_jacobian(losses))(params)  # w.r.t. the shared theta
+    _, jac = jax.jit(mtl.value_and_grads(losses))(params)  # w.r.t. the shared theta
     for name in ("enc0", "enc1"):
         keep = np.asarray(masks["params"][name]["kernel"])
         rows = np.asarray(jac["params"][name]["kernel"])  # [K, *shape]
@@ -111,8 +111,10 @@ def test_lass_pipeline_gradient_is_zero_outside_each_task_mask():
     )
 
     # step 4: continue training theta with PCGrad on the masked per-task gradients
-    tx = optax.chain(mtl.multitask(mtl.pcgrad(), spec_task_specific(spec)), optax.adam(1e-2))
-    updates, _ = tx.update(jac, tx.init(params), params)
+    task_specific = spec_task_specific(spec)
+    _, grads = jax.jit(mtl.value_and_grads(losses, task_specific))(params)
+    tx = optax.chain(mtl.shared_rows(mtl.aggregation.pcgrad(), task_specific), optax.adam(1e-2))
+    updates, _ = tx.update(grads, tx.init(params), params)
     outside_all = ~np.any(np.asarray(masks["params"]["enc1"]["kernel"]), axis=0)
     assert np.all(np.asarray(updates["params"]["enc1"]["kernel"])[outside_all] == 0)
 

@@ -1,4 +1,4 @@
-"""Masks as arrays: ``mtl.split_masks`` and the ``masks=`` keyword of per_task / per_task_grads.
+"""Masks as arrays: ``mtl.sharing.split_masks`` and the ``masks=`` keyword of per_task / per_task_grads.
 
 A spec's masks are constants of the program; split off, they are arguments: no constant of the
 mask's size in the lowered program, the same values bit for bit, no recompilation when the mask
@@ -42,8 +42,8 @@ def _random_masks(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _spec(m1: np.ndarray, m2: np.ndarray) -> dict:
     return {
-        "dense1": {"kernel": mtl.Masked(m1), "bias": mtl.SHARED},
-        "dense2": {"kernel": mtl.Masked(m2)},
+        "dense1": {"kernel": mtl.sharing.Masked(m1), "bias": mtl.SHARED},
+        "dense2": {"kernel": mtl.sharing.Masked(m2)},
         "head": mtl.COPIED,
     }
 
@@ -79,44 +79,50 @@ def _reference_forward(params: dict, m1: np.ndarray, m2: np.ndarray, x: np.ndarr
 def test_split_masks_gives_a_structure_and_array_masks_that_join_back():
     m1, m2 = _random_masks(0)
     spec = _spec(m1, m2)
-    structure, masks = mtl.split_masks(spec)
-    assert isinstance(structure["dense1"]["kernel"], mtl.Masked)
+    structure, masks = mtl.sharing.split_masks(spec)
+    assert isinstance(structure["dense1"]["kernel"], mtl.sharing.Masked)
     assert structure["dense1"]["kernel"].mask is None
     assert structure["head"] is mtl.COPIED and structure["dense1"]["bias"] is mtl.SHARED
     assert masks["head"] is None and masks["dense1"]["bias"] is None
     assert isinstance(masks["dense1"]["kernel"], jax.Array)
     np.testing.assert_array_equal(masks["dense2"]["kernel"], m2)
-    joined = mtl.with_masks(structure, masks)
+    joined = mtl.sharing.with_masks(structure, masks)
     np.testing.assert_array_equal(joined["dense1"]["kernel"].mask, m1)
-    sizes_spec, sizes_masks = mtl.subnetwork_sizes(spec), mtl.subnetwork_sizes(masks)
+    sizes_spec, sizes_masks = mtl.lass.subnetwork_sizes(spec), mtl.lass.subnetwork_sizes(masks)
     np.testing.assert_array_equal(sizes_spec["kept"], sizes_masks["kept"])
     np.testing.assert_array_equal(sizes_spec["overlap"], sizes_masks["overlap"])
     with pytest.raises(ValueError, match=r"dense1/kernel.*mask slots.*pass the masks"):
-        mtl.subnetwork_sizes(structure)
+        mtl.lass.subnetwork_sizes(structure)
     with pytest.raises(ValueError, match=r"already mask slots"):
-        mtl.split_masks(structure)
+        mtl.sharing.split_masks(structure)
 
 
 def test_array_masks_equal_the_constant_masks_and_a_numpy_reference():
     params, (x, y) = _params(), _data()
     m1, m2 = _random_masks(1)
     spec = _spec(m1, m2)
-    structure, masks = mtl.split_masks(spec)
+    structure, masks = mtl.sharing.split_masks(spec)
     old = jax.jit(mtl.per_task(_apply, spec, K))(params, x)
     new = jax.jit(mtl.per_task(_apply, structure, K))(params, x, masks=masks)
     np.testing.assert_array_equal(np.asarray(old), np.asarray(new))
     ref = _reference_forward(params, m1, m2, np.asarray(x, np.float64))
     np.testing.assert_allclose(np.asarray(new), ref, rtol=1e-5, atol=1e-5)
     # task_params with the masks: task 1's view gives row 1
-    view = mtl.task_params(params, structure, 1, masks=masks)
+    view = mtl.sharing.task_params(params, structure, 1, masks=masks)
     np.testing.assert_array_equal(
         view["dense1"]["kernel"] == 0, ~m1[1] | (params["dense1"]["kernel"] == 0)
     )
     for unroll in (False, True):
-        g_old = jax.jit(mtl.per_task_grads(_task_loss, spec, K, unroll=unroll))(params, x, y)
-        g_new = jax.jit(mtl.per_task_grads(_task_loss, structure, K, unroll=unroll))(
-            params, x, y, masks=masks
-        )
+        g_old = jax.jit(
+            mtl.value_and_grads(
+                mtl.PerTaskLosses(_task_loss, spec, K), task_map="unroll" if unroll else "vmap"
+            )
+        )(params, x, y)
+        g_new = jax.jit(
+            mtl.value_and_grads(
+                mtl.PerTaskLosses(_task_loss, structure, K), task_map="unroll" if unroll else "vmap"
+            )
+        )(params, x, y, masks=masks)
         for a, b in zip(jax.tree.leaves(g_old), jax.tree.leaves(g_new), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         # task t's gradient is exactly zero outside M_t
@@ -140,12 +146,12 @@ def _large_constants(text: str, min_size: int) -> list[str]:
 def test_constant_masks_are_in_the_program_array_masks_are_not():
     params, (x, y) = _params(), _data()
     spec = _spec(*_random_masks(2))
-    structure, masks = mtl.split_masks(spec)
+    structure, masks = mtl.sharing.split_masks(spec)
     cases = [
         (mtl.per_task(_apply, spec, K), mtl.per_task(_apply, structure, K), (params, x)),
         (
-            mtl.per_task_grads(_task_loss, spec, K),
-            mtl.per_task_grads(_task_loss, structure, K),
+            mtl.value_and_grads(mtl.PerTaskLosses(_task_loss, spec, K)),
+            mtl.value_and_grads(mtl.PerTaskLosses(_task_loss, structure, K)),
             (params, x, y),
         ),
     ]
@@ -161,28 +167,30 @@ def test_constant_masks_are_in_the_program_array_masks_are_not():
 
 def test_new_mask_values_do_not_recompile():
     params, (x, y) = _params(), _data()
-    structure, masks_a = mtl.split_masks(_spec(*_random_masks(3)))
-    _, masks_b = mtl.split_masks(_spec(*_random_masks(4)))
+    structure, masks_a = mtl.sharing.split_masks(_spec(*_random_masks(3)))
+    _, masks_b = mtl.sharing.split_masks(_spec(*_random_masks(4)))
     traces = []
 
     def loss(view, t, x, y):
         traces.append(1)  # a side effect at trace time only
         return _task_loss(view, t, x, y)
 
-    fn = jax.jit(mtl.per_task_grads(loss, structure, K))
+    fn = jax.jit(mtl.value_and_grads(mtl.PerTaskLosses(loss, structure, K)))
     losses_a, _ = fn(params, x, y, masks=masks_a)
     losses_b, _ = fn(params, x, y, masks=masks_b)
     assert len(traces) == 1
     assert fn._cache_size() == 1
     assert not np.array_equal(np.asarray(losses_a), np.asarray(losses_b))  # the masks are used
-    expected_b = jax.jit(mtl.per_task_grads(_task_loss, _spec(*_random_masks(4)), K))(params, x, y)
+    expected_b = jax.jit(
+        mtl.value_and_grads(mtl.PerTaskLosses(_task_loss, _spec(*_random_masks(4)), K))
+    )(params, x, y)
     np.testing.assert_array_equal(np.asarray(losses_b), np.asarray(expected_b[0]))
 
 
 def test_masks_as_a_tree_of_the_masked_leaves_only():
     params, (x, _) = _params(), _data()
     m1, m2 = _random_masks(5)
-    structure, _ = mtl.split_masks(_spec(m1, m2))
+    structure, _ = mtl.sharing.split_masks(_spec(m1, m2))
     only = {
         "dense1": {"kernel": jnp.asarray(m1)},
         "dense2": {"kernel": jnp.asarray(m2, jnp.float32)},
@@ -196,9 +204,9 @@ def test_masks_as_a_tree_of_the_masked_leaves_only():
 def test_masks_that_do_not_fit_raise_naming_the_leaf_and_shapes():
     params, (x, y) = _params(), _data()
     m1, m2 = _random_masks(6)
-    structure, masks = mtl.split_masks(_spec(m1, m2))
+    structure, masks = mtl.sharing.split_masks(_spec(m1, m2))
     fwd = mtl.per_task(_apply, structure, K)
-    grads = mtl.per_task_grads(_task_loss, structure, K)
+    grads = mtl.value_and_grads(mtl.PerTaskLosses(_task_loss, structure, K))
     wrong = {**masks, "dense2": {"kernel": jnp.ones((K, H, H + 1), bool)}}
     msg = r"dense2/kernel: got shape \(2, 32, 33\), expected \(2, 32, 32\)"
     with pytest.raises(ValueError, match=msg):
@@ -216,7 +224,7 @@ def test_masks_that_do_not_fit_raise_naming_the_leaf_and_shapes():
     extra = {**masks, "head": jnp.ones((K, H, 1), bool)}
     with pytest.raises(ValueError, match=r"masks without a masked leaf: \[head\]"):
         fwd(params, x, masks=extra)
-    with pytest.raises(ValueError, match=r"per_task_grads.*dense1/kernel, dense2/kernel.*masks="):
+    with pytest.raises(ValueError, match=r"PerTaskLosses.*dense1/kernel, dense2/kernel.*masks="):
         grads(params, x, y)  # mask slots and no masks
     with pytest.raises(ValueError, match=r"dense2/kernel: dtype"):
         fwd(params, x, masks={**masks, "dense2": {"kernel": np.full((K, H, H), "a")}})
@@ -239,7 +247,7 @@ def test_masks_keyword_passes_through_without_masked_leaves():
 def test_a_spec_holding_masks_takes_replacement_masks():
     params, (x, _) = _params(), _data()
     spec_a, spec_b = _spec(*_random_masks(8)), _spec(*_random_masks(9))
-    _, masks_b = mtl.split_masks(spec_b)
+    _, masks_b = mtl.sharing.split_masks(spec_b)
     out = mtl.per_task(_apply, spec_a, K)(params, x, masks=masks_b)
     np.testing.assert_array_equal(
         np.asarray(out), np.asarray(mtl.per_task(_apply, spec_b, K)(params, x))

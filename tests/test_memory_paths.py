@@ -73,7 +73,8 @@ def _largest_array(fn, *args) -> int:
 
 
 def _jacobian(params, heads, x, y):
-    return mtl.mtl_value_and_grad(_encode, _head_loss)(params, heads, x, y)[1]
+    grad_fn = mtl.value_and_grads(mtl.TrunkAndHeads(_encode, _head_loss))
+    return grad_fn({"trunk": params, "heads": heads}, x, y)[1]["trunk"]
 
 
 def test_problem_makes_the_detector_meaningful():
@@ -90,29 +91,31 @@ def test_problem_makes_the_detector_meaningful():
         return rows @ rows.T
 
     assert _largest_array(concatenating_gramian, jac) >= K * p_total
-    np.testing.assert_allclose(mtl.gramian(jac), concatenating_gramian(jac), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        mtl.gramian.gramian(jac), concatenating_gramian(jac), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_gramian_and_groupings_never_concatenate_leaves():
     params, heads, x, y = _problem()
     jac = _jacobian(params, heads, x, y)
     limit = K * _p_total(params)
-    for granularity in ("global", "leaf", mtl.by_module):
-        assert _largest_array(lambda j, g=granularity: mtl.gramian(j, g), jac) < limit
+    for granularity in ("global", "leaf", mtl.gramian.by_module):
+        assert _largest_array(lambda j, g=granularity: mtl.gramian.gramian(j, g), jac) < limit
 
 
 def test_full_step_never_concatenates_leaves():
     """Jacobian + Gram + aggregator (solve, combine) + conflict tracker + Adam, one program."""
     params, heads, x, y = _problem()
     limit = K * _p_total(params)
-    tracker = mtl.ConflictTracker(num_tasks=K, granularity=mtl.by_module)
+    tracker = mtl.ConflictTracker(num_tasks=K, granularity=mtl.gramian.by_module)
     for name in ("upgrad", "mgda", "pcgrad"):
-        tx = optax.chain(mtl.get_aggregator(name, num_tasks=K), optax.adam(1e-3))
+        tx = optax.chain(mtl.get_method(name, num_tasks=K).transform, optax.adam(1e-3))
 
         def step(params, heads, opt_state, cstate, x, y, tx=tx):
-            losses, jac, head_grads, _ = mtl.mtl_value_and_grad(_encode, _head_loss)(
-                params, heads, x, y
-            )
+            grad_fn = mtl.value_and_grads(mtl.TrunkAndHeads(_encode, _head_loss))
+            losses, grads = grad_fn({"trunk": params, "heads": heads}, x, y)
+            jac, head_grads = grads["trunk"], grads["heads"]
             updates, opt_state = tx.update(jac, opt_state, params, task_losses=losses)
             cstate = tracker.update(cstate, jac)
             return optax.apply_updates(params, updates), head_grads, opt_state, cstate
@@ -123,10 +126,10 @@ def test_full_step_never_concatenates_leaves():
 
 def test_chunked_step_never_concatenates_leaves():
     params, heads, x, y = _problem()
-    tx = optax.chain(mtl.upgrad(num_tasks=K), optax.sgd(1e-2))
+    tx = optax.chain(mtl.aggregation.upgrad(num_tasks=K), optax.sgd(1e-2))
 
     def step(params, opt_state):
-        losses, jac = mtl.value_and_jacobian(_losses, chunk_size=2)(params, heads, x, y)
+        losses, jac = mtl.value_and_grads(_losses, chunk_size=2)(params, heads, x, y)
         return tx.update(jac, opt_state, params, task_losses=losses)
 
     assert _largest_array(step, params, tx.init(params)) < K * _p_total(params)
@@ -141,8 +144,10 @@ def test_per_task_grads_step_never_concatenates_leaves():
     def task_loss(view, t, x, y):
         return _head_loss(view["heads"][t], _encode(view["trunk"], x), y[t])
 
-    grads_fn = mtl.per_task_grads(task_loss, mtl.SHARED, K, task_specific=labels)
-    tx = optax.chain(mtl.shared_rows(mtl.upgrad(num_tasks=K), labels), optax.sgd(1e-2))
+    grads_fn = mtl.value_and_grads(
+        mtl.PerTaskLosses(task_loss, mtl.SHARED, K), task_specific=labels
+    )
+    tx = optax.chain(mtl.shared_rows(mtl.aggregation.upgrad(num_tasks=K), labels), optax.sgd(1e-2))
 
     def step(full, opt_state):
         losses, grads = grads_fn(full, x, y)
@@ -162,15 +167,22 @@ def test_representation_path_never_concatenates_representation_leaves():
     def head_two(head, z, y):
         return _head_loss(head, jnp.concatenate([z["a"], z["b"]], axis=1), y)
 
-    fn = mtl.representation_value_and_grad(encode_two, head_two, "mgda")
+    fn = mtl.value_and_grads(
+        mtl.TrunkAndHeads(encode_two, head_two),
+        representation=mtl.RepresentationWeighting("mgda"),
+    )
     state = fn.weighting.init(K)
-    res = fn(params, heads, x, y, state)
+    (_, aux), _ = fn({"trunk": params, "heads": heads}, x, y, weighting_state=state)
     # Reference: G_kl = <dL_k/dz, dL_l/dz> over batch and features, z concatenated in NumPy.
     rep = jax.vmap(jax.grad(lambda h, z, y: _head_loss(h, z, y), argnums=1), in_axes=(0, None, 0))
     r = np.asarray(rep(heads, _encode(params, x), y)).reshape(K, -1)
-    np.testing.assert_allclose(res.gram, r @ r.T, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(aux["gram"], r @ r.T, rtol=1e-4, atol=1e-7)
     limit = K * BATCH * SIZES[-1]  # the concatenated [K, B * D] representation-gradient matrix
-    largest = _largest_array(lambda p, s: fn(p, heads, x, y, s).encoder_grads, params, state)
+    largest = _largest_array(
+        lambda p, s: fn({"trunk": p, "heads": heads}, x, y, weighting_state=s)[1]["trunk"],
+        params,
+        state,
+    )
     assert largest < max(limit, _p_total(params))
 
 
@@ -181,7 +193,7 @@ def test_chunk_size_equals_jacrev_and_bounds_cotangents():
     ref = jax.jacrev(_losses)(params, heads, big_x, big_y)
     temps = {}
     for chunk in (None, 2, 1):
-        fn = mtl.value_and_jacobian(_losses, chunk_size=chunk)
+        fn = mtl.value_and_grads(_losses, chunk_size=chunk)
         _, jac = jax.jit(fn)(params, heads, big_x, big_y)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), jac, ref)
         compiled = jax.jit(fn).lower(params, heads, big_x, big_y).compile()

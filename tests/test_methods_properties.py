@@ -85,11 +85,13 @@ CLAIMS: dict[str, dict] = {
 }
 NAMES = sorted(CLAIMS)
 RANDOMISED = {
-    "pcgrad": lambda seed: mtl.pcgrad(seed=seed, num_tasks=5),
-    "graddrop": lambda seed: mtl.graddrop(seed=seed, num_tasks=5),
-    "gradvac": lambda seed: mtl.gradvac(seed=seed, num_tasks=5),
-    "random_weighting": lambda seed: mtl.random_weighting(seed=seed, num_tasks=5),
-    "ema_weights": lambda seed: mtl.ema_weights("random_weighting", seed=seed, num_tasks=5),
+    "pcgrad": lambda seed: mtl.aggregation.pcgrad(seed=seed, num_tasks=5),
+    "graddrop": lambda seed: mtl.aggregation.graddrop(seed=seed, num_tasks=5),
+    "gradvac": lambda seed: mtl.aggregation.gradvac(seed=seed, num_tasks=5),
+    "random_weighting": lambda seed: mtl.aggregation.random_weighting(seed=seed, num_tasks=5),
+    "ema_weights": lambda seed: mtl.aggregation.ema_weights(
+        "random_weighting", seed=seed, num_tasks=5
+    ),
 }
 
 
@@ -98,7 +100,7 @@ def claiming(prop: str) -> list[str]:
 
 
 def test_every_registered_aggregator_has_claims():
-    registered = set(mtl.AGGREGATORS)
+    registered = set(mtl.aggregation.AGGREGATORS)
     assert registered <= set(CLAIMS), sorted(registered - set(CLAIMS))
 
 
@@ -145,7 +147,7 @@ def test_cagrad_is_not_conflicting_at_a_pareto_stationary_point():
             with jax.enable_x64(dtype == np.float64):
                 J = np.pad(STATIONARY, ((0, 0), (0, M.P - 2)))
                 d, state = P.run(name, J, dtype=dtype)
-                w = np.asarray(mtl.last_weights(state))
+                w = np.asarray(mtl.aggregation.weights(state))
             tol = 1e-5 if dtype == np.float32 else 1e-12
             assert np.linalg.norm(d) <= tol * 3, (name, dtype, d[:2])
             assert np.min(J @ d) >= -tol * 5, (name, dtype, J @ d)
@@ -247,7 +249,7 @@ def test_single_task(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_non_finite_input_gives_an_all_nan_update_and_keeps_the_state(name):
-    """The documented behaviour of every aggregator (mtl_jax/aggregate.py): a non-finite
+    """The documented behaviour of every aggregator (mtl_jax/aggregation/): a non-finite
     gradient or loss makes the whole update NaN; the method's own state is not poisoned."""
     k = 2
     J = M.sample("conflicting", k)

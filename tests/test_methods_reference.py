@@ -49,8 +49,8 @@ def test_upgrad_and_dualproj_preference_vectors():
     np.testing.assert_allclose(dp, R.dualproj_ref(J, pref), rtol=1e-10, atol=1e-12)
     # K is inferred from the preference vector (2 entries), so a K = 3 Jacobian is refused.
     with pytest.raises(ValueError, match="length 2.*K=3"):
-        mtl.upgrad(pref_vector=[1.0, 2.0]).update(
-            M.to_tree(J), mtl.upgrad().init(M.params_like(M.to_tree(J)))
+        mtl.aggregation.upgrad(pref_vector=[1.0, 2.0]).update(
+            M.to_tree(J), mtl.aggregation.upgrad().init(M.params_like(M.to_tree(J)))
         )
 
 
@@ -66,7 +66,7 @@ def test_nash_mtl_is_the_bargaining_solution(k):
                 continue
             d, state = _f64("nash_mtl_unclipped", J)
             P.assert_close(d, R.nash_mtl_ref(J, max_norm=0.0), J / scale, 1e-8, f"K={k} {kind}")
-            alpha = np.asarray(mtl.last_weights(state))
+            alpha = np.asarray(mtl.aggregation.weights(state))
             # The K eps ridge moves alpha_i (G alpha)_i by delta beta_i^2: ~2e-7 at most here
             # (the nearly degenerate K = 40 family, whose weights are large).
             np.testing.assert_allclose((J @ J.T) @ alpha * alpha, 1.0, rtol=1e-6)
@@ -83,13 +83,13 @@ def test_nash_mtl_zero_gradient_tasks_are_left_out():
     d, state = _f64("nash_mtl_unclipped", J)
     keep = [0, 2, 3]
     P.assert_close(d, R.nash_mtl_ref(J[keep], max_norm=0.0), J, 1e-8, "zero row")
-    assert np.asarray(mtl.last_weights(state))[1] == 0.0
+    assert np.asarray(mtl.aggregation.weights(state))[1] == 0.0
 
 
 def test_nash_mtl_update_weights_every_reuses_the_weights():
     k = 3
     Js = [M.sample("normal", k, seed=s) for s in range(4)]
-    tx = mtl.nash_mtl(update_weights_every=2, max_norm=0.0, num_tasks=k)
+    tx = mtl.aggregation.nash_mtl(update_weights_every=2, max_norm=0.0, num_tasks=k)
     with jax.enable_x64(True):
         params = M.params_like(M.to_tree(Js[0], np.float64))
         state = tx.init(params)
@@ -97,18 +97,18 @@ def test_nash_mtl_update_weights_every_reuses_the_weights():
         weights = []
         for J in Js:
             _, state = update(M.to_tree(J, np.float64), state, params)
-            weights.append(np.asarray(mtl.last_weights(state)))
+            weights.append(np.asarray(mtl.aggregation.weights(state)))
     np.testing.assert_allclose(weights[0], R.nash_weights_ref(Js[0] @ Js[0].T), rtol=1e-8)
     np.testing.assert_array_equal(weights[1], weights[0])  # reused
     np.testing.assert_allclose(weights[2], R.nash_weights_ref(Js[2] @ Js[2].T), rtol=1e-8)
     np.testing.assert_array_equal(weights[3], weights[2])
     with pytest.raises(ValueError, match="nash_mtl keeps per-task state.*num_tasks"):
-        mtl.nash_mtl(update_weights_every=2).init(params)
+        mtl.aggregation.nash_mtl(update_weights_every=2).init(params)
 
 
 def test_nash_mtl_clipping_uses_the_current_gradients():
     J = M.sample("normal", 3)
-    tx = mtl.nash_mtl(update_weights_every=2, max_norm=0.5, num_tasks=3)
+    tx = mtl.aggregation.nash_mtl(update_weights_every=2, max_norm=0.5, num_tasks=3)
     with jax.enable_x64(True):
         params = M.params_like(M.to_tree(J, np.float64))
         update = jax.jit(tx.update)
@@ -139,7 +139,7 @@ def test_fairgrad_alpha_one_is_nash_without_clipping_and_alpha_zero_is_the_mean(
         w0 = np.asarray(mtl.weighting.fairgrad_weights(jnp.asarray(J @ J.T), 0.0))
     np.testing.assert_allclose(w0, np.full(5, 0.2))
     with pytest.raises(ValueError, match="alpha must be >= 0"):
-        mtl.fairgrad(alpha=-1.0)
+        mtl.aggregation.fairgrad(alpha=-1.0)
 
 
 @pytest.mark.parametrize("mode", ["min", "median", "rmse"])
@@ -162,7 +162,7 @@ def test_aligned_gradients_are_orthogonal_with_equal_norms():
     lam_min = np.linalg.eigvalsh(J @ J.T).min()
     np.testing.assert_allclose(aligned.T @ aligned, lam_min * np.eye(5), atol=1e-8 * lam_min)
     with pytest.raises(ValueError, match="Unknown scale_mode 'max'"):
-        mtl.aligned_mtl(scale_mode="max")
+        mtl.aggregation.aligned_mtl(scale_mode="max")
 
 
 # Issue 11 (peer suite): ConFIG in float32 with K > P (the cosine matrix C is singular) was off by
@@ -234,7 +234,7 @@ def test_gradvac_three_steps_match_algorithm_1():
     """The state's EMA targets evolve as in the paper; the orders come from the state's key."""
     k, beta = 4, 0.5
     Js = [M.sample("conflicting", k, seed=s) for s in range(3)]
-    tx = mtl.gradvac(beta=beta, seed=0, num_tasks=k)
+    tx = mtl.aggregation.gradvac(beta=beta, seed=0, num_tasks=k)
     targets = np.zeros((k, k))
     key = jax.random.PRNGKey(0)
     with jax.enable_x64(True):
@@ -257,12 +257,12 @@ def test_gradvac_first_step_is_pcgrad_and_per_group_targets():
     d_vac, _ = _f64("gradvac", J)
     d_pc, _ = _f64("pcgrad", J)
     P.assert_close(d_vac, d_pc, J, 1e-10, "first step = PCGrad")
-    tx = mtl.gradvac(granularity="leaf", num_tasks=5)
+    tx = mtl.aggregation.gradvac(granularity="leaf", num_tasks=5)
     jac = M.to_tree(J)
     _, state = jax.jit(tx.update)(jac, tx.init(M.params_like(jac)), M.params_like(jac))
     assert set(state.inner) == {"enc/w", "enc/b", "head"}
     with pytest.raises(ValueError, match="gradvac keeps per-task state.*num_tasks"):
-        mtl.gradvac().init(M.params_like(jac))
+        mtl.aggregation.gradvac().init(M.params_like(jac))
 
 
 def test_nocl_per_block():
@@ -271,7 +271,7 @@ def test_nocl_per_block():
     aligned = np.abs(rng.normal(size=(3, 4))).astype(np.float32)  # no conflict in this block
     jac = {"block1": shared, "block2": aligned}
     params = jax.tree.map(lambda x: np.zeros(x.shape[1:], np.float32), jac)
-    tx = mtl.nocl(granularity="leaf")
+    tx = mtl.aggregation.nocl(granularity="leaf")
     out, _ = tx.update(jac, tx.init(params), params)
     np.testing.assert_allclose(out["block1"], R.nocl_ref(shared), atol=1e-7)
     np.testing.assert_allclose(out["block2"], aligned.mean(0), rtol=1e-6)
@@ -286,7 +286,7 @@ def test_excess_mtl_matches_reference_over_steps(warmup):
     k = 3
     Js = [M.sample("conflicting", k, seed=s) * (1 + s) for s in range(5)]
     expected = R.excess_mtl_ref(Js, robust_step_size=0.5, warmup_steps=warmup)
-    tx = mtl.excess_mtl(robust_step_size=0.5, warmup_steps=warmup, num_tasks=k)
+    tx = mtl.aggregation.excess_mtl(robust_step_size=0.5, warmup_steps=warmup, num_tasks=k)
     with jax.enable_x64(True):
         params = M.params_like(M.to_tree(Js[0], np.float64))
         state = tx.init(params)
@@ -294,15 +294,15 @@ def test_excess_mtl_matches_reference_over_steps(warmup):
         for J, exp in zip(Js, expected, strict=True):
             out, state = update(M.to_tree(J, np.float64), state, params)
             P.assert_close(M.from_tree(out), exp, J, 1e-12, f"warmup={warmup}")
-    assert mtl.last_weights(state).shape == (k,)
+    assert mtl.aggregation.weights(state).shape == (k,)
     with pytest.raises(ValueError, match="excess_mtl keeps per-task state.*num_tasks"):
-        mtl.excess_mtl().init(params)
+        mtl.aggregation.excess_mtl().init(params)
 
 
 def test_ema_weights_recurrence():
     k, alpha = 4, 0.7
     Js = [M.sample("conflicting", k, seed=s) for s in range(3)]
-    tx = mtl.ema_weights("upgrad", alpha=alpha, num_tasks=k)
+    tx = mtl.aggregation.ema_weights("upgrad", alpha=alpha, num_tasks=k)
     average = np.full(k, 1.0 / k)
     with jax.enable_x64(True):
         params = M.params_like(M.to_tree(Js[0], np.float64))
@@ -313,11 +313,11 @@ def test_ema_weights_recurrence():
             average = alpha * average + (1 - alpha) * fresh
             out, state = update(M.to_tree(J, np.float64), state, params)
             np.testing.assert_allclose(M.from_tree(out), average @ J, rtol=1e-10, atol=1e-13)
-    frozen = mtl.ema_weights("mean", alpha=1.0, num_tasks=k)
+    frozen = mtl.aggregation.ema_weights("mean", alpha=1.0, num_tasks=k)
     out, _ = frozen.update(M.to_tree(Js[0]), frozen.init(params), params)
     np.testing.assert_allclose(M.from_tree(out), Js[0].mean(0), rtol=1e-5)
     with pytest.raises(ValueError, match=r"Unknown weighting 'nope'"):
-        mtl.ema_weights("nope", num_tasks=k)
+        mtl.aggregation.ema_weights("nope", num_tasks=k)
 
 
 def test_random_weighting_draws_softmax_normal_from_the_state_key():
@@ -329,7 +329,7 @@ def test_random_weighting_draws_softmax_normal_from_the_state_key():
     with jax.enable_x64(True):
         z = np.asarray(jax.random.normal(group_key, (5,), dtype=jnp.float64))
     w = np.exp(z) / np.exp(z).sum()
-    np.testing.assert_allclose(np.asarray(mtl.last_weights(state)), w, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(mtl.aggregation.weights(state)), w, rtol=1e-12)
     np.testing.assert_allclose(d, w @ J, rtol=1e-10)
 
 
@@ -350,12 +350,12 @@ NEW_AGGREGATORS = [
 
 @pytest.mark.parametrize("name", NEW_AGGREGATORS)
 def test_selectable_by_name(name):
-    tx = mtl.get_aggregator(name, num_tasks=3)
+    tx = mtl.get_method(name, num_tasks=3).transform
     assert isinstance(tx, optax.GradientTransformationExtraArgs)
     state = tx.init(M.params_like(M.to_tree(M.sample("normal", 3))))
-    assert mtl.last_weights(state).shape == (3,)  # a fixed-shape state, usable in lax.scan
+    assert mtl.aggregation.weights(state).shape == (3,)  # a fixed-shape state, usable in lax.scan
     with pytest.raises(ValueError, match=rf"Unknown hyper-parameter\(s\) \['bogus'\].*{name}"):
-        mtl.get_aggregator(name, bogus=1)
+        mtl.get_method(name, bogus=1)
 
 
 @pytest.mark.parametrize("name", ["gradvac", "excess_mtl"])
@@ -363,7 +363,7 @@ def test_stateful_aggregators_chain_with_adam_in_a_scan(name):
     J = M.sample("conflicting", 3)
     jac = M.to_tree(J)
     params = M.params_like(jac)
-    tx = optax.chain(mtl.get_aggregator(name, num_tasks=3), optax.adam(1e-3))
+    tx = optax.chain(mtl.get_method(name, num_tasks=3).transform, optax.adam(1e-3))
 
     def body(state, _):
         updates, state = tx.update(jac, state, params, task_losses=jnp.ones(3))
@@ -371,19 +371,19 @@ def test_stateful_aggregators_chain_with_adam_in_a_scan(name):
 
     state, outs = jax.lax.scan(body, tx.init(params), None, length=3)
     assert np.all(np.isfinite(np.asarray(outs)))
-    assert mtl.last_weights(state).shape == (3,)
+    assert mtl.aggregation.weights(state).shape == (3,)
 
 
 def test_bad_hyperparameters_get_clear_errors():
     with pytest.raises(ValueError, match="beta must be in"):
-        mtl.gradvac(beta=2.0)
+        mtl.aggregation.gradvac(beta=2.0)
     with pytest.raises(ValueError, match="max_norm must be >= 0"):
-        mtl.nash_mtl(max_norm=-1.0)
+        mtl.aggregation.nash_mtl(max_norm=-1.0)
     with pytest.raises(ValueError, match="update_weights_every must be a positive integer"):
-        mtl.nash_mtl(update_weights_every=0)
+        mtl.aggregation.nash_mtl(update_weights_every=0)
     with pytest.raises(ValueError, match="robust_step_size must be > 0"):
-        mtl.excess_mtl(robust_step_size=0.0, num_tasks=2)
+        mtl.aggregation.excess_mtl(robust_step_size=0.0, num_tasks=2)
     with pytest.raises(ValueError, match="alpha must be in"):
-        mtl.ema_weights(alpha=1.5, num_tasks=2)
+        mtl.aggregation.ema_weights(alpha=1.5, num_tasks=2)
     with pytest.raises(ValueError, match="Unknown weighting 'pcgard'"):
-        mtl.get_weighting("pcgard")
+        mtl.weighting.get_weighting("pcgard")

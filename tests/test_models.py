@@ -1,6 +1,6 @@
 """The experiment models: registry and config errors, output shapes, parameter counts against the
 PyTorch originals, Recon's per-layer grouping, BatchNorm modes, and a real forward +
-``mtl_value_and_grad`` through every model."""
+``mtl.TrunkAndHeads`` through every model."""
 
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ def test_resnet18_matches_recon_parameter_count_and_layers():
     assert _num_params(params["encoder"]) == 11_689_512 - 513_000 - 6_272 + 51_300
     assert all(_num_params(h) == 1_010 for h in params["heads"].values())
     assert model.encoder.stem == "imagenet"  # Recon's code keeps the 7x7/2 stem + max-pool
-    groups = mtl.group_names({"params": params["encoder"]}, mtl.by_module)
+    groups = mtl.gramian.group_names({"params": params["encoder"]}, mtl.gramian.by_module)
     # Recon's layers: 20 convs + 20 BNs (incl. 3 downsample pairs) + fc
     assert len(groups) == 41
     # (dicts that went through a JAX transformation have sorted keys, hence sets here)
@@ -184,7 +184,7 @@ def test_segnet_matches_mtan_parameter_count():
     assert _num_params(params["encoder"]) + _num_params(params["heads"]["segmentation"]) == (
         24_981_069
     )
-    groups = mtl.group_names({"params": params["encoder"]}, mtl.by_module)
+    groups = mtl.gramian.group_names({"params": params["encoder"]}, mtl.gramian.by_module)
     assert len(groups) == 52  # 26 conv + 26 BN layers
     assert {"params/encoder_block_0/conv", "params/conv_block_dec_4_1/bn"} <= set(groups)
 
@@ -239,21 +239,19 @@ GRAD_CASES = [
 
 
 @pytest.mark.parametrize(("name", "overrides", "tasks", "shape"), GRAD_CASES)
-def test_forward_and_mtl_value_and_grad(name, overrides, tasks, shape):
+def test_forward_and_trunk_and_heads_grads(name, overrides, tasks, shape):
     model = make_model(_config(name, **overrides), tasks, shape)
     params, state = model.split(_init(model, shape, seed=1))
     x = jnp.asarray(np.random.default_rng(2).normal(size=(2, *shape)), jnp.float32)
     targets = _targets(tasks, 2, shape[:2])
-    fn = jax.jit(
-        mtl.mtl_value_and_grad(
-            model.encoder_fn(state["encoder"], train=True),
-            head_loss_fns(model, state["heads"], train=True),
-            has_aux=True,
-        )
+    trunk_and_heads = mtl.TrunkAndHeads(
+        model.encoder_fn(state["encoder"], train=True),
+        head_loss_fns(model, state["heads"], train=True),
     )
-    (losses, (enc_state, _)), enc_jac, head_grads, rep_grads = fn(
-        params["encoder"], params["heads"], x, targets
-    )
+    fn = jax.jit(mtl.value_and_grads(trunk_and_heads, has_aux=True, representation=True))
+    (losses, aux), grads = fn({"trunk": params["encoder"], "heads": params["heads"]}, x, targets)
+    enc_state, rep_grads = aux["trunk"], aux["rep_grads"]
+    enc_jac, head_grads = grads["trunk"], grads["heads"]
     k = len(tasks)
     assert losses.shape == (k,) and bool(jnp.all(jnp.isfinite(losses)))
     jax.tree.map(
@@ -279,12 +277,12 @@ def test_jacobian_rows_are_per_task_gradients_through_batchnorm():
     params, state = model.split(_init(model, shape, seed=3))
     x = jnp.asarray(np.random.default_rng(4).normal(size=(3, *shape)), jnp.float32)
     targets = _targets(DIGITS, 3, shape[:2], seed=5)
-    fn = mtl.mtl_value_and_grad(
-        model.encoder_fn(state["encoder"], True),
-        head_loss_fns(model, state["heads"], True),
-        has_aux=True,
+    trunk_and_heads = mtl.TrunkAndHeads(
+        model.encoder_fn(state["encoder"], True), head_loss_fns(model, state["heads"], True)
     )
-    (losses, _), enc_jac, head_grads, _ = fn(params["encoder"], params["heads"], x, targets)
+    fn = mtl.value_and_grads(trunk_and_heads, has_aux=True)
+    (losses, _), grads = fn({"trunk": params["encoder"], "heads": params["heads"]}, x, targets)
+    enc_jac, head_grads = grads["trunk"], grads["heads"]
 
     def all_losses(p):  # the plain full-model losses, differentiated by jax.jacrev
         preds, _ = model.apply(model.merge(p, state), x, train=True)
@@ -312,7 +310,7 @@ def test_small_resnet_blocks_and_recon_layers():
     model = make_model(default_model_config("small_resnet"), TRANSFORMS, (16, 16, 1))
     params, state = model.split(_abstract_init(model, (16, 16, 1)))
     assert set(params["encoder"]) == {"stem", "block1", "block2", "block3", "neck"}
-    groups = mtl.group_names({"params": params["encoder"]}, mtl.by_module)
+    groups = mtl.gramian.group_names({"params": params["encoder"]}, mtl.gramian.by_module)
     # stem conv + bn; block1 2 convs + 2 BNs; block2/3 also a downsample conv + BN; neck fc
     assert len(groups) == 19
     assert sum(g.endswith(("bn", "bn1", "bn2", "downsample_1")) for g in groups) == 9
@@ -370,8 +368,8 @@ def test_small_resnet_nnx_matches_linen():
 
     model = make_nnx_model(config, TRANSFORMS, shape, seed=0)
     nnx_params = nnx.state(model, nnx.Param)
-    linen_groups = mtl.group_names({"params": params["encoder"]}, mtl.by_module)
-    nnx_groups = mtl.group_names(nnx_params["encoder"], mtl.by_module)
+    linen_groups = mtl.gramian.group_names({"params": params["encoder"]}, mtl.gramian.by_module)
+    nnx_groups = mtl.gramian.group_names(nnx_params["encoder"], mtl.gramian.by_module)
     assert sorted(g.removeprefix("params/") for g in linen_groups) == sorted(nnx_groups)
     assert _num_params(nnx_params) == _num_params(params)
     assert [type(b).__name__ for b in model.encoder.blocks] == [

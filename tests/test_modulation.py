@@ -105,7 +105,7 @@ def test_modulated_conv_net_forward_and_gradients():
         a, b = forward(p, x)
         return jnp.stack([jnp.mean(a[t] ** 2) + jnp.mean(b[t] ** 2) for t in range(K)])
 
-    _, jac = jax.jit(mtl.value_and_jacobian(losses))(stacked)
+    _, jac = jax.jit(mtl.value_and_grads(losses))(stacked)
     rows = np.asarray(jac["params"]["mod0"]["task_scale"])  # [K rows, K copies, C]
     for t in range(K):
         for c in range(K):

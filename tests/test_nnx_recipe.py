@@ -66,7 +66,7 @@ def _recipe(model, is_head, tx_after):
         return jnp.mean((m(x) - y) ** 2, axis=(1, 2)), nnx.state(m, nnx.BatchStat)
 
     grad_fn = mtl.value_and_grads(losses_fn, is_head, has_aux=True)
-    tx = optax.chain(mtl.shared_rows(mtl.mean(), is_head), tx_after)
+    tx = optax.chain(mtl.shared_rows(mtl.aggregation.mean(), is_head), tx_after)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit

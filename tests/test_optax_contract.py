@@ -1,7 +1,7 @@
 """The optax contract: an aggregator's state keeps its structure, shapes and dtypes from ``init`` on.
 
-Every registered aggregator (``mtl.AGGREGATORS``, with its defaults) and every registered
-scalarizer (``mtl.SCALARIZERS`` through ``mtl.from_scalarizer``) must work unchanged
+Every registered aggregator (``mtl.aggregation.AGGREGATORS``, with its defaults) and every registered
+scalarizer (``mtl.scalarization.SCALARIZERS`` through ``mtl.scalarization.from_scalarizer``) must work unchanged
 
 * under ``optax.apply_if_finite`` (a ``lax.cond`` between the updated and the kept state),
 * as the carry of a ``jax.lax.scan`` over training steps,
@@ -21,6 +21,7 @@ import optax
 import pytest
 
 import mtl_jax as mtl
+from tests import _matrices as M
 
 K = 3
 
@@ -53,20 +54,20 @@ def _aggregator(name: str, with_k: bool):
     kwargs = dict(REQUIRED.get(name, {}))
     if with_k or name in NEEDS_K:
         kwargs["num_tasks"] = K
-    return mtl.get_aggregator(name, **kwargs)
+    return mtl.get_method(name, **kwargs).transform
 
 
 def _scalarizer(name: str):
     layer = "enc" if name == "gradnorm" else None  # GradNorm balances one shared layer's norms
-    return mtl.from_scalarizer(
-        mtl.get_scalarizer(name), num_tasks=K, grad_norm_layer=layer, name=name
+    return mtl.scalarization.from_scalarizer(
+        mtl.scalarization.get_scalarizer(name), num_tasks=K, grad_norm_layer=layer, name=name
     )
 
 
-CASES = [(f"agg:{n}", n, False) for n in mtl.AGGREGATORS] + [
-    (f"agg:{n}[num_tasks]", n, True) for n in mtl.AGGREGATORS
+CASES = [(f"agg:{n}", n, False) for n in mtl.aggregation.AGGREGATORS] + [
+    (f"agg:{n}[num_tasks]", n, True) for n in mtl.aggregation.AGGREGATORS
 ]
-SCALARIZER_CASES = [f"scal:{n}" for n in mtl.SCALARIZERS]
+SCALARIZER_CASES = [f"scal:{n}" for n in mtl.scalarization.SCALARIZERS]
 
 
 def _build(case: str):
@@ -132,9 +133,9 @@ def test_apply_if_finite_skips_a_nan_step(case):
     kept, state = step(params, state, bad, _losses(1))
     assert not bool(state[1].last_finite)
     assert int(state[1].notfinite_count) == 1
-    jax.tree.map(np.testing.assert_array_equal, kept, params)
-    if isinstance(kept_state, mtl.AggregatorState):  # the method's own state is kept
-        jax.tree.map(np.testing.assert_array_equal, state[0].inner, kept_state.inner)
+    M.assert_trees_equal(kept, params)
+    if isinstance(kept_state, mtl.aggregation.AggregatorState):  # the method's own state is kept
+        M.assert_trees_equal(state[0].inner, kept_state.inner)
     params, state = step(kept, state, _jacobian(2), _losses(2))
     assert bool(state[1].last_finite)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
@@ -176,7 +177,7 @@ def test_chained_before_multisteps(case):
     step = _jitted_step(tx)
 
     first, state = step(params, state, _jacobian(0), _losses(0))
-    jax.tree.map(np.testing.assert_array_equal, first, params)  # accumulating: no update yet
+    M.assert_trees_equal(first, params)  # accumulating: no update yet
     second, state = step(first, state, _jacobian(1), _losses(1))
     moved = [
         not np.array_equal(a, b)
@@ -189,36 +190,36 @@ def test_chained_before_multisteps(case):
 @pytest.mark.parametrize("name", sorted(NEEDS_K))
 def test_methods_whose_state_needs_k_say_so(name):
     with pytest.raises(ValueError, match="num_tasks"):
-        mtl.get_aggregator(name).init(_params())
+        mtl.get_method(name).transform.init(_params())
 
 
 def test_num_tasks_is_inferred_from_a_vector_of_k_entries():
     params = _params()
     for tx in (
-        mtl.linear([0.5, 1.0, 2.0]),
-        mtl.upgrad(pref_vector=[1.0, 1.0, 2.0]),
-        mtl.dualproj(pref_vector=[1.0, 1.0, 2.0]),
-        mtl.config(pref_vector=[1.0, 1.0, 2.0]),
-        mtl.aligned_mtl(pref_vector=[1.0, 1.0, 2.0]),
+        mtl.aggregation.linear([0.5, 1.0, 2.0]),
+        mtl.aggregation.upgrad(pref_vector=[1.0, 1.0, 2.0]),
+        mtl.aggregation.dualproj(pref_vector=[1.0, 1.0, 2.0]),
+        mtl.aggregation.conflict_free(pref_vector=[1.0, 1.0, 2.0]),
+        mtl.aggregation.aligned_mtl(pref_vector=[1.0, 1.0, 2.0]),
     ):
         state = tx.init(params)
-        assert mtl.last_weights(state).shape == (K,)
+        assert mtl.aggregation.weights(state).shape == (K,)
         _, state = tx.update(_jacobian(0), state, params, task_losses=_losses(0))
-        assert mtl.last_weights(state).shape == (K,)
+        assert mtl.aggregation.weights(state).shape == (K,)
 
 
 def test_last_weights_without_num_tasks_is_a_clear_error():
-    tx = mtl.upgrad()
+    tx = mtl.aggregation.upgrad()
     params = _params()
     state = tx.init(params)
     _, state = tx.update(_jacobian(0), state, params)
     with pytest.raises(ValueError, match="num_tasks"):
-        mtl.last_weights(state)
+        mtl.aggregation.weights(state)
     with pytest.raises(ValueError, match="num_tasks"):
-        mtl.last_gram(state)
+        mtl.aggregation.gram(state)
 
 
-@pytest.mark.parametrize("granularity", ["global", mtl.by_module])
+@pytest.mark.parametrize("granularity", ["global", mtl.gramian.by_module])
 def test_conflict_tracker_state_is_a_lax_scan_carry(granularity):
     tracker = mtl.ConflictTracker(num_tasks=K, granularity=granularity)
     params = _params()
@@ -231,10 +232,10 @@ def test_conflict_tracker_state_is_a_lax_scan_carry(granularity):
 
 
 @pytest.mark.parametrize("case", DEFAULTS)
-def test_mtl_apply_if_finite_wraps_the_whole_chain(case):
-    # mtl.apply_if_finite around aggregator + optimizer: the rejected branch is shaped like the
+def test_skip_nonfinite_wraps_the_whole_chain(case):
+    # skip_nonfinite around aggregator + optimizer: the rejected branch is shaped like the
     # chain's output, so the wrapped form type-checks; a NaN step is skipped with every state kept
-    tx = mtl.apply_if_finite(optax.chain(_build(case), optax.sgd(0.1)), 3)
+    tx = mtl.aggregation.skip_nonfinite(optax.chain(_build(case), optax.sgd(0.1)), 3)
     params = _params()
     state = tx.init(params)
     step = _jitted_step(tx)
@@ -244,8 +245,8 @@ def test_mtl_apply_if_finite_wraps_the_whole_chain(case):
     bad = jax.tree.map(lambda x: x.at[0].set(jnp.nan), _jacobian(1))
     kept, new_state = step(params, state, bad, _losses(1))
     assert not bool(new_state.last_finite) and int(new_state.notfinite_count) == 1
-    jax.tree.map(np.testing.assert_array_equal, kept, params)
-    jax.tree.map(np.testing.assert_array_equal, new_state.inner_state, state.inner_state)
+    M.assert_trees_equal(kept, params)
+    M.assert_trees_equal(new_state.inner_state, state.inner_state)
     params, state = step(kept, new_state, _jacobian(2), _losses(2))
     assert bool(state.last_finite)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))

@@ -27,7 +27,8 @@ def test_readme_optax_example_runs_and_lowers_every_loss():
     }
     before = np.asarray(namespace["task_losses"](init, namespace["x"], namespace["y"]))
     assert np.all(first < before)
-    assert namespace["mtl"].last_weights(namespace["opt_state"]).shape == (3,)
+    assert namespace["mtl"].aggregation.weights(namespace["opt_state"]).shape == (3,)
+    assert namespace["method"].cost == "jacobian"
     # one gradient tree: rows for the shared leaf, the heads' own gradient (no task axis added)
     _, grads = namespace["grad_fn"](namespace["params"], namespace["x"], namespace["y"])
     assert grads["shared"].shape == (3, 8, 16)

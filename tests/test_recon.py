@@ -209,7 +209,7 @@ def test_copies_receive_only_their_own_task_gradient():
             _close(jax.tree.map(lambda g: g[t], grads[layer]), ref[layer])
 
     # one optimizer for everything; the aggregator sees only the remaining shared parameters
-    tx = optax.chain(mtl.shared_rows(mtl.pcgrad(), spec["params"]), optax.sgd(0.1))
+    tx = optax.chain(mtl.shared_rows(mtl.aggregation.pcgrad(), spec["params"]), optax.sgd(0.1))
     opt_state = tx.init(params)
     updates, _ = tx.update(grads, opt_state, params, task_losses=vals)
     _close(updates["branch"], jax.tree.map(lambda g: -0.1 * g, grads["branch"]))
@@ -220,7 +220,7 @@ def test_copied_leaf_gradients_are_o_k_in_the_compiled_program():
     branched, spec, x, ys, losses = _linen_training_problem()
     args = (branched["params"], branched["batch_stats"], x, ys)
     new = mtl.value_and_grads(losses, spec["params"], has_aux=True)
-    old = mtl.value_and_jacobian(losses, has_aux=True)
+    old = mtl.value_and_grads(losses, has_aux=True)
     kk = f"f32[{K},{K},{H},{H}]"  # the branched kernel's task-by-task Jacobian
     assert kk in jax.jit(old).lower(*args).compile().as_text()
     assert kk not in jax.jit(new).lower(*args).compile().as_text()
@@ -499,8 +499,10 @@ def test_per_task_grads_on_the_branched_batchnorm_model():
         )
         return jnp.mean((out - ys[t]) ** 2), new["batch_stats"]
 
-    fn = mtl.per_task_grads(
-        task_loss, spec["params"], K, has_state=True, state_spec=spec["batch_stats"]
+    fn = mtl.value_and_grads(
+        mtl.PerTaskLosses(
+            task_loss, spec["params"], K, has_state=True, state_spec=spec["batch_stats"]
+        )
     )
     (vals, new_stats), grads = jax.jit(fn)(params, stats, x, ys)
     (ref_vals, ref_stats), ref = mtl.value_and_grads(losses, spec["params"], has_aux=True)(
@@ -515,7 +517,7 @@ def test_per_task_grads_on_the_branched_batchnorm_model():
     text = jax.jit(fn).lower(params, stats, x, ys).compile().as_text()
     assert f"[{K},{K}," not in text
     with pytest.raises(ValueError, match="batch_stats/bn1/mean.*copied per task"):
-        mtl.per_task_grads(task_loss, spec["params"], K, has_state=True)(
+        mtl.value_and_grads(mtl.PerTaskLosses(task_loss, spec["params"], K, has_state=True))(
             params, {"batch_stats": stats}, x, ys
         )
 
@@ -566,14 +568,14 @@ def test_resnet18_layers_are_matched_on_exact_paths(layers, run):
         assert leaf.shape[0] == K, jax.tree_util.keystr(path)  # none mis-marked shared
     if run:
         ref_out, ref_new = model.apply(
-            mtl.task_params(branched, spec, 1), x, train=True, mutable=["batch_stats"]
+            mtl.sharing.task_params(branched, spec, 1), x, train=True, mutable=["batch_stats"]
         )
         _close(outs[1], ref_out, rtol=1e-4, atol=1e-4)
         _close(jax.tree.map(lambda v: v[1], stats), ref_new["batch_stats"], rtol=1e-4, atol=1e-4)
 
     # a spec over the chosen layers only (layer_spec): no false refusal of the other `bn1`
     lspec = mtl.sharing.layer_spec(variables, layers)
-    stacked = mtl.copy_per_task(variables, lspec, K)
+    stacked = mtl.sharing.copy_per_task(variables, lspec, K)
     fwd = per_task(
         lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
         lspec,
@@ -590,18 +592,20 @@ def test_resnet18_layers_are_matched_on_exact_paths(layers, run):
         return jnp.mean(out**2), new
 
     state = {"batch_stats": variables["batch_stats"]}
-    grads_fn = mtl.per_task_grads(task_loss, lspec["params"], K, has_state=True)
+    grads_fn = mtl.value_and_grads(mtl.PerTaskLosses(task_loss, lspec["params"], K, has_state=True))
     with pytest.raises(ValueError, match=r"State leaves \[batch_stats/") as err:
         jax.eval_shape(grads_fn, stacked["params"], state, x)
     named = str(err.value).split("]")[0]  # bn1 sorts first, so the listing never cuts it
     assert ("batch_stats/bn1/mean" in named) == ("bn1" in layers)
     assert ("batch_stats/layer1_0/bn1/mean" in named) == ("layer1_0/bn1" in layers)
-    fn = mtl.per_task_grads(
-        task_loss,
-        spec["params"],
-        K,
-        has_state=True,
-        state_spec={"batch_stats": spec["batch_stats"]},
+    fn = mtl.value_and_grads(
+        mtl.PerTaskLosses(
+            task_loss,
+            spec["params"],
+            K,
+            has_state=True,
+            state_spec={"batch_stats": spec["batch_stats"]},
+        )
     )
     (losses, new_state), _ = jax.eval_shape(
         fn, branched["params"], {"batch_stats": branched["batch_stats"]}, x

@@ -1,6 +1,8 @@
-"""Loss-only methods (mtl_jax/scalarize.py) against NumPy implementations of their papers."""
+"""Loss-only methods (mtl_jax/scalarization/) against NumPy implementations of their papers."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import optax
 import pytest
 
 import mtl_jax as mtl
-from mtl_jax import scalarize as S
+from mtl_jax import scalarization as S
 from tests import _matrices as M
 from tests import _reference as R
 
@@ -23,14 +25,16 @@ def _sequence(steps: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def _make(name: str):
-    return mtl.get_scalarizer(name, **({"nadir_steps": 1} if name == "stch_official" else {}))
+    return mtl.scalarization.get_scalarizer(
+        name, **({"nadir_steps": 1} if name == "stch_official" else {})
+    )
 
 
-@pytest.mark.parametrize("name", sorted(mtl.SCALARIZERS))
+@pytest.mark.parametrize("name", sorted(mtl.scalarization.SCALARIZERS))
 def test_weights_are_the_gradient_of_the_loss_and_everything_jits(name):
     """``d loss / d L_k = weights[k]`` (what the docstrings call the effective weights), pure and
     jit-able: the same outputs with and without jit, and the state is not differentiated."""
-    sc = mtl.get_scalarizer(name)
+    sc = mtl.scalarization.get_scalarizer(name)
     state = sc.init(K)
     norms = jnp.array([1.0, 2.0, 0.5])
 
@@ -52,21 +56,25 @@ def test_weights_are_the_gradient_of_the_loss_and_everything_jits(name):
 
 def test_registry_errors():
     with pytest.raises(ValueError, match=r"Unknown scalarizer 'famo2'.*valid names.*famo"):
-        mtl.get_scalarizer("famo2")
+        mtl.scalarization.get_scalarizer("famo2")
     with pytest.raises(ValueError, match=r"Unknown hyper-parameter\(s\) \['lr'\].*'w_lr'"):
-        mtl.get_scalarizer("famo", lr=0.1)
+        mtl.scalarization.get_scalarizer("famo", lr=0.1)
     with pytest.raises(ValueError, match="init needs the number of tasks"):
-        mtl.get_scalarizer("uw").init(None)
-    sc = mtl.get_scalarizer("uw")
+        mtl.scalarization.get_scalarizer("uw").init(None)
+    sc = mtl.scalarization.get_scalarizer("uw")
     with pytest.raises(ValueError, match="losses has 2 entries but the state was made for K=3"):
         sc.scalarize(jnp.ones(2), sc.init(3))
 
 
 def test_mean_sum_gls():
     L = jnp.asarray(LOSSES)
-    assert float(mtl.get_scalarizer("mean").scalarize(L, None)[0]) == pytest.approx(LOSSES.mean())
-    assert float(mtl.get_scalarizer("sum").scalarize(L, None)[0]) == pytest.approx(LOSSES.sum())
-    loss, w, _ = mtl.get_scalarizer("gls").scalarize(L, None)
+    assert float(mtl.scalarization.get_scalarizer("mean").scalarize(L, None)[0]) == pytest.approx(
+        LOSSES.mean()
+    )
+    assert float(mtl.scalarization.get_scalarizer("sum").scalarize(L, None)[0]) == pytest.approx(
+        LOSSES.sum()
+    )
+    loss, w, _ = mtl.scalarization.get_scalarizer("gls").scalarize(L, None)
     gm = np.prod(LOSSES) ** (1 / K)
     np.testing.assert_allclose(loss, gm, rtol=1e-6)
     np.testing.assert_allclose(w, gm / (K * LOSSES), rtol=1e-6)
@@ -76,7 +84,7 @@ def test_mean_sum_gls():
 def test_learned_weights_match_reference(name):
     seq = _sequence(6)
     ref = {"uw": R.uw_ref, "imtl_l": R.imtl_l_ref}[name](seq, 0.05)
-    sc = mtl.get_scalarizer(name, learning_rate=0.05)
+    sc = mtl.scalarization.get_scalarizer(name, learning_rate=0.05)
     with jax.enable_x64(True):
         state = sc.init(K)
         for L, (ref_loss, ref_w) in zip(seq, ref, strict=True):
@@ -86,7 +94,7 @@ def test_learned_weights_match_reference(name):
 
 
 def test_uw_log_variances_converge_to_log_losses():
-    sc = mtl.get_scalarizer("uw", learning_rate=0.05)
+    sc = mtl.scalarization.get_scalarizer("uw", learning_rate=0.05)
     state = sc.init(K)
     step = jax.jit(sc.scalarize)
     for _ in range(2000):
@@ -97,7 +105,7 @@ def test_uw_log_variances_converge_to_log_losses():
 def test_dwa_matches_reference_with_epochs():
     seq = _sequence(9, seed=1)
     ref = R.dwa_ref(seq, temperature=2.0, steps_per_epoch=2)
-    sc = mtl.get_scalarizer("dwa", steps_per_epoch=2)
+    sc = mtl.scalarization.get_scalarizer("dwa", steps_per_epoch=2)
     with jax.enable_x64(True):
         state = sc.init(K)
         for L, (ref_loss, ref_w) in zip(seq, ref, strict=True):
@@ -110,13 +118,13 @@ def test_dwa_matches_reference_with_epochs():
 def test_stch_paper_form_and_official_recipe():
     pref, ref_point = np.array([0.2, 0.3, 0.5]), np.array([0.1, 0.0, 0.5])
     for mu in (0.1, 1.0):
-        sc = mtl.get_scalarizer("stch", mu=mu, pref_vector=pref, reference=ref_point)
+        sc = mtl.scalarization.get_scalarizer("stch", mu=mu, pref_vector=pref, reference=ref_point)
         with jax.enable_x64(True):
             loss, _, _ = sc.scalarize(jnp.asarray(LOSSES), sc.init(K))
         np.testing.assert_allclose(loss, R.stch_ref(LOSSES, mu, pref, ref_point), rtol=1e-12)
     # Official recipe: 2 warm-up calls, then 2 calls collect the nadir, then STCH on log(L / n).
     seq = _sequence(6, seed=2)
-    sc = mtl.get_scalarizer("stch", mu=0.5, warmup_steps=2, nadir_steps=2)
+    sc = mtl.scalarization.get_scalarizer("stch", mu=0.5, warmup_steps=2, nadir_steps=2)
     with jax.enable_x64(True):
         state = sc.init(K)
         for t, L in enumerate(seq):
@@ -136,7 +144,7 @@ def test_famo_matches_official_update_with_post_step():
         before = LOSSES * rng.uniform(0.5, 1.5, size=K)
         pairs.append((before, before * rng.uniform(0.8, 1.0, size=K)))
     ref = R.famo_ref(pairs, gamma=0.01, w_lr=0.025)
-    sc = mtl.get_scalarizer("famo")
+    sc = mtl.scalarization.get_scalarizer("famo")
     with jax.enable_x64(True):
         state = sc.init(K)
         for (before, after), (ref_loss, ref_w) in zip(pairs, ref, strict=True):
@@ -152,7 +160,7 @@ def test_gradnorm_matches_algorithm_1_and_needs_grad_norms():
     seq = _sequence(6, seed=4)
     norms = [np.array([1.0, 3.0, 0.5]) * (1 + 0.1 * t) for t in range(6)]
     ref = R.gradnorm_ref(seq, norms, alpha=1.5, lr=0.025)
-    sc = mtl.get_scalarizer("gradnorm")
+    sc = mtl.scalarization.get_scalarizer("gradnorm")
     with jax.enable_x64(True):
         state = sc.init(K)
         for L, n, ref_w in zip(seq, norms, ref, strict=True):
@@ -168,18 +176,18 @@ def test_layer_grad_norms_reads_the_rows_of_a_layer():
     J = M.sample("normal", K)
     jac = M.to_tree(J)
     expected = np.linalg.norm(J[:, :14], axis=1)  # enc/w and enc/b
-    np.testing.assert_allclose(mtl.layer_grad_norms(jac, "enc"), expected, rtol=1e-6)
+    np.testing.assert_allclose(mtl.scalarization.layer_grad_norms(jac, "enc"), expected, rtol=1e-6)
     np.testing.assert_allclose(
-        mtl.layer_grad_norms(jac, lambda path: path == "head"),
+        mtl.scalarization.layer_grad_norms(jac, lambda path: path == "head"),
         np.linalg.norm(J[:, 14:], axis=1),
         rtol=1e-6,
     )
     with pytest.raises(ValueError, match="selects no leaf"):
-        mtl.layer_grad_norms(jac, "decoder")
+        mtl.scalarization.layer_grad_norms(jac, "decoder")
 
 
 def test_rlw_is_reproducible_and_on_the_simplex():
-    sc = mtl.get_scalarizer("rlw", seed=7)
+    sc = mtl.scalarization.get_scalarizer("rlw", seed=7)
     state = sc.init(K)
     _, w1, state1 = sc.scalarize(jnp.asarray(LOSSES), state)
     _, w1_again, _ = sc.scalarize(jnp.asarray(LOSSES), state)
@@ -191,12 +199,12 @@ def test_rlw_is_reproducible_and_on_the_simplex():
 
 @pytest.mark.parametrize("name", ["uw", "famo", "dwa", "gradnorm"])
 def test_non_finite_losses_leave_the_state_unchanged(name):
-    sc = mtl.get_scalarizer(name)
+    sc = mtl.scalarization.get_scalarizer(name)
     state = sc.init(K)
     bad = jnp.array([1.0, jnp.nan, 2.0])
     loss, _, new = sc.scalarize(bad, state, grad_norms=jnp.ones(K))
     assert not np.isfinite(float(loss))
-    jax.tree.map(np.testing.assert_array_equal, new, state)
+    M.assert_trees_equal(new, state)
 
 
 def test_train_loop_with_famo_and_a_jitted_step():
@@ -208,7 +216,7 @@ def test_train_loop_with_famo_and_a_jitted_step():
     def task_losses(params):
         return jnp.mean((x @ params - y) ** 2, axis=0) + 0.01
 
-    sc = mtl.get_scalarizer("famo")
+    sc = mtl.scalarization.get_scalarizer("famo")
     tx = optax.adam(0.05)
 
     @jax.jit
@@ -229,3 +237,60 @@ def test_train_loop_with_famo_and_a_jitted_step():
         params, opt_state, sc_state = step(params, opt_state, sc_state)
     assert np.all(np.asarray(task_losses(params)) < start)
     assert isinstance(sc_state, S.FAMOState)
+
+
+def test_package_names_are_the_registered_factories_and_no_builtin_is_shadowed():
+    """``mtl_jax.scalarization.<name>`` is the factory registered as ``name`` (not the module of
+    the same name), and the summed loss is ``sum_`` (registry name ``"sum"``)."""
+    for name, factory in mtl.scalarization.SCALARIZERS.items():
+        assert getattr(S, "sum_" if name == "sum" else name) is factory, name
+    assert not hasattr(S, "sum")
+    assert set(S.__all__) <= set(dir(S))
+
+
+def _famo_chain():
+    sc = mtl.scalarization.get_scalarizer("famo")
+    tx = optax.chain(
+        mtl.scalarization.from_scalarizer(sc, num_tasks=K, name="famo"), optax.sgd(0.1)
+    )
+    params = {"w": jnp.zeros((4,))}
+    jac = {"w": jnp.asarray(np.random.default_rng(5).normal(size=(K, 4)), jnp.float32)}
+    state = tx.init(params)
+    _, state = tx.update(jac, state, params, task_losses=jnp.asarray(LOSSES, jnp.float32))
+    return sc, tx, state
+
+
+def test_post_step_in_state_steps_the_famo_state_inside_a_chain():
+    sc, _, state = _famo_chain()
+    after = jnp.asarray(LOSSES * np.array([0.9, 0.6, 0.95]), jnp.float32)
+    inner = state[0].inner["scalarizer"]  # the chain's first transform: the aggregator
+    expected = sc.post_step(inner, after)
+    assert not np.allclose(expected.logits, inner.logits)  # the post-step does move the logits
+    jitted = jax.jit(mtl.scalarization.post_step_in_state, static_argnums=1)
+    for fn, rtol in (
+        (mtl.scalarization.post_step_in_state, 0.0),
+        (jitted, 1e-6),
+    ):  # jit: XLA's rounding
+        new = fn(state, sc, after)
+        close = functools.partial(np.testing.assert_allclose, rtol=rtol)
+        jax.tree.map(close, new[0].inner["scalarizer"], expected)
+        # everything else is untouched, the structure included
+        assert jax.tree.structure(new) == jax.tree.structure(state)
+        for field in ("key", "weights", "gram"):
+            M.assert_trees_equal(getattr(new[0], field), getattr(state[0], field))
+        M.assert_trees_equal(new[1], state[1])
+
+
+def test_post_step_in_state_steps_every_scalarizer_and_ignores_other_states():
+    sc, _, state = _famo_chain()
+    after = jnp.asarray(LOSSES * np.array([0.9, 0.6, 0.95]), jnp.float32)
+    expected = sc.post_step(state[0].inner["scalarizer"], after)
+    # two chains side by side (e.g. two partitions), and one decoy dict with the same key
+    nested = {"a": state, "b": (optax.EmptyState(), state), "decoy": {"scalarizer": jnp.ones(3)}}
+    new = mtl.scalarization.post_step_in_state(nested, sc, after)
+    for chain_state in (new["a"], new["b"][1]):
+        M.assert_trees_equal(chain_state[0].inner["scalarizer"], expected)
+    np.testing.assert_array_equal(new["decoy"]["scalarizer"], jnp.ones(3))
+    # an optax state without a scalarizer comes back unchanged
+    plain = optax.adam(0.1).init({"w": jnp.zeros(2)})
+    assert mtl.scalarization.post_step_in_state(plain, sc, after) is plain

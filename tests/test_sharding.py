@@ -26,10 +26,10 @@ SCRIPT = textwrap.dedent(
         out = jnp.tanh(x @ p["w1"]) @ p["w2"]
         return jnp.mean((out - y) ** 2, axis=0)          # one loss per output = per task
 
-    tx = optax.chain(mtl.pcgrad(num_tasks=3), optax.adam(1e-2))
+    tx = optax.chain(mtl.aggregation.pcgrad(num_tasks=3), optax.adam(1e-2))
 
     def step(p, s, x, y):
-        value, jac = mtl.value_and_jacobian(losses)(p, x, y)
+        value, jac = mtl.value_and_grads(losses)(p, x, y)
         updates, s = tx.update(jac, s, p, task_losses=value)
         return optax.apply_updates(p, updates), s, value
 
@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent(
     assert len(xs.sharding.device_set) == 4
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
-    np.testing.assert_allclose(mtl.last_weights(s1), mtl.last_weights(s4), rtol=1e-5)
+    np.testing.assert_allclose(mtl.aggregation.weights(s1), mtl.aggregation.weights(s4), rtol=1e-5)
     print("OK")
     """
 )

@@ -222,19 +222,21 @@ def _task_losses(model, spec, x, ys):
     return losses
 
 
-def test_copied_rows_are_zero_except_the_own_copy_and_multitask_sums_them():
+def test_copied_rows_are_zero_except_the_own_copy_and_shared_rows_gets_own_gradients():
     model, x, _, spec, stacked = _setup()
     ys = jnp.asarray(np.random.default_rng(1).normal(size=(K, B, 2)), jnp.float32)
     losses_fn = _task_losses(model, spec, x, ys)
-    losses, jac = jax.jit(mtl.value_and_jacobian(losses_fn))(stacked)
+    losses, jac = jax.jit(mtl.value_and_grads(losses_fn))(stacked)
     kernel = jac["params"]["branch"]["kernel"]  # [K (rows), K (copies), H, H]
     assert kernel.shape == (K, K, H, H)
     for t in range(K):
         for c in range(K):
             assert np.any(kernel[t, c] != 0) == (t == c)
 
-    tx = mtl.multitask(mtl.sum(), task_specific=spec_task_specific(spec))
-    updates, _ = tx.update(jac, tx.init(stacked), stacked)
+    task_specific = spec_task_specific(spec)
+    _, grads = jax.jit(mtl.value_and_grads(losses_fn, task_specific))(stacked)
+    tx = mtl.shared_rows(mtl.aggregation.sum_(), task_specific)
+    updates, _ = tx.update(grads, tx.init(stacked), stacked)
     grad_fn = jax.jit(jax.grad(lambda p, t: losses_fn(p)[t]))
     for t in range(K):  # each copy gets exactly its own task's gradient
         grad_t = grad_fn(stacked, t)
@@ -251,7 +253,7 @@ def test_masked_leaf_gradient_is_zero_outside_its_mask():
     masks["params"]["trunk"]["kernel"] = rng.random((K, D, H)) < 0.5
     spec = spec_from_masks(masks)
     ys = jnp.asarray(rng.normal(size=(K, B, 2)), jnp.float32)
-    _, jac = mtl.value_and_jacobian(_task_losses(model, spec, x, ys))(params)
+    _, jac = mtl.value_and_grads(_task_losses(model, spec, x, ys))(params)
     for t in range(K):
         row = np.asarray(jac["params"]["trunk"]["kernel"][t])
         assert np.all(row[~masks["params"]["trunk"]["kernel"][t]] == 0)
@@ -363,7 +365,7 @@ def test_copied_batchnorm_keeps_per_task_statistics():
         outs, new_state = forward({"params": params, "batch_stats": batch_stats}, x)
         return jnp.mean(outs**2, axis=(1, 2)), new_state
 
-    (vals, _), jac = mtl.value_and_jacobian(losses, has_aux=True)(
+    (vals, _), jac = mtl.value_and_grads(losses, has_aux=True)(
         stacked["params"], stacked["batch_stats"]
     )
     assert vals.shape == (K,) and jac["bn1"]["scale"].shape == (K, K, H)
@@ -431,13 +433,15 @@ def test_nnx_per_task_forward_jacobian_and_batch_stats():
     def losses(p):
         return jnp.mean((forward((p, stats), x)[0] - ys) ** 2, axis=(1, 2))
 
-    _, jac = mtl.value_and_jacobian(losses)(stacked)
+    _, jac = mtl.value_and_grads(losses)(stacked)
     rows = jac["branch"]["kernel"][...]  # [K, K, H, H]
     for t in range(K):
         for c in range(K):
             assert np.any(rows[t, c] != 0) == (t == c)
-    tx = optax.chain(mtl.multitask(mtl.pcgrad(), spec_task_specific(spec)), optax.sgd(0.1))
-    updates, _ = tx.update(jac, tx.init(stacked), stacked)
+    task_specific = spec_task_specific(spec)
+    _, grads = mtl.value_and_grads(losses, task_specific)(stacked)
+    tx = optax.chain(mtl.shared_rows(mtl.aggregation.pcgrad(), task_specific), optax.sgd(0.1))
+    updates, _ = tx.update(grads, tx.init(stacked), stacked)
     assert updates["branch"]["kernel"][...].shape == (K, H, H)
 
 
@@ -485,10 +489,10 @@ def test_copied_batchnorm_statistics_are_never_silently_averaged():
 
 def test_shared_view_hides_task_specific_leaves():
     _, _, _, spec, stacked = _setup()
-    view = mtl.shared_view(stacked, spec)
+    view = mtl.sharing.shared_view(stacked, spec)
     assert isinstance(view["params"]["branch"]["kernel"], optax.MaskedNode)
     assert view["params"]["trunk"]["kernel"].shape == (D, H)
-    groups = mtl.ConflictTracker(K, granularity=mtl.by_module).groups(view)
+    groups = mtl.ConflictTracker(K, granularity=mtl.gramian.by_module).groups(view)
     assert groups == ["global", "params/out", "params/trunk"]
 
 
@@ -510,16 +514,20 @@ def test_per_task_grads_refuses_stream_dependent_shared_state(unroll):
         K, 1, 1
     )
     stats_spec = make_spec(variables["batch_stats"])
-    fn = mtl.per_task_grads(
-        task_loss, spec, K, has_state=True, state_spec=stats_spec, unroll=unroll
+    fn = mtl.value_and_grads(
+        mtl.PerTaskLosses(task_loss, spec, K, has_state=True, state_spec=stats_spec),
+        task_map="unroll" if unroll else "vmap",
     )
-    with pytest.raises(ValueError, match=r"per_task_grads: the shared state leaves \[bn1/mean"):
+    with pytest.raises(
+        ValueError, match=r"value_and_grads\(PerTaskLosses\): the shared state leaves \[bn1/mean"
+    ):
         jax.eval_shape(fn, stacked, variables["batch_stats"], x)
     # bn1 copied per task: bn0 (before the branch) stays shared and exact, no error
     stats_spec = make_spec(variables["batch_stats"], copied="^bn1/")
     stats = copy_per_task(variables["batch_stats"], stats_spec, K)
-    fn = mtl.per_task_grads(
-        task_loss, spec, K, has_state=True, state_spec=stats_spec, unroll=unroll
+    fn = mtl.value_and_grads(
+        mtl.PerTaskLosses(task_loss, spec, K, has_state=True, state_spec=stats_spec),
+        task_map="unroll" if unroll else "vmap",
     )
     (losses, new), _ = fn(stacked, stats, x)
     assert losses.shape == (K,)

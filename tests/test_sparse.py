@@ -189,7 +189,7 @@ def test_apply_mask_errors_name_the_leaf():
 
 def _registry_aggregators():
     names = []
-    for name, factory in mtl.AGGREGATORS.items():
+    for name, factory in mtl.aggregation.AGGREGATORS.items():
         required = [
             p
             for p in inspect.signature(factory).parameters.values()
@@ -202,7 +202,7 @@ def _registry_aggregators():
 
 
 def _build(name):
-    factory = mtl.AGGREGATORS[name]
+    factory = mtl.aggregation.AGGREGATORS[name]
     accepted = inspect.signature(factory).parameters
     return factory(num_tasks=K_TASKS) if "num_tasks" in accepted else factory()
 
@@ -222,7 +222,9 @@ def _mlp_params():
     return MLPNet().init(jax.random.PRNGKey(0), jnp.zeros((1, 8)))
 
 
-def _train(tx, params, steps=10):
+def _train(tx, params, steps=10, task_specific=None):
+    """``steps`` of ``tx``: on the full Jacobian, or with ``task_specific`` on the gradient tree
+    of ``mtl.value_and_grads`` (heads: their own gradient)."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
     y = jnp.asarray(rng.normal(size=(K_TASKS, 16)), jnp.float32)
@@ -230,10 +232,15 @@ def _train(tx, params, steps=10):
     def losses(p):
         return jnp.mean((MLPNet().apply(p, x) - y) ** 2, axis=1)
 
+    if task_specific is None:
+        grad_fn = mtl.value_and_grads(losses)
+    else:
+        grad_fn = mtl.value_and_grads(losses, task_specific)
+
     @jax.jit
     def step(p, s):
-        value, jac = mtl.value_and_jacobian(losses)(p)
-        updates, s = tx.update(jac, s, p, task_losses=value)
+        value, grads = grad_fn(p)
+        updates, s = tx.update(grads, s, p, task_losses=value)
         return optax.apply_updates(p, updates), s
 
     state = tx.init(params)
@@ -252,11 +259,11 @@ def test_frozen_parameters_stay_bit_identical_with_adamw(name):
     encoder = "^params/(dense|norm)"  # the heads stay dense
     mask = psn_mask(params, 5, include=encoder, other="freeze")
     tx = optax.chain(
-        mtl.multitask(_build(name), task_specific=_is_head(params)),
+        mtl.shared_rows(_build(name), _is_head(params)),
         optax.adamw(1e-2, weight_decay=0.1),  # momentum and weight decay
         apply_mask(mask),  # after the optimizer: frozen coordinates stay put
     )
-    _assert_frozen(params, _train(tx, params), mask, name)
+    _assert_frozen(params, _train(tx, params, task_specific=_is_head(params)), mask, name)
 
 
 def _assert_frozen(params, trained, mask, name=""):
@@ -273,28 +280,33 @@ def _assert_frozen(params, trained, mask, name=""):
 def test_mask_in_front_of_the_aggregator_masks_every_task_gradient():
     params = _mlp_params()
     mask = psn_mask(params, 5, include="^params/dense")
-    aggregator = mtl.pcgrad(num_tasks=K_TASKS)
+    aggregator = mtl.aggregation.pcgrad(num_tasks=K_TASKS)
     tx = optax.chain(
         apply_mask(mask),  # every task's gradient restricted to the trainable subspace
-        mtl.multitask(aggregator, task_specific=_is_head(params)),
+        mtl.shared_rows(aggregator, _is_head(params)),
         optax.adamw(1e-2, weight_decay=0.1),
         apply_mask(mask),
     )
-    _assert_frozen(params, _train(tx, params), mask)
+    _assert_frozen(params, _train(tx, params, task_specific=_is_head(params)), mask)
 
     x = jnp.ones((4, 8))
     losses = lambda p: jnp.mean(MLPNet().apply(p, x) ** 2, axis=1) + jnp.arange(K_TASKS)
-    value, jac = mtl.value_and_jacobian(losses)(params)
-    _, state = tx.update(jac, tx.init(params), params, task_losses=value)
-    masked_jac, _ = apply_mask(mask).update(jac, MaskState(mask))
-    shared = jax.tree.map(lambda j, h: jnp.zeros_like(j) if h else j, masked_jac, _is_head(params))
-    np.testing.assert_allclose(mtl.last_gram(state), mtl.gramian(shared), rtol=1e-5, atol=1e-7)
+    value, grads = mtl.value_and_grads(losses, _is_head(params))(params)
+    _, state = tx.update(grads, tx.init(params), params, task_losses=value)
+    masked, _ = apply_mask(mask).update(grads, MaskState(mask))
+    # the Gram matrix of the masked shared rows (heads: no rows, zeros)
+    shared = jax.tree.map(
+        lambda g, h: jnp.zeros((K_TASKS, *g.shape), g.dtype) if h else g, masked, _is_head(params)
+    )
+    np.testing.assert_allclose(
+        mtl.aggregation.gram(state), mtl.gramian.gramian(shared), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_weight_decay_moves_frozen_parameters_without_the_trailing_mask():
     params = _mlp_params()
     mask = psn_mask(params, 5, include="dense")
-    tx = optax.chain(apply_mask(mask), mtl.mean(), optax.adamw(1e-2, weight_decay=0.1))
+    tx = optax.chain(apply_mask(mask), mtl.aggregation.mean(), optax.adamw(1e-2, weight_decay=0.1))
     trained = _train(tx, params, steps=2)
     w, m = params["params"]["dense1"]["kernel"], np.asarray(mask["params"]["dense1"]["kernel"])
     assert np.any(np.asarray(trained["params"]["dense1"]["kernel"])[~m] != np.asarray(w)[~m])

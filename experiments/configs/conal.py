@@ -45,7 +45,7 @@ def get_config(setup: str = "embedded"):
         config.train.epochs = 5
         config.train.batch_size = 128
         config.train.lr = 1e-3
-        config.train.jacobian_strategy = "unroll"
+        config.train.task_map = "unroll"
         # precise BN per stream before the final evaluation: the stored statistics were up to
         # 1.4 points off the recomputed ones per task (docs/claims.md)
         config.eval.recompute_bn_batches = 50

@@ -41,7 +41,7 @@ def _plant_leaves():
     config.train.eval_batch_size = 64
     config.train.lr = 1e-3
     config.train.log_every_steps = 10
-    config.train.jacobian_strategy = "vmap"
+    config.train.task_map = "vmap"
     config.eval.recompute_bn_batches = 50  # precise BN per task stream before the final eval
     return config
 
@@ -62,7 +62,7 @@ def _real_digits():
     config.train.eval_batch_size = 500
     config.train.lr = 1e-3
     config.train.log_every_steps = 10
-    config.train.jacobian_strategy = "unroll"
+    config.train.task_map = "unroll"
     config.eval.recompute_bn_batches = 50  # precise BN per task stream (short runs lag most)
     return config
 

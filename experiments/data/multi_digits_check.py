@@ -1,11 +1,11 @@
 """Checks that ``multi_digits`` is learnable and has measurable gradient conflict.
 
 Trains a small MLP (flatten -> 256 -> 128 shared trunk, ReLU; one 128 -> 10 head per task) with
-plain mean aggregation of the task Jacobian (``mtl.mean``; or ``--methods mean pcgrad ...``) and
+plain mean aggregation of the task Jacobian (``mtl.aggregation.mean``; or ``--methods mean pcgrad ...``) and
 Adam, and reports per seed:
 
 * the conflict incidence: the share of steps at which the two tasks' gradients on the shared
-  trunk have a negative cosine (``mtl.conflict_incidence(mtl.gramian(jac))``), and the mean
+  trunk have a negative cosine (``mtl.conflict.conflict_incidence(mtl.gramian.gramian(jac))``), and the mean
   cosine;
 * the test accuracy of each task (chance is 10%).
 
@@ -84,16 +84,18 @@ def run(
         "heads": [True] * len(names),
     }
     tx = optax.chain(
-        mtl.multitask(mtl.get_aggregator(method, num_tasks=len(names)), is_head), optax.adam(lr)
+        mtl.shared_rows(mtl.get_method(method, num_tasks=len(names)).transform, is_head),
+        optax.adam(lr),
     )
+    grad_fn = mtl.value_and_grads(task_losses, is_head)  # trunk: rows [K, ...]; heads: gradient
     opt_state = tx.init(params)
 
     @jax.jit
     def step(params, opt_state, batch):
-        losses, jac = mtl.value_and_jacobian(task_losses)(params, batch)
-        gram = mtl.gramian(jac["trunk"])
-        updates, opt_state = tx.update(jac, opt_state, params, task_losses=losses)
-        stats = (mtl.conflict_incidence(gram), mtl.mean_pairwise_cosine(gram))
+        losses, grads = grad_fn(params, batch)
+        gram = mtl.gramian.gramian(grads["trunk"])
+        updates, opt_state = tx.update(grads, opt_state, params, task_losses=losses)
+        stats = (mtl.conflict.conflict_incidence(gram), mtl.conflict.mean_pairwise_cosine(gram))
         return optax.apply_updates(params, updates), opt_state, stats
 
     incidences, cosines, epoch, done = [], [], 0, 0

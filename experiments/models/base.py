@@ -6,7 +6,7 @@ A :class:`MultiTaskModel` holds two kinds of Flax Linen modules:
   ``[B, H, W, F]`` for the dense model);
 * ``heads[name]``: ``__call__(z, train: bool) -> prediction`` for task ``name``, in task order.
 
-This is the shape :func:`mtl_jax.mtl_value_and_grad` expects: the encoder gets Jacobian rows, each
+This is the shape of a :class:`mtl_jax.TrunkAndHeads`: the encoder gets Jacobian rows, each
 head its own gradient. Variables are nested as::
 
     {"encoder": {"params": ..., "batch_stats": ...},      # "batch_stats" only with BatchNorm
@@ -14,7 +14,7 @@ head its own gradient. Variables are nested as::
 
 :meth:`MultiTaskModel.split` separates the trainable ``params`` from the rest (the *state*: BatchNorm
 running statistics), and :meth:`MultiTaskModel.encoder_fn` / :meth:`MultiTaskModel.head_fn` return
-pure ``(params, input) -> (output, new_state)`` functions that plug into ``mtl_value_and_grad``
+pure ``(params, input) -> (output, new_state)`` functions that plug into ``mtl.TrunkAndHeads``
 with ``has_aux=True`` (the auxiliary output is the updated state; an empty dict without BatchNorm).
 
 Prediction formats (what :func:`experiments.losses.task_loss` and :mod:`experiments.metrics` read):
@@ -198,7 +198,7 @@ class MultiTaskModel:
     def encoder_fn(
         self, encoder_state: Mapping[str, PyTree], train: bool
     ) -> Callable[[PyTree, jax.Array], tuple[PyTree, dict[str, PyTree]]]:
-        """``(encoder_params, x) -> (z, new_encoder_state)`` for ``mtl_value_and_grad(has_aux=True)``."""
+        """``(encoder_params, x) -> (z, new_encoder_state)`` for ``mtl.TrunkAndHeads`` (``has_aux=True``)."""
         return lambda params, x: _apply(self.encoder, {"params": params, **encoder_state}, x, train)
 
     def head_fn(

@@ -22,7 +22,7 @@ and bias 0, ``zero_init_residual=False``; the Linear layers use PyTorch's defaul
 zero biases. BatchNorm momentum 0.9 (PyTorch 0.1) and eps 1e-5.
 
 Module names follow the PyTorch ones (``conv1``, ``bn1``, ``layer2_0/conv1``,
-``layer2_0/downsample_0`` (conv) and ``downsample_1`` (BN), ``fc``), so ``mtl.by_module`` groups
+``layer2_0/downsample_0`` (conv) and ``downsample_1`` (BN), ``fc``), so ``mtl.gramian.by_module`` groups
 the encoder into Recon's layers: every conv, every BN (scale + bias) and the fc (kernel + bias) is
 one group; 41 groups in the encoder.
 """

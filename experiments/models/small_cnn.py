@@ -9,11 +9,11 @@ UNVERIFIED), so this is our choice, kept small enough for CPU runs on 64-96 px i
 * heads: :class:`~experiments.models.base.ClassifierHead` (12-way species, binary health);
 * ``modulation``: indices of the blocks followed by a :class:`mtl_jax.modules.TaskModulation`
   (per-channel scales, init 1; Zhao et al. 2018). Their ``task_scale`` parameters become per-task
-  copies through the sharing spec (``mtl.modulation_spec``) and ``mtl.per_task``; without that the
+  copies through the sharing spec (``mtl.modules.modulation_spec``) and ``mtl.per_task``; without that the
   model is the plain network (one scale vector of ones).
 
 Convolutions use Kaiming-normal (fan_out) init as the ResNet does; Dense layers PyTorch's default.
-Per-module names make ``mtl.by_module`` see every conv, BN and fc as one layer (Recon's grouping).
+Per-module names make ``mtl.gramian.by_module`` see every conv, BN and fc as one layer (Recon's grouping).
 """
 
 from __future__ import annotations

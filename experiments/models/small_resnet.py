@@ -29,7 +29,7 @@ Flax NNX: :class:`NNXSmallResNet` is the same network (same module names, parame
 initializers; other random draws) as an ``nnx.Module``: ``model(x) -> {task: logits}``, with ``model.train()`` /
 ``model.eval()`` switching BatchNorm between batch and running statistics, and
 ``model.encoder.blocks`` the ordered block list. Its ``nnx.Param`` state groups under
-``mtl.by_module`` into the same encoder modules (paths without the ``params/`` prefix); with
+``mtl.gramian.by_module`` into the same encoder modules (paths without the ``params/`` prefix); with
 the Linen weights copied in it gives the same outputs (``tests/test_models.py``).
 """
 

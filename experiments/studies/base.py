@@ -30,7 +30,7 @@ from experiments import reports
 from experiments.config import parse_method
 from experiments.logs import JsonlLog
 from experiments.phases import Artifacts, Phase
-from experiments.train import RunSpec, make_aggregator, train_run
+from experiments.train import RunSpec, get_method, train_run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +90,7 @@ def check_methods(config: ml_collections.ConfigDict, methods: Sequence[str]) -> 
     """Builds every method once: unknown names and hyper-parameters raise, listing valid ones."""
     for method in methods:
         name, kwargs = method_spec(config, method)
-        make_aggregator(name, kwargs, num_tasks=2)
+        get_method(name, kwargs, num_tasks=2)
 
 
 def single_task_runs(data, seed: int, epochs: int | None = None) -> list[RunSpec]:

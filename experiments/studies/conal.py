@@ -37,42 +37,47 @@ weight lr of ``config.train`` (``conal.weight_lr`` = 0) and alpha lr ``conal.arc
 instead of 5e-5: the official search runs for many epochs; at 5e-5 the logits of a search of a few
 hundred steps would barely leave the uniform softmax.
 
-The retrain step (:func:`make_retrain`) is exact for any tree architecture: the trunk runs
-once; every task runs its own branch (a CoNAL-Pro group's branch is shared by its tasks) and its
-head; each parameter is updated from the gradients of exactly the tasks that use it -- a trunk
-block b with the base aggregator over the Jacobian rows of the tasks whose branch point is > b
-(blocks with the same task set share one aggregator), a branch copy of one task with that task's
-gradient (as Recon's copies), a group's copy with the aggregator over its tasks' rows, a head with
-its task's gradient -- then the run's optimizer (``config.train``). The all-shared architecture
-gives the standard step (one aggregator over all K rows of the encoder; the losses of
-``train_run`` over 8 steps agree to float rounding, ``tests/test_conal_study.py``). Cost of a step:
-one trunk forward, per task one forward and backward through its branch and head, and one trunk
-backward per task for the Jacobian rows (unrolled over the tasks: no vmapped convolutions, which
-XLA:CPU runs slowly). Recon-style per-task copies (``RunSpec.branch_fn``) were not used: they give every
+The retrain model is the library's (:class:`mtl_jax.conal.TreeModel`,
+:func:`mtl_jax.conal.make_retrain`); this module only gives it the study's heads, task losses,
+initialisation and optimizer. It is exact for any tree architecture: the trunk runs once; every
+task runs its own branch (a CoNAL-Pro group's branch is shared by its tasks) and its head; each
+parameter is updated from the gradients of exactly the tasks that use it
+(:func:`mtl_jax.conal.unit_aggregation`) -- a trunk block b with the base aggregator over the
+Jacobian rows of the tasks whose branch point is > b (blocks with the same task set share one
+aggregator), a branch copy of one task with that task's gradient (as Recon's copies), a group's
+copy with the aggregator over its tasks' rows, a head with its task's gradient -- then the run's
+optimizer (``config.train``; the encoder and the heads each with their own state). The
+all-shared architecture gives the standard step (one aggregator over all K rows of the encoder;
+the losses of ``train_run`` over 8 steps agree to float rounding, ``tests/test_conal_study.py``).
+Cost of a step: one trunk forward, per task one forward and backward through its branch and
+head, and K trunk backward passes for the Jacobian rows, mapped by ``conal.retrain_task_map``
+(default ``"unroll"``: no vmapped convolutions, which XLA:CPU runs slowly; ``"vmap"`` on
+accelerators). Recon-style per-task copies (``RunSpec.branch_fn``) were not used: they give every
 task its own copy of a branched layer, so two tasks that branch late would no longer share their
 common blocks. Copies start from ``conal.init``: ``"fresh"`` (copy t of a block from the model
 initialised with another key, as Recon's ``fresh`` and the official ``new_bb()``) or ``"copy"``
-(every copy from the seed's initial block). Only gradient aggregators (``mtl.AGGREGATORS``) are
-accepted as base methods: the loss-weighting and representation methods act on the whole model.
+(every copy from the seed's initial block). Only gradient aggregators (methods of cost
+``"jacobian"`` in the library's catalogue, ``mtl.get_method``) are accepted as base methods: the
+loss-weighting and representation methods act on the whole model.
 
-BatchNorm statistics. Every stream of the tree keeps its own running statistics: the trunk's
-blocks those of their input (the batch), branch c's copies those of ``s_{p_c}`` through its own
-copies (a CoNAL-Pro group's branch: one input for all its tasks); nothing is averaged across tasks
-(``tests/test_conal_study.py`` checks each stream against the statistics of its own input). They
-are exponential moving averages (momentum 0.9 in ``small_resnet``) of the statistics of past
-weights, so they lag the final weights, much so in short runs. ``eval.recompute_bn_batches = N``
-> 0 (the runner's key, as for every study) turns on precise BN (Wu & Johnson 2021): before every evaluation and for the saved weights,
-each stream's statistics are recomputed as the mean batch statistics of the current weights over
-N training batches (:func:`recompute_tree_statistics`, :mod:`mtl_jax.batchnorm`); the all-shared
-baseline is then the all-shared tree (the same step as the standard run) so that the three models
-get the same statistics. Independently, every finished run is evaluated three ways
+BatchNorm statistics. Every stream of the tree keeps its own running statistics: the trunk's blocks
+those of their input (the batch), branch c's copies those of ``s_{p_c}`` through its own copies (a
+CoNAL-Pro group's branch: one input for all its tasks); nothing is averaged across tasks
+(``tests/test_conal_study.py`` checks each stream against the statistics of its own input). They are
+exponential moving averages (momentum 0.9 in ``small_resnet``) of the statistics of past weights, so
+they lag the final weights, much so in short runs. ``eval.recompute_bn_batches = N`` > 0 (the
+runner's key, as for every study) turns on precise BN (Wu & Johnson 2021): before every evaluation
+and for the saved weights, each stream's statistics are recomputed as the mean batch statistics of
+the current weights over N training batches (:func:`mtl_jax.conal.recompute_tree_statistics`); the
+all-shared baseline is then the all-shared tree (the same step as the standard run) so that the
+three models get the same statistics. Independently, every finished run is evaluated three ways
 (:func:`evaluate_bn_modes`, ``conal.bn_modes_batches`` training batches, 0 = off): A the stored
 statistics, B train-mode (each test batch's own statistics), C recomputed; artifact ``bn_modes``
-(retrains: in the run's phase; standard runs: phase ``bn_modes__<run>``), ``bn_modes`` per model
-in ``conal_summary.json`` and a second table in the report. Not for the search: the supernet's
-statistics (stacked copies under ``mixing="paths"`` average the statistics of a copy's path
-streams, CoNAL-Pro's ties average tied tasks' copies, and both the held-out and the training
-batch update them every step) serve only its train-mode steps and are discarded.
+(retrains: in the run's phase; standard runs: phase ``bn_modes__<run>``), ``bn_modes`` per model in
+``conal_summary.json`` and a second table in the report. Not for the search: the supernet's
+statistics (stacked copies under ``mixing="paths"`` average the statistics of a copy's path streams,
+CoNAL-Pro's ties average tied tasks' copies, and both the held-out and the training batch update
+them every step) serve only its train-mode steps and are discarded.
 
 The report writes ``conal_summary.json`` at the work dir's root (per seed: branch points, final
 softmax, parameter counts, test metrics and Δm% of the learned, all-shared and all-private models;
@@ -84,8 +89,6 @@ alpha trajectories.
 from __future__ import annotations
 
 import collections
-import dataclasses
-import functools
 import json
 import math
 import os
@@ -129,10 +132,10 @@ from experiments.train import (
     apply_module,
     count_params,
     evaluate_split,
+    get_method,
     initial_params,
-    make_aggregator,
 )
-from mtl_jax import batchnorm, conal
+from mtl_jax import conal
 
 PyTree = Any
 SEARCH_RUN = "conal-search"
@@ -148,6 +151,8 @@ def defaults() -> ml_collections.ConfigDict:
             "val_fraction": 0.2,  # share of the training set held out for the architecture
             "mixing": "stream",  # Supernet.mixing: "stream" (one private pass) or "paths"
             "task_map": "unroll",  # "unroll" (CPU conv nets), "vmap" (accelerators), "scan"
+            # the retrain step's K trunk backward passes: the same choices (unroll: as before)
+            "retrain_task_map": "unroll",
             "nocl": True,  # CoNAL's conflict rule on the shared blocks during the search
             "gumbel": False,  # Gumbel-softmax (straight-through) instead of the softmax
             "tau": 1.0,
@@ -367,8 +372,8 @@ def _search_phase(ctx: StudyContext, seed: int) -> Phase:
         steps_per_epoch = data_lib.num_batches(train_part, batch_size, drop_remainder=True)
         total = _search_epochs(config) * steps_per_epoch
         heads, _ = _head_params(ctx, seed)
-        x0 = jnp.zeros((2, *ctx.data.input_shape), jnp.float32)
-        template = search.init(jax.random.PRNGKey(seed), x0, heads["heads"])
+        x0 = np.zeros((2, *ctx.data.input_shape), np.float32)
+        template = search.init(jax.random.key(seed), x0, heads["heads"])
 
         def batches(epoch: int, start: int):
             for i, batch in enumerate(
@@ -461,7 +466,7 @@ def _search_phase(ctx: StudyContext, seed: int) -> Phase:
         out = {
             "alpha": alpha.tolist(),
             "alpha_softmax": np.asarray(
-                conal.branch_weights(jnp.asarray(alpha), state.candidates)
+                conal.branch_weights(state.params["alpha"], state.candidates)
             ).tolist(),
             "steps": int(state.step),
             "block_sizes": conal.block_param_counts(state.params),
@@ -537,110 +542,19 @@ def _discretise_phase(ctx: StudyContext, seed: int) -> Phase:
 
 
 # ---------------------------------------------------------------------------------------------
-# Phase 3: the retrain step for a tree architecture.
+# Phase 3: the retrain model of a tree architecture (mtl_jax.conal.TreeModel) and its step.
 
 
-class RetrainState(NamedTuple):
-    """``params = {"trunk": [block]*D, "branches": [[block]*(B - p_c)], "heads": {task}}``;
-    ``model_state`` likewise without heads; ``opt_state = (aggregator states, encoder opt, heads
-    opt)``."""
+def tree_model(
+    blocks: Sequence[conal.Block], arch: conal.Architecture, model, tasks: Sequence
+) -> conal.TreeModel:
+    """The library's :class:`~mtl_jax.conal.TreeModel` of ``arch`` with the study's heads
+    (``model.heads``, no mutable state, as every head of the suite), in task order."""
 
-    step: jax.Array
-    params: dict
-    model_state: dict
-    opt_state: tuple
-    first_nonfinite: jax.Array
+    def head(module) -> Callable:
+        return lambda params, z, train: apply_module(module, params, {}, z, train)[0]
 
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class TreeModel:
-    """A discrete tree architecture over blocks, with the study's heads (heads without mutable
-    state, as every head of the suite).
-
-    The same forward as :func:`mtl_jax.conal.architecture_apply`, written per branch (lists of
-    block parameters instead of stacked copies), so each task's loss can be differentiated
-    through its own branch only.
-    """
-
-    blocks: tuple[conal.Block, ...]
-    arch: conal.Architecture
-    model: Any  # the MultiTaskModel (its heads)
-    tasks: tuple
-
-    @functools.cached_property
-    def branches(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
-        return self.arch.branches()
-
-    @functools.cached_property
-    def branch_of(self) -> dict[int, int]:
-        return {t: c for c, (_, ts) in enumerate(self.branches) for t in ts}
-
-    def units(self) -> list[tuple[tuple[int, ...], str, Any]]:
-        """Parameter units and the tasks that use them: ``(tasks, "trunk", [blocks])`` for trunk
-        blocks with the same task set, ``(tasks, "branch", c)`` per branch."""
-        bps = self.arch.branch_points
-        by_set: dict[tuple[int, ...], list[int]] = collections.OrderedDict()
-        for b in range(self.arch.trunk_depth):
-            users = tuple(t for t, p in enumerate(bps) if p > b)
-            by_set.setdefault(users, []).append(b)
-        out = [(users, "trunk", blocks) for users, blocks in by_set.items()]
-        out += [(tuple(ts), "branch", c) for c, (_, ts) in enumerate(self.branches)]
-        return out
-
-    def trunk(self, params, state, x, train: bool):
-        """``([s_0 = x, s_1, ..., s_D], new trunk state)``, D = ``trunk_depth``."""
-        feats, new_state = [x], []
-        for b in range(self.arch.trunk_depth):
-            s, st = self.blocks[b].apply(params[b], state[b], feats[-1], train)
-            feats.append(s)
-            new_state.append(st)
-        return feats, new_state
-
-    def branch(self, c: int, params, state, x, train: bool):
-        """Branch c's copies of blocks ``p_c..B-1`` on ``x = s_{p_c}``: ``(z, new state)``."""
-        p = self.branches[c][0]
-        new_state = []
-        for i, b in enumerate(range(p, self.arch.num_blocks)):
-            x, st = self.blocks[b].apply(params[i], state[i], x, train)
-            new_state.append(st)
-        return x, new_state
-
-    def head(self, t: int, params, z, train: bool):
-        """Task t's prediction from its encoder feature ``z``."""
-        task = self.tasks[t]
-        return apply_module(self.model.heads[task.name], params, {}, z, train)[0]
-
-    def apply(self, params, state, x, train: bool) -> tuple[dict, dict]:
-        """``({task: prediction}, new state)``: the whole tree on one batch ``x``.
-
-        ``train=True``: every BatchNorm normalises with the statistics of its own input (the trunk
-        with those of ``x``, branch c with those of ``s_{p_c}`` through its own copies) and the new
-        state holds each stream's running statistics updated from them -- the train-mode forward
-        of :func:`evaluate_bn_modes` and the ``update_fn`` of the precise-BN recomputation.
-        ``train=False``: the stored running statistics, the state unchanged.
-        """
-        feats, trunk_state = self.trunk(params["trunk"], state["trunk"], x, train)
-        zs, branch_state = [], []
-        for c, (p, _) in enumerate(self.branches):
-            z, st = self.branch(c, params["branches"][c], state["branches"][c], feats[p], train)
-            zs.append(z)
-            branch_state.append(st)
-        out = {}
-        for t, task in enumerate(self.tasks):
-            p = self.arch.branch_points[t]
-            z = feats[p] if p == self.arch.num_blocks else zs[self.branch_of[t]]
-            out[task.name] = self.head(t, params["heads"][task.name], z, train)
-        return out, {"trunk": trunk_state, "branches": branch_state}
-
-    def predict(self, params, state, x) -> dict:
-        """``{task: prediction}`` in evaluation mode (BatchNorm running statistics)."""
-        return self.apply(params, state, x, False)[0]
-
-    @functools.cached_property
-    def train_mode_state(self) -> Callable:
-        """Jitted ``(params, state, x) -> new state``: one train-mode forward's updated running
-        statistics (compiled once per shape, the weights an argument)."""
-        return jax.jit(lambda params, state, x: self.apply(params, state, x, True)[1])
+    return conal.TreeModel(tuple(blocks), arch, {t.name: head(model.heads[t.name]) for t in tasks})
 
 
 def _encoder_block(params: dict, state: dict, name: str) -> tuple[PyTree, PyTree]:
@@ -650,13 +564,13 @@ def _encoder_block(params: dict, state: dict, name: str) -> tuple[PyTree, PyTree
 
 
 def tree_init(
-    ctx: StudyContext, tree: TreeModel, seed: int, exact: bool, init: str
+    ctx: StudyContext, tree: conal.TreeModel, seed: int, exact: bool, init: str
 ) -> tuple[dict, dict]:
     """Initial ``(params, model_state)``: the trunk (and the heads) from the seed's standard
-    initialisation (exact block cut) or from the blocks' own init; copies per ``init``."""
+    initialisation (exact block cut) or from the blocks' own init; copies per ``init``
+    (:func:`mtl_jax.conal.tree_init`)."""
     params0, state0 = initial_params(ctx.model, ctx.data.tasks, ctx.data.input_shape, seed)
     names = [b.name for b in tree.blocks]
-    nb = tree.arch.num_blocks
     if exact:
 
         def block_vars(b: int, variant: int | None) -> tuple[PyTree, PyTree]:
@@ -672,29 +586,10 @@ def tree_init(
             return _encoder_block(p["encoder"], s["encoder"], names[b])
 
     else:
-        shapes = [jnp.zeros((2, *ctx.data.input_shape), jnp.float32)]
-        for b in range(nb):
-            p, s = tree.blocks[b].init(jax.random.PRNGKey(0), shapes[-1])
-            shapes.append(tree.blocks[b].apply(p, s, shapes[-1], False)[0])
-
-        def block_vars(b: int, variant: int | None) -> tuple[PyTree, PyTree]:
-            key = jax.random.fold_in(jax.random.PRNGKey(seed), 1 + (variant or 0) * nb + b)
-            if variant is None:
-                key = jax.random.fold_in(jax.random.PRNGKey(seed), b)
-            return tree.blocks[b].init(key, shapes[b])
-
-    trunk = [block_vars(b, None) for b in range(tree.arch.trunk_depth)]
-    branches = []
-    for _, ts in tree.branches:
-        p = tree.arch.branch_points[ts[0]]
-        variant = ts[0] if init == "fresh" else None
-        branches.append([block_vars(b, variant) for b in range(p, nb)])
-    params = {
-        "trunk": [v[0] for v in trunk],
-        "branches": [[v[0] for v in br] for br in branches],
-        "heads": {t.name: params0["heads"][t.name] for t in tree.tasks},
-    }
-    state = {"trunk": [v[1] for v in trunk], "branches": [[v[1] for v in br] for br in branches]}
+        example = np.zeros((2, *ctx.data.input_shape), np.float32)
+        block_vars = conal.random_block_init(tree.blocks, jax.random.key(seed), example)
+    params, state = conal.tree_init(tree, block_vars, init=init)
+    params["heads"] = {name: params0["heads"][name] for name in tree.task_names}
     return params, state
 
 
@@ -702,134 +597,72 @@ def _encoder_of(tree_params: dict) -> dict:
     return {"trunk": tree_params["trunk"], "branches": tree_params["branches"]}
 
 
-def make_retrain(
-    tree: TreeModel,
+def _jacobian_method(method: str, kwargs: dict, num_tasks: int, steps_per_epoch: int, seed):
+    """The catalogue's transform of ``method`` for ``num_tasks`` rows; a ConfigError unless it
+    is a gradient aggregator (cost "jacobian", no post-step)."""
+    m = get_method(method, kwargs, num_tasks, steps_per_epoch, seed=seed)
+    if m.cost != "jacobian" or m.post_step is not None:
+        raise ConfigError(
+            f"conal.methods: {method!r} is a {m.cost} method; the retrain step takes gradient "
+            "aggregators (methods of cost 'jacobian'), e.g. 'mean', 'pcgrad', 'cagrad:c=0.4'."
+        )
+    return m.transform
+
+
+def retrain_transform(
+    tree: conal.TreeModel,
     method: str,
     method_kwargs: dict,
     opt: optax.GradientTransformation,
     steps_per_epoch: int,
     seed: int,
+) -> optax.GradientTransformation:
+    """Each parameter unit aggregated over the rows of exactly its tasks
+    (:func:`mtl_jax.conal.unit_aggregation`, one ``method`` per unit), then the run's optimizer,
+    with its own state (and global-norm clipping) for the encoder and for the heads."""
+
+    def aggregator_for(n: int) -> optax.GradientTransformation:
+        return _jacobian_method(method, method_kwargs, n, steps_per_epoch, seed)
+
+    def labels(params: dict) -> dict:
+        return {
+            "trunk": jax.tree.map(lambda _: "encoder", params["trunk"]),
+            "branches": jax.tree.map(lambda _: "encoder", params["branches"]),
+            "heads": jax.tree.map(lambda _: "heads", params["heads"]),
+        }
+
+    return optax.chain(
+        conal.unit_aggregation(tree, aggregator_for),
+        optax.partition({"encoder": opt, "heads": opt}, labels),
+    )
+
+
+def make_retrain(
+    tree: conal.TreeModel,
+    tasks: Sequence,
+    method: str,
+    method_kwargs: dict,
+    opt: optax.GradientTransformation,
+    steps_per_epoch: int,
+    seed: int,
+    task_map: str = "unroll",
 ) -> tuple[Callable, Callable]:
-    """``(init(params, state) -> RetrainState, step(state, batch) -> (state, outputs))``.
+    """``(init(params, state) -> RetrainState, step(state, batch) -> (state, {"losses"}))``:
+    :func:`mtl_jax.conal.make_retrain` with the study's task losses (``tasks`` in the tree's
+    task order) and :func:`retrain_transform`; ``task_map`` (``conal.retrain_task_map``) maps
+    the trunk's K backward passes."""
+    by_name = {t.name: t for t in tasks}
 
-    Per-task rows come from one trunk forward (its vjp), one forward and backward per task through
-    its branch and head, and one trunk backward per task (see the module docstring)."""
-    units = tree.units()
-    aggregators = []
-    for users, _, _ in units:
-        if len(users) > 1:
-            kind, agg, post = make_aggregator(
-                method, method_kwargs, len(users), steps_per_epoch, seed=seed
-            )
-            if kind != "jacobian" or post is not None:
-                raise ConfigError(
-                    f"The conal study retrains with gradient aggregators only; {method!r} is a "
-                    f"{kind} method. Use one of mtl.AGGREGATORS."
-                )
-            aggregators.append(agg)
-        else:
-            aggregators.append(None)
+    def loss_fn(name: str, prediction, batch: dict):
+        return losses_lib.task_loss(by_name[name], prediction, batch[name])
 
-    def unit_params(enc: dict, u: int) -> PyTree:
-        _, where, what = units[u]
-        return [enc["trunk"][b] for b in what] if where == "trunk" else enc["branches"][what]
+    tx = retrain_transform(tree, method, method_kwargs, opt, steps_per_epoch, seed)
+    retrain = conal.make_retrain(tree, loss_fn, tx, task_map=task_map)
 
-    def init(params: dict, model_state: dict) -> RetrainState:
-        enc = _encoder_of(params)
-        agg_states = tuple(
-            optax.EmptyState() if a is None else a.init(unit_params(enc, u))
-            for u, a in enumerate(aggregators)
-        )
-        return RetrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            model_state=model_state,
-            opt_state=(agg_states, opt.init(enc), opt.init(params["heads"])),
-            first_nonfinite=jnp.full((), -1, jnp.int32),
-        )
+    def step(state: conal.RetrainState, batch: dict) -> tuple[conal.RetrainState, dict]:
+        return retrain.step(state, batch["image"], batch)
 
-    def step(state: RetrainState, batch: dict) -> tuple[RetrainState, dict]:
-        x = batch["image"]
-        params, ms = state.params, state.model_state
-
-        def trunk_fn(trunk_params):
-            feats, new_state = tree.trunk(trunk_params, ms["trunk"], x, True)
-            return feats[1:], new_state
-
-        feats, trunk_vjp, trunk_state = jax.vjp(trunk_fn, params["trunk"], has_aux=True)
-        all_feats = [x, *feats]
-        losses, trunk_rows, branch_rows, head_grads = [], [], {}, {}
-        branch_state = [None] * len(tree.branches)
-        for t, task in enumerate(tree.tasks):
-            p = tree.arch.branch_points[t]
-            c = tree.branch_of.get(t)
-
-            def task_loss(inp, bparams, hparams, c=c, t=t, task=task):
-                new_bs = None
-                z = inp
-                if c is not None:
-                    z, new_bs = tree.branch(c, bparams, ms["branches"][c], inp, True)
-                pred = tree.head(t, hparams, z, True)
-                return losses_lib.task_loss(task, pred, batch[task.name]), new_bs
-
-            bparams = params["branches"][c] if c is not None else []
-            loss, vjp, new_bs = jax.vjp(
-                task_loss, all_feats[p], bparams, params["heads"][task.name], has_aux=True
-            )
-            g_inp, g_branch, g_head = vjp(jnp.ones_like(loss))
-            losses.append(loss)
-            head_grads[task.name] = g_head
-            if c is not None:
-                branch_rows.setdefault(c, []).append(g_branch)
-                if branch_state[c] is None:
-                    branch_state[c] = new_bs
-            if tree.arch.trunk_depth:
-                cot = [jnp.zeros_like(f) for f in feats]
-                if p > 0:
-                    cot[p - 1] = g_inp
-                trunk_rows.append(trunk_vjp(cot)[0])
-        losses = jnp.stack(losses)
-        enc = _encoder_of(params)
-        direction = {
-            "trunk": [None] * tree.arch.trunk_depth,
-            "branches": [None] * len(tree.branches),
-        }
-        agg_states = list(state.opt_state[0])
-        for u, (users, where, what) in enumerate(units):
-            if where == "trunk":
-                rows = [[trunk_rows[t][b] for b in what] for t in users]
-            else:
-                rows = branch_rows[what]
-            if aggregators[u] is None:
-                d = rows[0]
-            else:
-                jac = jax.tree.map(lambda *r: jnp.stack(r), *rows)
-                d, agg_states[u] = aggregators[u].update(
-                    jac, agg_states[u], unit_params(enc, u), task_losses=losses[jnp.array(users)]
-                )
-            if where == "trunk":
-                for i, b in enumerate(what):
-                    direction["trunk"][b] = d[i]
-            else:
-                direction["branches"][what] = d
-        enc_upd, enc_opt = opt.update(direction, state.opt_state[1], enc)
-        head_upd, head_opt = opt.update(head_grads, state.opt_state[2], params["heads"])
-        new_params = {
-            **optax.apply_updates(enc, enc_upd),
-            "heads": optax.apply_updates(params["heads"], head_upd),
-        }
-        finite = jnp.all(jnp.isfinite(losses))
-        first = jnp.where((state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite)
-        new_state = RetrainState(
-            step=state.step + 1,
-            params=new_params,
-            model_state={"trunk": trunk_state, "branches": branch_state},
-            opt_state=(tuple(agg_states), enc_opt, head_opt),
-            first_nonfinite=first,
-        )
-        return new_state, {"losses": losses}
-
-    return init, step
+    return retrain.init, step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -838,39 +671,22 @@ def make_retrain(
 BN_MODES = ("stored", "train_mode", "recomputed")
 
 
-def recompute_tree_statistics(
-    tree: TreeModel, params: dict, model_state: dict, batches: Sequence[dict]
-) -> dict:
-    """Every stream's running statistics recomputed from train-mode forwards of the final weights
-    over ``batches`` (``{"image": x [B, ...]}``): the trunk's from ``x``, branch c's from its own
-    input ``s_{p_c}``; nothing is shared or averaged across streams. Precise BN
-    (:func:`mtl_jax.batchnorm.recompute_statistics`: per stream the mean over the batches of the
-    batch mean and of the biased batch variance)."""
-
-    if not jax.tree.leaves(model_state):  # no BatchNorm
-        return model_state
-
-    def update_fn(state: dict, batch: dict) -> dict:
-        return tree.train_mode_state(params, state, batch["image"])
-
-    return batchnorm.recompute_statistics(update_fn, model_state, batches)
-
-
-def statistics_batches(source, batch_size: int, seed: int, count: int) -> list[dict]:
-    """The first ``count`` training batches (``{"image"}`` only) of a fixed shuffled epoch,
-    drawn apart from the training order (``seed + 7_777``); fewer when the set is smaller."""
+def statistics_batches(source, batch_size: int, seed: int, count: int) -> list[jax.Array]:
+    """The inputs ``x`` of the first ``count`` training batches of a fixed shuffled epoch, drawn
+    apart from the training order (``seed + 7_777``); fewer when the set is smaller."""
     per_epoch = data_lib.num_batches(source, batch_size, drop_remainder=True)
     it = data_lib.batches(source, batch_size, seed=seed + 7_777, epoch=0)
-    return [{"image": jnp.asarray(next(it)["image"])} for _ in range(min(count, per_epoch))]
+    return [jnp.asarray(next(it)["image"]) for _ in range(min(count, per_epoch))]
 
 
 def evaluate_bn_modes(
-    tree: TreeModel,
+    tree: conal.TreeModel,
+    tasks: Sequence,
     params: dict,
     model_state: dict,
     test_source,
     eval_batch_size: int,
-    batches: Sequence[dict],
+    inputs: Sequence[jax.Array],
 ) -> dict[str, dict]:
     """Test metrics of one set of weights under three BatchNorm statistics.
 
@@ -878,12 +694,11 @@ def evaluate_bn_modes(
       ``eval.recompute_bn_batches`` replaced them);
     * ``train_mode``: every layer normalises with the statistics of the test batch itself
       (batches of ``eval_batch_size``, in order; the last may be smaller);
-    * ``recomputed``: the statistics recomputed on the training ``batches``
-      (:func:`recompute_tree_statistics`), then evaluation mode.
+    * ``recomputed``: the statistics recomputed on the training batches ``inputs``
+      (:func:`mtl_jax.conal.recompute_tree_statistics`), then evaluation mode.
 
-    Returns ``{mode: {task: metrics}}`` (:data:`BN_MODES`) and ``"batches"``: len(batches).
+    Returns ``{mode: {task: metrics}}`` (:data:`BN_MODES`) and ``"batches"``: len(inputs).
     """
-    tasks = tree.tasks
 
     class _State(NamedTuple):
         params: dict
@@ -894,7 +709,7 @@ def evaluate_bn_modes(
     def train_mode_predict(p: dict, s: dict, x: jax.Array) -> dict:
         return tree.apply(p, s, x, True)[0]
 
-    recomputed = recompute_tree_statistics(tree, params, model_state, batches)
+    recomputed = conal.recompute_tree_statistics(tree, params, model_state, inputs)
     return {
         "stored": evaluate_split(
             predict, tasks, _State(params, model_state), test_source, eval_batch_size
@@ -909,11 +724,13 @@ def evaluate_bn_modes(
         "recomputed": evaluate_split(
             predict, tasks, _State(params, recomputed), test_source, eval_batch_size
         ),
-        "batches": len(batches),
+        "batches": len(inputs),
     }
 
 
-def standard_run_as_tree(tree: TreeModel, params: dict, model_state: dict) -> tuple[dict, dict]:
+def standard_run_as_tree(
+    tree: conal.TreeModel, params: dict, model_state: dict
+) -> tuple[dict, dict]:
     """The final ``(params, model_state)`` of a standard run (``{"encoder", "heads"}``) as the
     all-shared tree's (exact block cut: the encoder's variables are its blocks')."""
     names = [b.name for b in tree.blocks]
@@ -939,14 +756,23 @@ def retrain_run(
     config = ctx.config
     log = ctx.log
     blocks, exact = _blocks_for(ctx)
-    tree = TreeModel(tuple(blocks), arch, ctx.model, tuple(ctx.data.tasks))
+    tree = tree_model(blocks, arch, ctx.model, ctx.data.tasks)
     name, kwargs = method_spec(config, method)
     batch_size = int(config.train.batch_size)
     steps_per_epoch = data_lib.num_batches(ctx.data.train, batch_size, drop_remainder=True)
     epochs = int(config.train.epochs)
     total = epochs * steps_per_epoch
     opt = optim.optimizer(config.train, steps_per_epoch)
-    init_fn, step = make_retrain(tree, name, kwargs, opt, steps_per_epoch, seed)
+    init_fn, step = make_retrain(
+        tree,
+        ctx.data.tasks,
+        name,
+        kwargs,
+        opt,
+        steps_per_epoch,
+        seed,
+        task_map=str(config.conal.retrain_task_map),
+    )
     params, model_state = tree_init(ctx, tree, seed, exact, str(config.conal.init))
     template = jax.jit(init_fn)(params, model_state)
     manager = checkpoint_manager(os.path.join(artifacts.phase_dir(run_id), "checkpoints"))
@@ -981,12 +807,12 @@ def retrain_run(
     modes_n = int(config.conal.bn_modes_batches)
     stat_batches = statistics_batches(ctx.data.train, batch_size, seed, max(recompute_n, modes_n))
 
-    def evaluated(state: RetrainState) -> RetrainState:
+    def evaluated(state: conal.RetrainState) -> conal.RetrainState:
         """The state evaluated and saved: with ``eval.recompute_bn_batches`` its running
         statistics recomputed from the current weights (precise BN), else as stored."""
         if not recompute_n:
             return state
-        ms = recompute_tree_statistics(
+        ms = conal.recompute_tree_statistics(
             tree, state.params, state.model_state, stat_batches[:recompute_n]
         )
         return state._replace(model_state=ms)
@@ -1061,6 +887,7 @@ def retrain_run(
     if modes_n and jax.tree.leaves(result.state.model_state):  # a model without BatchNorm: skip
         bn_modes = evaluate_bn_modes(
             tree,
+            ctx.data.tasks,
             result.state.params,
             result.state.model_state,
             ctx.data.test,
@@ -1139,7 +966,7 @@ def _bn_modes_phase(ctx: StudyContext, label: str, seed: int, num_blocks: int) -
         blocks, _ = _blocks_for(ctx)
         k = len(ctx.data.tasks)
         arch = conal.Architecture((num_blocks,) * k, num_blocks)
-        tree = TreeModel(tuple(blocks), arch, ctx.model, tuple(ctx.data.tasks))
+        tree = tree_model(blocks, arch, ctx.model, ctx.data.tasks)
         final = artifacts.load_arrays(run_id, "final")
         params, state = standard_run_as_tree(tree, final["params"], final["model_state"])
         if not jax.tree.leaves(state):  # no BatchNorm: the three evaluations are one
@@ -1151,7 +978,13 @@ def _bn_modes_phase(ctx: StudyContext, label: str, seed: int, num_blocks: int) -
             int(config.conal.bn_modes_batches),
         )
         modes = evaluate_bn_modes(
-            tree, params, state, ctx.data.test, int(config.train.eval_batch_size), batches
+            tree,
+            ctx.data.tasks,
+            params,
+            state,
+            ctx.data.test,
+            int(config.train.eval_batch_size),
+            batches,
         )
         artifacts.save_json(name, "bn_modes", modes)
         return {"run": label, "seed": seed}
@@ -1200,16 +1033,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("conal.methods is empty; give at least one base method, e.g. ('mean',).")
     for method in c.methods:
         name, kwargs = method_spec(config, method)
-        kind, _, post = make_aggregator(name, kwargs, num_tasks=2)
-        if kind != "jacobian" or post is not None:
-            raise ConfigError(
-                f"conal.methods: {method!r} is a {kind} method; the retrain step takes gradient "
-                "aggregators (mtl.AGGREGATORS), e.g. 'mean', 'pcgrad', 'cagrad:c=0.4'."
-            )
+        _jacobian_method(name, kwargs, 2, 1, seed=0)
     if c.mixing not in conal.MIXINGS:
         raise ConfigError(f"conal.mixing must be one of {conal.MIXINGS}; got {c.mixing!r}.")
-    if c.task_map not in conal.TASK_MAPS:
-        raise ConfigError(f"conal.task_map must be one of {conal.TASK_MAPS}; got {c.task_map!r}.")
+    for key in ("task_map", "retrain_task_map"):
+        if c[key] not in conal.TASK_MAPS:
+            raise ConfigError(f"conal.{key} must be one of {conal.TASK_MAPS}; got {c[key]!r}.")
     if c.tie_break not in ("shared", "private"):
         raise ConfigError(f"conal.tie_break must be 'shared' or 'private'; got {c.tie_break!r}.")
     if c.init not in ("fresh", "copy"):

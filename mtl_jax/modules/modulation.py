@@ -2,33 +2,13 @@
 
 The modulation module of Zhao et al. ("A Modulation Module for Multi-task Learning with
 Applications in Image Retrieval", ECCV 2018), as combined with PCGrad and LaSS by Alison,
-Jonathan & Suhartono (CommIT 18(1), 2024; docs/design/METHODS.md section 3): small task-specific tensors
-multiply the shared feature maps after chosen convolution blocks, so that task t's forward (and
-its gradient) flows through features gated by task t's parameters.
-
-Form chosen here (the papers leave it UNVERIFIED): a per-channel scale vector ``s_t: [C]``,
-initialised to 1 (the module starts as the identity), multiplying the last (channel) axis of an
-``NHWC`` feature map: ``y = x * s_t``. Zhao et al. also describe a ``C x C`` projection; the
-vector form is its diagonal and adds only ``C`` parameters per task and module.
-
-The module itself holds *one* scale vector (the parameter named ``task_scale``); the per-task
-copies come from the sharing spec: mark the scales :data:`~mtl_jax.sharing.COPIED` with
-:func:`modulation_spec`, stack them with :func:`~mtl_jax.sharing.copy_per_task` (every task
-starts at 1) and run the model through :func:`~mtl_jax.sharing.per_task`, which gives task t's
-stream row t::
-
-  class Net(nn.Module):
-      @nn.compact
-      def __call__(self, x):
-          x = nn.relu(TaskModulation()(nn.Conv(16, (3, 3))(x)))
-          ...
-
-  spec = modulation_spec(params)                 # merge_specs(...) with other specs if needed
-  params = copy_per_task(params, spec, num_tasks=K)
-  outs = per_task(model.apply, spec, K)(params, x)  # [K, ...]
-
-Called outside :func:`~mtl_jax.sharing.per_task` with stacked scales ``[K, C]`` the module
-raises: give it one task's view (:func:`~mtl_jax.sharing.task_params`).
+Jonathan & Suhartono (CommIT 18(1), 2024; docs/design/METHODS.md section 3). Form chosen here
+(the papers leave it UNVERIFIED): a per-channel scale ``s_t: [C]``, initialised to 1, multiplying
+the last (channel) axis, ``y = x * s_t``; Zhao et al.'s ``C x C`` projection has it as its
+diagonal. The module holds *one* scale (``task_scale``); :func:`modulation_spec` marks the
+scales COPIED, :func:`~mtl_jax.sharing.copy_per_task` stacks K of them and
+:func:`~mtl_jax.sharing.per_task` gives task t's stream row t. Called outside ``per_task`` with
+stacked scales ``[K, C]`` the module raises. A runnable recipe: ``docs/recipes/modulation.md``.
 """
 
 from __future__ import annotations

@@ -1,31 +1,14 @@
 """The alpha-fair allocation ``G w = w^(-1/alpha)`` (w > 0), solved exactly by damped Newton.
 
-Nash-MTL (Navon et al. 2022, alpha = 1: ``G alpha = 1 / alpha``) and FairGrad (Ban & Ji 2024,
-any alpha > 0) choose the weights of the update ``d = J^T w`` so that every task's directional
-derivative ``g_i . d = (G w)_i`` equals ``w_i^(-1/alpha)``. That system is the stationarity
-condition of the strictly convex problem
-
-    min_{w > 0}  f(w) = 1/2 w^T G w - sum_i h(w_i),   h'(w) = w^(-1/alpha)
-                 (h = log for alpha = 1, h(w) = w^(1 - 1/alpha) / (1 - 1/alpha) otherwise),
-
-so its solution is unique when it exists, and Newton's method on ``f`` finds it to machine
-precision in a few iterations (quadratic convergence). Iterations: the Newton system is solved in
-the scaled variables ``s = Delta / w`` (for alpha = 1 its matrix is ``I + D G D``, never singular);
-the step keeps ``w > 0`` (at most 99% of the way to the boundary) and is shortened by backtracking
-until ``f`` decreases enough (Armijo), which makes the method globally convergent; it stops when
-the Newton decrement reaches the rounding level or ``f`` stops decreasing.
-
-When no solution exists the problem is ill-posed, and the official solvers fail (cvxpy returns
-no point; scipy's least-squares stops anywhere). This happens exactly when the tasks admit no
-common ascent direction (Gordan's alternative: some non-negative combination of the gradients is
-zero, e.g. a zero gradient or two opposite ones). We handle it in two documented ways: tasks with a
-(numerically) zero gradient get weight 0 and are left out; and the system is solved on the cosine
-matrix ``C`` (so that every task has scale 1) with ``C`` replaced by ``C + delta I``,
-``delta = K eps``, after clipping the negative eigenvalues that rounding creates. This makes the
-solution exist and changes it by ``O(delta)`` when it already existed; in the degenerate case the
-update has norm ``O(sqrt(delta))`` along the blocked directions. Nearly degenerate problems (a
-common ascent direction exists but only with a cosine margin of order ``sqrt(delta)``) are
-resolved only to that accuracy in float32; float64 resolves them to ~1e-7.
+Nash-MTL (Navon et al. 2022, alpha = 1) and FairGrad (Ban & Ji 2024, any alpha > 0) choose the
+weights of ``d = J^T w`` so that ``g_i . d = (G w)_i = w_i^(-1/alpha)``: the stationarity
+condition of the strictly convex ``1/2 w^T G w - sum_i h(w_i)`` (``h' = w^(-1/alpha)``), whose
+solution is unique when it exists. Newton's method on it, in the scaled variables ``Delta / w``,
+with a step that keeps ``w > 0`` and Armijo backtracking, finds it to machine precision.
+Departures (the official solvers fail when no solution exists): tasks with a zero gradient get
+weight 0, and the system is solved on the cosine matrix ``C + K eps I`` (negative eigenvalues
+clipped), which changes an existing solution by ``O(K eps)``. Derivation and accuracy:
+``docs/methods.md``, "Method notes".
 """
 
 from __future__ import annotations

@@ -1,23 +1,12 @@
 """The exact minimum-norm point of a convex hull, in Gram space (Wolfe 1976), jit-able.
 
-Given ``G = J J^T`` of K points ``g_k``, find ``w`` in the simplex minimising ``|J^T w|^2 = w^T G w``.
-Wolfe's algorithm ("Finding the nearest point in a polytope", Math. Programming 11, 1976) is an
-active-set method that keeps a *corral* S of affinely independent points and the barycentric
-weights ``lam`` of the current point x in conv(S):
-
-* major cycle: take ``j = argmin_k x . g_k``; stop when ``x . x - x . g_j <= tol`` (no point lets
-  x move closer to the origin); otherwise add j to S;
-* minor cycle: ``y`` = minimum-norm point of the affine hull of S (a bordered (K+1) x (K+1) KKT
-  solve on G restricted to S); if y is inside conv(S) move there, else move from x towards y up
-  to the boundary and drop the points whose weight reached zero, and repeat.
-
-It terminates in finitely many steps in exact arithmetic, and its answer is the exact solution of
-the final KKT system, not an iterate of a first-order method (Frank-Wolfe, as in Sener & Koltun's
-MGDA code, converges sublinearly and is only as exact as its iteration budget). Because the corral
-stays affinely independent, the KKT system is non-singular even for rank-deficient G (two opposite
-gradients, more tasks than parameters). Numerical safeguards: G is normalised by its largest
-diagonal entry; a major cycle that does not decrease |x|^2 ends the search; a non-finite KKT
-solution keeps the last point; the loops are bounded.
+Given ``G = J J^T`` of K points ``g_k``, find ``w`` in the simplex minimising ``w^T G w``. Wolfe's
+active-set algorithm ("Finding the nearest point in a polytope", Math. Programming 11, 1976) keeps a
+corral of affinely independent points; its answer is the solution of the final KKT system (not an
+iterate of Frank-Wolfe, as in Sener & Koltun's MGDA code), and the KKT system stays non-singular for
+rank-deficient G. Safeguards: G normalised by its largest diagonal entry, a major cycle that does
+not decrease ``|x|^2`` ends the search, a non-finite KKT solution keeps the last point, bounded
+loops. The cycles and the safeguards in full: ``docs/methods.md``, "Method notes".
 """
 
 from __future__ import annotations

@@ -1,52 +1,14 @@
 """Exact projections onto the dual cone in weight space: ``argmin_{v >= u} v^T G v``, jit-able.
 
-UPGrad and DualProj (Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024)
-project a combination ``J^T u`` of the task gradients onto the dual cone of the rows of ``J``,
-``{d : J d >= 0}``. Their Proposition 1: the projection is ``J^T v`` with
-
-    v = argmin_{v >= u}  v^T G v,        G = J J^T,                                      (QP)
-
-a K x K problem. Substituting ``v = u + x`` gives a non-negative least-squares problem
-``min_{x >= 0} |J^T u + J^T x|^2`` (by Moreau's decomposition, ``J^T x*`` is the projection of
-``-J^T u`` onto the cone spanned by the gradients), which we solve *in Gram form* with the active-set
-algorithm of Lawson & Hanson ("Solving Least Squares Problems", 1974, ch. 23, NNLS):
-
-* the *passive* set ``F`` holds the coordinates with ``x_F > 0``; the others are fixed at 0;
-* ``mu = G v`` is the gradient of the objective; ``v`` is optimal when ``mu_j >= 0`` for every
-  ``j`` outside ``F`` (then ``J d >= 0`` with ``d = J^T v``: the projection is non-conflicting);
-* otherwise the most negative ``mu_t`` enters ``F``; the unconstrained minimiser ``z`` on ``F``
-  (``G_FF z_F = -(G u)_F``) is accepted if ``z_F > 0``; if not, the iterate moves from ``x`` towards
-  ``z`` up to the first coordinate that reaches 0, which leaves ``F``, and ``z`` is recomputed.
-
-The objective strictly decreases, so no passive set repeats and the algorithm ends after finitely
-many steps with the exact KKT point: the answer is the solution of the final linear system, not the
-iterate of a first-order method. In exact arithmetic the passive columns stay linearly independent
-(a column only enters with ``mu_t < 0``, which is impossible for a column in the span of the passive
-ones once ``x_F`` is the least-squares solution), so ``G_FF`` is non-singular even when ``G`` is
-rank deficient (more tasks than parameters, parallel or zero gradients).
-
-Linear algebra: instead of a LAPACK solve per iteration (slow for small batched systems on CPU),
-``(G_FF)^{-1}`` is kept embedded in a ``K x K`` array and updated in ``O(K^2)`` when a coordinate
-enters (bordering with the Schur complement ``s = G_tt - G_tF G_FF^{-1} G_Ft``, the squared
-distance of ``g_t`` to the span of the passive gradients) or leaves (the Schur-complement
-downdate); every restricted solve gets one step of iterative refinement against the exact ``G``.
-
-Numerical safeguards (floating point): ``G`` is normalised by its largest diagonal entry (the
-solution does not depend on the scale of ``G``); a coordinate only enters when ``mu_t`` is below
-the rounding level of ``G v`` (a few ulps of ``sqrt(K) sum_k |G_tk v_k|``); an entry fails (the
-coordinate is excluded until the next successful step, as in the Fortran NNLS) when its Schur
-complement is at rounding level (a numerically dependent column) or its least-squares value is not
-positive; a step that does not decrease the objective ends the search. Rank-one updates lose
-accuracy on ill-conditioned passive blocks in float32; a negative Schur complement (impossible in
-exact arithmetic) stops the pass, and whenever a pass ends with the optimality conditions still
-violated, ``(G_FF)^{-1}`` is rebuilt from scratch (bordering in index order) and the search resumes
-from the current point (at most 4 passes). All loops are bounded ``lax`` loops, so batches of
-problems (UPGrad solves K of them) run under one ``vmap``.
-
-Accuracy: float64 agrees with SciPy's NNLS to ~1e-13 relative (tests/test_weighting_qp.py);
-float32 to ~1e-7 on well-conditioned problems and ~1e-4 on the worst rank-deficient samples (40
-tasks whose gradients span 20 dimensions), where G's own rounding is amplified by the conditioning
-of the passive block.
+UPGrad and DualProj (Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024,
+Proposition 1) project ``J^T u`` onto ``{d : J d >= 0}`` as ``J^T v``; ``v = u + x`` turns the
+K x K QP into a non-negative least-squares problem, solved in Gram form by the Lawson-Hanson
+active-set method (1974, ch. 23): exact KKT point after finitely many steps, ``G_FF``
+non-singular even for rank-deficient G. ``(G_FF)^-1`` is updated in ``O(K^2)`` by Schur-complement
+bordering and downdating (with one refinement step per solve) instead of a LAPACK solve per
+iteration; bounded ``lax`` loops, so batches run under one ``vmap``. Accuracy: float64 agrees with
+SciPy's NNLS to ~1e-13 relative, float32 to ~1e-7 (~1e-4 on the worst rank-deficient samples).
+The algorithm, its safeguards and the accuracy measurements: ``docs/methods.md``, "Method notes".
 """
 
 from __future__ import annotations

@@ -1,27 +1,14 @@
 """Aligned-MTL (Senushkin, Patakin, Kuznetsov & Konushin, "Independent Component Alignment for
 Multi-Task Learning", CVPR 2023).
 
-Aligned-MTL replaces the task gradients (the columns of ``J^T``, with SVD ``J^T = U S V^T``) by the
-aligned gradients ``sigma U V^T``: orthogonal, all of norm ``sigma``, so the linear system of
-gradients has condition number 1 (the paper's Algorithm 1). In Gram space, with the eigen
-decomposition ``G = V L V^T`` (``L = S^2``), the aligned gradients are ``J^T B`` with the balance
-transformation
-
-    B = sqrt(lambda_R) V_r L_r^(-1/2) V_r^T,
-
-restricted to the ``r`` eigenvalues above ``max(L) K eps`` (the official rank tolerance), and the
-update is ``J^T B w`` for the task preferences ``w``. The scale ``lambda_R`` is the smallest kept
-eigenvalue (``scale_mode="min"``, the paper's choice), their (lower) median (``"median"``) or their
-mean (``"rmse"``), as in the official code (SamsungLabs/MTL ``ProcrustesSolver``).
-
-Weights: ``B @ pref``; the default preference is all ones, the official code's ``weights.sum(-1)``
-(LibMTL's ``B.sum(0)``); TorchJD uses ``1/K`` (pass ``pref_vector``). G of rank 0 gives ``pref``
-(TorchJD's identity fallback). ``B`` does not change when G is scaled, so the update is positively
-homogeneous (degree 1). The official code uses ``torch.finfo().eps`` (float32) in the tolerance
-whatever the dtype; here it is the eps of G's dtype.
-
-The MGDA-UB-style "Aligned-MTL-UB" variant is this weighting applied to representation gradients
-(:mod:`mtl_jax.representation`).
+The task gradients are replaced by aligned ones, orthogonal with equal norms (Algorithm 1): in
+Gram space, with ``G = V L V^T``, the update is ``J^T B w`` with the balance transformation
+``B = sqrt(lambda_R) V_r L_r^(-1/2) V_r^T`` over the eigenvalues above ``max(L) K eps``;
+``lambda_R`` is the smallest kept eigenvalue (``scale_mode="min"``), their median or their mean
+(``"rmse"``), as the official code (SamsungLabs/MTL ``ProcrustesSolver``). Default preference all
+ones (official; TorchJD uses ``1/K``). Departure: the rank tolerance uses the eps of G's dtype
+(the official code always float32's). Aligned-MTL-UB is this weighting on representation
+gradients (:class:`mtl_jax.RepresentationWeighting`). Details: ``docs/methods.md``, "Method notes".
 """
 
 from __future__ import annotations

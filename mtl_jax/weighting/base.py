@@ -10,7 +10,7 @@ optimizer: a pair of pure functions,
 
 ``weigh`` must be jit-able, O(K^3) at most and independent of the number of parameters, and safe on
 degenerate input: zero rows, rank deficiency, K = 1, scales from 1e-8 to 1e8 give finite weights.
-:mod:`mtl_jax.aggregate` turns a weighting into an optax transform (global, per leaf or per group).
+:mod:`mtl_jax.aggregation` turns a weighting into an optax transform (global, per leaf or per group).
 """
 
 from __future__ import annotations

@@ -1,30 +1,14 @@
 """CAGrad (Liu, Liu, Jin, Stone & Liu, "Conflict-Averse Gradient Descent for Multi-task
 Learning", NeurIPS 2021).
 
-The update maximises the worst task improvement in a ball around the mean gradient ``g0``:
-``max_d min_i g_i . d`` s.t. ``|d - g0| <= c |g0|``. Its dual (paper eq. 4 / Alg. 1) is
-
-    w* = argmin_{w in simplex}  g_w . g0 + c |g0| |g_w|,     g_w = J^T w,
-    d  = g0 + c |g0| g_w / |g_w|,
-
-so ``d = sum_k (1/K + c |g0| w_k / |g_w|) g_k``, with an optional ``1 / (1 + c^2)`` rescaling
-(the official code's default ``rescale=1``; the paper's update has none, and neither does this
-default).
-
-Solver. With ``sqrt(q) = min_{rho > 0} (q / rho + rho) / 2`` the dual becomes
-``min_rho min_w g_w . g0 + (c|g0|/2)(|g_w|^2 / rho + rho)``; for fixed ``rho`` the inner problem is
-the min-norm point of the hull of the translated points ``g_k + t g0`` (``t = rho / (c|g0|)``),
-solved exactly by Wolfe's algorithm on a translated Gram matrix; the outer problem is a convex
-1-D problem whose optimality condition ``rho^2 = |g_w(rho)|^2`` is solved by the Illinois
-(safeguarded regula falsi) method, after geometric bisection while the ends are far apart, on the bracket ``(0, max_k |g_k|]``. All of it runs on G.
-
-At a Pareto-stationary point (the origin in the hull of the gradients, ``c >= 1``) the dual optimum
-has ``g_w = 0`` and the reconstruction above is undefined; :func:`cagrad_weights` then returns
-another primal optimum, the projection of ``g0`` onto the dual cone (see there).
-
-Departure from the official code (Cranial-XIX/CAGrad): it solves the dual with scipy's SLSQP on
-``sqrt(w^T G w + 1e-8)`` on the host; this solver is exact up to the root-finding tolerance, runs
-under jit, and needs no smoothing.
+``max_d min_i g_i . d`` s.t. ``|d - g0| <= c |g0|``; its dual (eq. 4 / Alg. 1) gives
+``d = g0 + c |g0| g_w / |g_w|``, ``g_w = J^T w*``, with an optional ``1 / (1 + c^2)`` rescaling
+(off by default, as in the paper; the official code's default is on). Solver: the dual is a 1-D
+convex problem over ``rho`` (Illinois root finding) around exact min-norm problems (Wolfe) on a
+translated Gram matrix, all on G. At a Pareto-stationary point (``g_w = 0``) the projection of
+``g0`` onto the dual cone is returned instead. Departure: the official code solves the dual with
+scipy's SLSQP on a smoothed ``sqrt(w^T G w + 1e-8)`` on the host; here it is exact up to the
+root-finding tolerance, under jit. The derivation: ``docs/methods.md``, "Method notes".
 """
 
 from __future__ import annotations

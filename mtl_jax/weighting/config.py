@@ -1,48 +1,15 @@
 """ConFIG (Liu, Chu, Thuerey, "ConFIG: Towards Conflict-free Training of Physics Informed Neural
 Networks", ICLR 2025; arXiv 2408.11104), in Gram space.
 
-ConFIG's update (paper eq. 2; official ``conflictfree.grad_operator.ConFIG_update``) is
-
-    g_u = U^+ p,   U = [g_1/|g_1|; ...; g_K/|g_K|],     d = (sum_i g_i . g_u/|g_u|) g_u/|g_u|,
-
-with the preference ``p`` (all ones by default; its scale does not matter): ``g_u`` has the same
-(preference-weighted) cosine with every task gradient, and the length is the sum of the
-projections of the task gradients on that direction. It is a weighted sum of the task gradients:
-with the cosine matrix ``C = U U^T`` and ``y = C^+ p``, ``g_u = U^T y = sum_i (y_i / |g_i|) g_i``
-and ``|g_u|^2 = y^T C y``, so
-
-    w_i = (sum_j |g_j| (C y)_j / (y^T C y)) * y_i / |g_i|.
-
-Properties: when the task gradients are linearly independent, ``u_i . g_u = p_i`` for every task,
-so ``d`` is non-conflicting (strictly, for positive ``p``) with equal cosine to every task;
-linear under scaling (``d(diag(c) J)`` is linear in ``c > 0``: the direction only depends on the
-unit gradients); permutation equivariant; positively homogeneous.
-
-Departures from the official code: the least-squares problem is solved through the K x K cosine
-matrix, by a rank-revealing (pivoted) Cholesky factorisation ``C = L L^T`` followed by the
-least-squares problem ``min |L z - p|`` in the factor's coordinates (QR), instead of
-``torch.linalg.lstsq`` on the K x P unit-gradient matrix. ``L``'s rows are the unit gradients in
-an orthonormal frame of their span (``U = L Q^T`` for some orthonormal ``Q``), so
-``z = L^+ p = Q^T g_u`` is the official least-squares direction, and it is as well conditioned as
-the official one (``cond(L) = sqrt(cond(C))``) -- a pseudo-inverse of ``C`` itself squares the
-condition number. The rank decision: the pivoted Cholesky picks, at every step, the unit gradient
-farthest from the span of those already picked (the remaining diagonal of the Schur complement is
-that squared distance) and stops when it is at most ``K eps`` (the rounding level of the
-computed distances); the official ``lstsq`` (``rcond=None``) drops singular values of ``U``
-below ``max(K, P) eps`` of the largest. Zero gradients have zero unit vectors (the official
-``nan_to_num``). The official two-task shortcut (``ConFIG_update_double``) computes the same
-direction and is not special-cased.
-
-Accuracy in float32 (issue 11; measured against the float64 NumPy reference of
-``tests/_reference.py`` over K = 40 > P = 30, K > P rank-deficient and K <= P samples and row
-orders, ``|d - d_ref| / |d_ref|``): up to ~8e-5 on K = 40 alternating ("conflicting") gradients,
-~3e-5 on K = 40 Gaussian and rank-deficient ones, ~5e-6 for K <= P, and 5.4e-4 on a K = 40
-"aligned" sample whose smallest non-zero eigenvalue of ``C`` is 2.7e-6 of the largest. These are
-at the floor set by the float32 Gram matrix itself (the same algorithm in float64 on the same
-float32 ``G``: 5.3e-5, 1.4e-5 and 7.7e-4). The previous implementation, an eigen-decomposition of
-``C`` in float32, reached 1.5e-3 on the conflicting samples and 0.14 on the aligned one (that
-eigenvalue is below float32's resolution of ``C``'s spectrum, but not of ``L``'s). float64 agrees
-with the reference to ~1e-13.
+``g_u = U^+ p`` (``U``: the unit task gradients, ``p`` the preference), ``d = (sum_i g_i .
+g_u/|g_u|) g_u/|g_u|`` (eq. 2): equal cosine with every task for independent gradients; as weights,
+``w_i`` proportional to ``y_i / |g_i|`` with ``y = C^+ p`` on the cosine matrix ``C``. Departures:
+the least-squares problem is solved through ``C`` by a rank-revealing pivoted Cholesky ``C = L L^T``
+and a QR solve in the factor's coordinates (as well conditioned as the official ``lstsq`` on the K x
+P matrix; ranks below ``K eps`` dropped), not ``torch.linalg.lstsq``; zero gradients get zero unit
+vectors (the official ``nan_to_num``). float32 error up to ~8e-5 on K = 40 conflicting gradients, at
+the floor set by the float32 Gram matrix. Derivation and measurements: ``docs/methods.md``, "Method
+notes".
 """
 
 from __future__ import annotations

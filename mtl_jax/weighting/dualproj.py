@@ -1,19 +1,12 @@
 """DualProj (Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024; the
 projection of GEM, Lopez-Paz & Ranzato 2017, eq. 11).
 
-DualProj averages the task gradients with the preference ``p`` (default ``1/K``) and projects the
-result onto the dual cone ``{d : J d >= 0}``:
-
-    d = pi_J(J^T p) = J^T v,    v = argmin_{v >= p} v^T G v,
-
-one K x K QP solved exactly by :mod:`mtl_jax.weighting._qp`.
-
-Properties: non-conflicting; weighted; permutation equivariant with uniform preference; equal to
-the mean whenever the mean does not conflict with any task (``G p >= 0``); positively homogeneous.
-Unlike UPGrad it is not linear under scaling.
-
-Departure from TorchJD: no ``1e-4`` regularisation of the trace-normalised G (see
-:mod:`mtl_jax.weighting.upgrad`).
+The preference-weighted mean (default ``1/K``) projected onto the dual cone ``{d : J d >= 0}``:
+``d = J^T v``, ``v = argmin_{v >= p} v^T G v``, one K x K QP solved exactly by
+:mod:`mtl_jax.weighting._qp`. Non-conflicting; permutation equivariant with uniform preference;
+the mean whenever the mean conflicts with no task; positively homogeneous; unlike UPGrad not
+linear under scaling. Departure from TorchJD: no ``1e-4`` regularisation of the trace-normalised
+G (see :mod:`mtl_jax.weighting.upgrad`). Details: ``docs/methods.md``, "Method notes".
 """
 
 from __future__ import annotations

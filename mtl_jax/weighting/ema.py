@@ -1,20 +1,13 @@
-"""An exponential moving average of any weighting's output (the weight smoothing of CR-MOGM:
-Zhou, Zhang, Jiang, Zhang & Kwok, "On the Convergence of Stochastic Multi-Objective Gradient
-Manipulation and Beyond", NeurIPS 2022).
+"""An exponential moving average of any weighting's output (the weight smoothing of CR-MOGM: Zhou,
+Zhang, Jiang, Zhang & Kwok, "On the Convergence of Stochastic Multi-Objective Gradient Manipulation
+and Beyond", NeurIPS 2022).
 
-Stochastic gradient-manipulation methods (MGDA, PCGrad, ...) compute weights from noisy
-mini-batch gradients; CR-MOGM stabilises them with
-
-    lambda_t = alpha lambda_{t-1} + (1 - alpha) lambda_hat_t,     lambda_0 = 1/K,
-
-where ``lambda_hat_t`` are the wrapped weighting's weights at step t (TorchJD's
-``CRMOGMWeighting``). ``alpha = 0`` returns the wrapped weights, ``alpha = 1`` freezes the weights
-at ``1/K``. The paper's analysis lets ``alpha_t`` grow towards 1 as the learning rate decays; here
-``alpha`` is fixed (its default 0.9 is the usual EMA convention, not a value from the paper; TorchJD
-defaults to 0.1).
-
-A step whose wrapped weights are not finite leaves the average unchanged (the update of that step
-is still all-NaN, see :mod:`mtl_jax.aggregate`).
+``lambda_t = alpha lambda_{t-1} + (1 - alpha) lambda_hat_t``, ``lambda_0 = 1/K``, with
+``lambda_hat_t`` the wrapped weighting's weights (TorchJD's ``CRMOGMWeighting``): ``alpha = 0`` is
+the wrapped method, ``alpha = 1`` freezes the weights at ``1/K``. Departure: ``alpha`` is fixed (the
+paper lets it grow towards 1; the default 0.9 is the usual EMA convention, TorchJD's is 0.1). A step
+whose wrapped weights are not finite leaves the average unchanged. Details: ``docs/methods.md``,
+"Method notes".
 """
 
 from __future__ import annotations

@@ -1,26 +1,13 @@
 """ExcessMTL (He, Zhou, Zhao & Zhao, "Robust Multi-Task Learning with Excess Risks", ICML 2024).
 
-ExcessMTL weights the tasks by their *excess risk* (distance to their own optimum), estimated by a
-second-order Taylor expansion with an AdaGrad-style diagonal curvature (paper eqs. 6-7):
-
-    S_i <- S_i + g_i^2,      e_i = g_i^T diag(sqrt(S_i + 1e-7))^(-1) g_i
-
-(per coordinate, ``S_i`` shaped like the parameters), normalised by the excess risk at the start,
-and the task weights follow an exponentiated-gradient step on the simplex (eq. 9):
-
-    lambda <- lambda * exp(eta e / e_0),   lambda <- lambda / sum(lambda).
-
-The update is ``sum_i lambda_i g_i``. Not a Gram-space method: ``S`` has one entry per task and
-parameter, so the aggregator's state is as large as the Jacobian.
-
-Schedule (official code, LibMTL, TorchJD): during ``warmup_steps`` calls the weights stay uniform
-and the excess risks are averaged into the baseline ``e_0``; ``warmup_steps = 0`` takes the first
-call's raw excess risk as the step (official behaviour when there is no warm-up). The weights
-start at ``1/K`` and stay on the simplex (paper, TorchJD); the official code and LibMTL keep them
-summing to K, which scales the update by K. ``eta = robust_step_size`` defaults to the official and
-LibMTL value 1e-2 (TorchJD: 1.0). The ``1e-7`` inside the square root is the official constant (so
-the method is not scale invariant). Departure: a task whose baseline excess risk is 0 (zero
-gradient during warm-up) gets ``e / e_0 = 0`` instead of a division by zero.
+Tasks are weighted by their excess risk, from an AdaGrad-style diagonal curvature (eqs. 6-7:
+``S_i <- S_i + g_i^2``, ``e_i = g_i^T diag(sqrt(S_i + 1e-7))^-1 g_i``) normalised by the
+baseline ``e_0``, with an exponentiated-gradient step on the simplex (eq. 9); the update is
+``sum_i lambda_i g_i``. Not a Gram-space method: ``S`` is as large as the Jacobian. Schedule as
+the official code, LibMTL and TorchJD (uniform weights during ``warmup_steps``, which average
+into ``e_0``); weights on the simplex as the paper and TorchJD (the official code sums them to
+K); ``robust_step_size`` 1e-2 (official). Departure: a task whose baseline is 0 gets
+``e / e_0 = 0``. Details: ``docs/methods.md``, "Method notes".
 """
 
 from __future__ import annotations

@@ -1,32 +1,14 @@
 """GradVac (Wang, Tsvetkov, Firat & Cao, "Gradient Vaccine: Investigating and Improving
 Multi-task Optimization in Massively Multilingual Models", ICLR 2021), in Gram space.
 
-Algorithm 1 of the paper: every task pair (i, j) keeps an EMA target ``phi_hat_ij`` of its cosine
-(initially 0). For every task i, ``g_i' = g_i`` visits the other tasks j in a random order; with
-``phi_ij = cos(g_i', g_j)``,
-
-    if phi_ij < phi_hat_ij:
-        g_i' += |g_i'| (phi_hat_ij sqrt(1 - phi_ij^2) - phi_ij sqrt(1 - phi_hat_ij^2))
-                / (|g_j| sqrt(1 - phi_hat_ij^2)) * g_j
-    phi_hat_ij <- (1 - beta) phi_hat_ij + beta phi_ij
-
-and the update is ``sum_i g_i'``. As for PCGrad, every ``g_i'`` stays a combination ``c_i^T J``
-of the original gradients, and every quantity above is a function of G (``g_i' . g_j = c_i^T
-G[:, j]``, ``|g_i'|^2 = c_i^T G c_i``), so the method runs on G and the weights are
-``w = sum_i c_i`` (TorchJD's ``GradVacWeighting`` uses the same reduction). With ``phi_hat = 0`` the
-correction is exactly PCGrad's projection, so the first step equals PCGrad with the same visiting
-orders.
-
-Grouping: the paper sets targets per layer (LibMTL's ``GradVac_group_type``: whole model, all
-layers, all matrices); here that is ``granularity``: ``"global"``, :func:`mtl_jax.by_module` (per
-layer), ``"leaf"`` (per matrix). Each group keeps its own ``[K, K]`` targets in the state and draws
-its own visiting orders.
-
-Departures: LibMTL updates the EMA only when the correction fires (inside the ``if``); the paper
-and TorchJD update it at every visit, as here. The official ports add ``eps = 1e-8`` to the
-denominators; here degenerate cases are skipped instead (scale invariance): a pair with a zero
-gradient gets ``phi = 0`` and no correction, and no correction is applied when
-``phi_hat = +-1`` (the target angle 0 or pi needs an infinite coefficient).
+Algorithm 1: each pair keeps an EMA target ``phi_hat_ij`` (rate ``beta``) of its cosine; every
+``g_i'`` visits the other tasks in a random order and, when ``cos(g_i', g_j) < phi_hat_ij``, adds
+the multiple of ``g_j`` that reaches the target. Every ``g_i'`` stays a combination of the
+original gradients, so the method runs on G (as TorchJD's ``GradVacWeighting``); with
+``phi_hat = 0`` the first step is PCGrad. ``granularity`` is the paper's grouping (whole model,
+per layer with :func:`mtl_jax.gramian.by_module`, per matrix with ``"leaf"``). Departures: the EMA
+is updated at every visit (paper, TorchJD; LibMTL only when the correction fires); no ``1e-8``
+in denominators: degenerate pairs get no correction. Details: ``docs/methods.md``, "Method notes".
 """
 
 from __future__ import annotations

@@ -1,30 +1,15 @@
 """Nash-MTL (Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik & Fetaya, "Multi-Task Learning
 as a Bargaining Game", ICML 2022).
 
-The update ``d = J^T alpha`` is the Nash bargaining solution of the tasks over the ball of update
-directions: it maximises ``sum_i log(g_i . d)``, and the paper shows that its weights solve
-
-    G alpha = 1 / alpha,    alpha > 0,                                                     (*)
-
-i.e. every task gets ``g_i . d = 1 / alpha_i``. Then ``|d|^2 = alpha^T G alpha = K``. The official
-code (AvivNavon/nash-mtl) solves (*) by up to ``optim_niter = 20`` sequential convex
-approximations with cvxpy/ECOS on the host; here (*) is solved exactly, inside jit, as the
-stationarity condition of the strictly convex ``1/2 alpha^T G alpha - sum_i log alpha_i`` by damped
-Newton (:mod:`mtl_jax.weighting._fair`): the same fixed point, to machine precision, typically in
-2-20 Newton steps (bounded by 100). Because (*) is invariant to rescaling each task (``alpha_i -> alpha_i / c_i``
-when ``g_i -> c_i g_i``), it is solved on the cosine matrix and mapped back: the update does not
-depend on the scale of any task's gradient.
-
-Then, as in the official code, the update is clipped to norm ``max_norm`` (``clip_grad_norm_`` on
-the shared parameters after the weighted backward pass; here on ``d`` of each group, exactly the
-same for ``granularity="global"``), and ``update_weights_every = n`` recomputes the weights only
-every n-th step and reuses the previous ``alpha`` in between (clipping still uses the current G).
-
-Departures from the official code: (*) is solved exactly instead of by 20 ECOS iterations with
-its stopping tests; the solver is not warm-started from the previous weights (the solution is
-unique, so this only changes the iteration count); tasks with a zero gradient get weight 0, and
-degenerate problems without a solution (no common ascent direction) are regularised as described
-in :mod:`mtl_jax.weighting._fair` instead of failing.
+The Nash bargaining solution ``d = J^T alpha`` with ``G alpha = 1 / alpha``, ``alpha > 0``
+(``|d|^2 = K``), solved on the cosine matrix (the update ignores each task's gradient scale),
+then clipped to ``max_norm``; ``update_weights_every = n`` reuses the weights between
+recomputations, as the official code. Departures from the official code (AvivNavon/nash-mtl, up
+to 20 cvxpy/ECOS convex approximations on the host): the fixed point is solved exactly inside
+jit by damped Newton (:mod:`mtl_jax.weighting._fair`), not warm-started (the solution is unique);
+zero-gradient tasks get weight 0 and problems without a solution are regularised instead of
+failing; the clip applies to each group's ``d`` (the same for ``granularity="global"``). Details:
+``docs/methods.md``, "Method notes".
 """
 
 from __future__ import annotations

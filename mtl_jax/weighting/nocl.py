@@ -10,7 +10,7 @@ steer CoNAL towards earlier branching.
 
 A "block" is a group of the aggregator's ``granularity``: pass a grouping function that maps a
 parameter path to its block (CoNAL uses the backbone's stages, e.g. ResNet's ``layer1..layer4``),
-or :func:`mtl_jax.by_module` for per-module blocks; ``"global"`` treats all shared parameters as one
+or :func:`mtl_jax.gramian.by_module` for per-module blocks; ``"global"`` treats all shared parameters as one
 block. The rule is positively homogeneous and permutation equivariant.
 """
 

@@ -1,6 +1,6 @@
 """Weightings by name: what experiment configs and the representation (MGDA-UB) path select.
 
-``get_weighting(name, **hyperparams)`` mirrors :func:`mtl_jax.get_aggregator`: the same names for
+``get_weighting(name, **hyperparams)`` mirrors :func:`mtl_jax.get_method`: the same names for
 the Gram-space methods, the same clear errors for unknown names and hyper-parameters.
 """
 
@@ -44,7 +44,7 @@ def check_hyperparams(kind: str, name: str, factory: Callable, hyperparams: Mapp
 def build(kind: str, registry: Mapping[str, Callable], name: str, hyperparams: Mapping) -> Any:
     """``registry[name](**hyperparams)``, with errors that list the valid names and parameters.
 
-    The one lookup behind :func:`get_weighting`, ``mtl.get_aggregator`` and ``mtl.get_scalarizer``.
+    The one lookup behind :func:`get_weighting`, ``mtl.get_method`` and ``mtl.scalarization.get_scalarizer``.
     """
     if name not in registry:
         raise ValueError(f"Unknown {kind} {name!r}; valid names: {sorted(registry)}.")

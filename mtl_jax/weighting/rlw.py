@@ -4,8 +4,9 @@ Weighting: A Litmus Test for Multi-Task Learning", TMLR 2022).
 At every step the weights are drawn afresh, ``w = softmax(z)`` with ``z ~ N(0, I_K)`` (the
 paper's default distribution; LibMTL's ``RLW`` and TorchJD's ``Random``). As an aggregator it
 combines the task gradients, ``d = sum_k w_k g_k`` (TorchJD's ``Random``); as a loss-only method
-(:func:`mtl_jax.scalarize.rlw`) it weights the losses, which gives the same update at a fraction of
-the cost. The draw comes from the PRNG key in the aggregator state, so a seed reproduces a run.
+(:func:`mtl_jax.scalarization.rlw`) it weights the losses, which gives the same update at a
+fraction of the cost. The draw comes from the PRNG key in the aggregator state, so a seed
+reproduces a run.
 """
 
 from __future__ import annotations

@@ -1,23 +1,13 @@
 """UPGrad (Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024).
 
-UPGrad ("unconflicting projection of gradients") projects every task gradient ``g_i`` onto the
-dual cone of the rows of ``J``, ``{d : J d >= 0}``, and averages the projections with the
-preference weights ``p`` (default ``p = 1/K``):
-
-    d = sum_i p_i pi_J(g_i),       pi_J(J^T u) = J^T v(u),   v(u) = argmin_{v >= u} v^T G v
-
-(Proposition 1), so the weights are ``w = sum_i v(p_i e_i)``: K small QPs sharing G, solved
-exactly by the Gram-form Lawson-Hanson active-set method of :mod:`mtl_jax.weighting._qp` (one
-``vmap``).
-
-Properties (proved in the paper): non-conflicting (``J d >= 0``); linear under scaling
-(``d(diag(c) J)`` is linear in ``c > 0``, since the dual cone does not change); weighted
-(``d`` is a combination of the task gradients); permutation equivariant with uniform preference;
-``d`` equals the mean when no pair of tasks conflicts (every ``g_i`` is then in the cone).
-
-Departure from TorchJD/LibMTL: they normalise G by its trace and add ``1e-4 I`` before calling
-quadprog in float64 (regularisation that moves the answer by ~1e-4); here the projections are
-exact up to rounding, in G's own dtype.
+Every task gradient projected onto the dual cone ``{d : J d >= 0}``, averaged with the preference
+``p`` (default ``1/K``): ``d = sum_i p_i pi_J(g_i)``, ``pi_J(J^T u) = J^T v(u)``,
+``v(u) = argmin_{v >= u} v^T G v`` (Proposition 1): K small QPs sharing G, solved exactly under
+one ``vmap`` by :mod:`mtl_jax.weighting._qp`. Non-conflicting; linear under scaling; weighted;
+permutation equivariant with uniform preference; the mean when no pair conflicts. Departure from
+TorchJD/LibMTL: no trace normalisation plus ``1e-4 I`` before quadprog in float64 (which moves
+the answer by ~1e-4); the projections are exact up to rounding, in G's own dtype. Details:
+``docs/methods.md``, "Method notes".
 """
 
 from __future__ import annotations

@@ -1,0 +1,495 @@
+"""Per-task gradients: ONE entry point, :func:`value_and_grads`, for every model shape.
+
+It returns one format: Jacobian rows ``[K, *shape]`` for the shared leaves, each task's own
+gradient ``[*shape]`` for task-specific leaves (heads, per-task copies, masks). The model is
+a loss-vector function, a :class:`TrunkAndHeads` or a :class:`PerTaskLosses`; ``task_map``
+(``"vmap"`` | ``"unroll"`` | ``"scan"``) says how the K tasks are mapped, ``chunk_size`` bounds
+a vmap's memory. The representation (MGDA-UB) path is the ``representation`` option of a
+:class:`TrunkAndHeads`. :func:`mtl_jax.aggregation.shared_rows` turns the tree into an update.
+Costs, strategies and the maths: ``docs/gradients.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mtl_jax.gramian import GLOBAL, group_gramians
+from mtl_jax.sharing import task_specific_leaves
+from mtl_jax.sharing.grads import per_task_grads
+from mtl_jax.weighting.base import Weighting
+from mtl_jax.weighting.registry import get_weighting
+
+PyTree = Any
+
+__all__ = [
+    "TASK_MAPS",
+    "PerTaskLosses",
+    "RepresentationWeighting",
+    "TrunkAndHeads",
+    "value_and_grads",
+]
+
+#: How the K tasks' backward passes are mapped: one batched pass, K passes in the program,
+#: K passes in a loop (``docs/gradients.md`` has the measured trade-offs).
+TASK_MAPS = ("vmap", "unroll", "scan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model shapes.
+
+
+@dataclasses.dataclass(frozen=True)
+class TrunkAndHeads:
+    """A shared trunk and one head per task.
+
+    ``z = trunk_fn(params["trunk"], x)`` (``(z, trunk_aux)`` with ``has_aux``), then task k's
+    loss ``head_loss_fns[k](params["heads"][k], z, targets[k])`` (``(loss, head_aux)`` with
+    ``has_aux``). The gradient function is called ``fn(params, x, targets)`` with ``params =
+    {"trunk": ..., "heads": ...}``. Heads are given three ways, the task order is that of the
+    losses everywhere: a sequence of K functions (``heads``, ``targets``: sequences of K); a
+    mapping ``name -> function`` (``heads``, ``targets``: mappings with its keys, in its
+    order); one function for K homogeneous heads whose parameters and targets are stacked along
+    a leading task axis (run under one ``vmap``).
+    """
+
+    trunk_fn: Callable[..., Any]
+    head_loss_fns: Callable[..., Any] | Sequence[Callable[..., Any]] | Mapping[str, Callable]
+
+
+@dataclasses.dataclass(frozen=True)
+class PerTaskLosses:
+    """A per-task model (:func:`mtl_jax.sharing.per_task`): task t's loss on its own view.
+
+    ``task_loss_fn(view_t, t, *args, **kwargs) -> loss_t`` (with ``has_state``:
+    ``(view_t, state_t, t, *args, **kwargs) -> (loss_t, new_state_t)``, and the gradient
+    function is called ``fn(params, state, *args, **kwargs)``). ``spec`` is the parameters'
+    sharing spec; ``state_spec``, ``state_reduction`` and ``axis_name`` are as in
+    :func:`mtl_jax.sharing.per_task`. The gradient is taken inside each task's stream, so
+    nothing is ever ``[K, K, ...]`` (``docs/gradients.md``).
+    """
+
+    task_loss_fn: Callable[..., Any]
+    spec: PyTree
+    num_tasks: int
+    has_state: bool = False
+    state_spec: PyTree | None = None
+    state_reduction: str | Callable | None = None
+    axis_name: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RepresentationWeighting:
+    """The one-backward representation path (MGDA-UB, Sener & Koltun 2018, Sec. 3.3).
+
+    The weighting runs on the Gram matrix of ``d loss_k / d z`` (flattened over batch and
+    features as the official code; ``sum_over_batch`` sums the batch axis first, as LibMTL)
+    and the trunk gets ``(dz/dtheta)^T sum_k w_k dL_k/dz`` from ONE backward pass.
+    ``scale_heads`` multiplies head k's gradient by ``w_k`` (the official MGDA code).
+    """
+
+    weighting: Weighting | str
+    sum_over_batch: bool = False
+    scale_heads: bool = False
+
+
+Model = Callable[..., Any] | TrunkAndHeads | PerTaskLosses
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and the task map.
+
+
+def _check_loss_vector(losses: Any, where: str) -> None:
+    shape = jnp.shape(losses)
+    if len(shape) != 1:
+        raise ValueError(
+            f"{where} must return a loss vector f32[K] (one loss per task); got shape {shape}. "
+            "Stack the task losses with jnp.stack([...])."
+        )
+    if not jnp.issubdtype(jnp.result_type(losses), jnp.floating):
+        raise TypeError(
+            f"{where} must return floating-point losses; got {jnp.result_type(losses)}."
+        )
+
+
+def _check_task_map(task_map: str, chunk_size: int | None) -> None:
+    if task_map not in TASK_MAPS:
+        raise ValueError(f"Unknown task_map {task_map!r}; choose from {TASK_MAPS}.")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None; got {chunk_size}.")
+    if chunk_size is not None and task_map != "vmap":
+        raise ValueError("chunk_size applies to task_map='vmap' only.")
+
+
+def map_pullback(
+    pullback: Callable, cotangents: PyTree, chunk_size: int | None, task_map: str = "vmap"
+) -> PyTree:
+    """``pullback`` applied to every row of ``cotangents`` (leading axis K).
+
+    ``"vmap"``: one batched backward pass (chunks of ``chunk_size`` rows under ``lax.map``);
+    ``"unroll"``: K separate passes in the traced program; ``"scan"``: K passes in a loop.
+    """
+    num = jax.tree.leaves(cotangents)[0].shape[0]
+    if task_map == "unroll":
+        rows = [pullback(jax.tree.map(lambda c, k=k: c[k], cotangents)) for k in range(num)]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
+    if task_map == "scan":
+        return jax.lax.map(pullback, cotangents)
+    if chunk_size is None or chunk_size >= num:
+        return jax.vmap(pullback)(cotangents)
+    return jax.lax.map(pullback, cotangents, batch_size=chunk_size)
+
+
+def _stack(trees: Sequence[PyTree]) -> PyTree:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss vector: rows for shared leaves, the summed loss's gradient for task-specific ones.
+
+
+def _loss_vector_grads(
+    loss_fn: Callable[..., Any],
+    task_specific: PyTree | Callable[[PyTree], PyTree] | None,
+    has_aux: bool,
+    task_map: str,
+    chunk_size: int | None,
+) -> Callable[..., Any]:
+    """One forward (``jax.vjp``); K pullbacks of the one-hot cotangents for the shared leaves,
+    one pullback of the all-ones cotangent for the task-specific ones. Only task t's loss
+    reaches a task-specific leaf, so that gradient IS its own task's. Under ``jax.jit`` XLA
+    drops the unused task-specific outputs of the K pullbacks (tests/test_grads_tree.py)."""
+
+    def fn(params: PyTree, *args: Any, **kwargs: Any) -> Any:
+        leaves, treedef = jax.tree.flatten(params)
+        if task_specific is None:
+            specific = [False] * len(leaves)
+        else:
+            specific = jax.tree.leaves(task_specific_leaves(task_specific, params))
+        shared_idx = [i for i, s in enumerate(specific) if not s]
+        specific_idx = [i for i, s in enumerate(specific) if s]
+
+        def split_loss(shared: list[Any], own: list[Any]) -> Any:
+            full = list(leaves)
+            for i, x in zip(shared_idx, shared, strict=True):
+                full[i] = x
+            for i, x in zip(specific_idx, own, strict=True):
+                full[i] = x
+            return loss_fn(treedef.unflatten(full), *args, **kwargs)
+
+        primals = ([leaves[i] for i in shared_idx], [leaves[i] for i in specific_idx])
+        if has_aux:
+            losses, pullback, aux = jax.vjp(split_loss, *primals, has_aux=True)
+        else:
+            losses, pullback = jax.vjp(split_loss, *primals)
+        _check_loss_vector(losses, "loss_fn")
+        out = list(leaves)
+        if shared_idx:
+            basis = jnp.eye(losses.shape[0], dtype=losses.dtype)
+            rows = map_pullback(lambda c: pullback(c)[0], basis, chunk_size, task_map)
+            for i, g in zip(shared_idx, rows, strict=True):
+                out[i] = g
+        if specific_idx:
+            own = pullback(jnp.ones_like(losses))[1]
+            for i, g in zip(specific_idx, own, strict=True):
+                out[i] = g
+        grads = treedef.unflatten(out)
+        return ((losses, aux), grads) if has_aux else (losses, grads)
+
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Trunk and heads.
+
+
+def _head_value_and_grad(head_loss_fn: Callable[..., Any], has_aux: bool) -> Callable:
+    """``(head_params, z, target) -> (loss, aux, (d loss/d head_params, d loss/d z))``."""
+    # jax.value_and_grad itself rejects a non-scalar head loss with a TypeError naming its shape.
+    grad_fn = jax.value_and_grad(head_loss_fn, argnums=(0, 1), has_aux=has_aux)
+
+    def fn(head_params: PyTree, z: PyTree, target: PyTree) -> Any:
+        value, grads = grad_fn(head_params, z, target)
+        loss, aux = value if has_aux else (value, None)
+        return loss, aux, grads
+
+    return fn
+
+
+def _heads_of(head_loss_fns: Any) -> tuple[bool, list[str] | None, list[Callable] | None]:
+    """``(stacked, names, fns)`` for the three ways heads can be given."""
+    stacked = callable(head_loss_fns) and not isinstance(head_loss_fns, Mapping | Sequence)
+    if stacked:
+        return True, None, None
+    if isinstance(head_loss_fns, Mapping):
+        names = list(head_loss_fns)
+        return False, names, [head_loss_fns[n] for n in names]
+    fns = list(head_loss_fns)
+    if not fns:
+        raise ValueError("head_loss_fns is empty; give one head loss function per task.")
+    return False, None, fns
+
+
+def _per_task_entries(container: Any, names: list[str] | None, num: int, what: str) -> list:
+    if names is not None:
+        if not isinstance(container, Mapping) or set(container) != set(names):
+            got = sorted(container) if isinstance(container, Mapping) else type(container)
+            raise ValueError(f"{what} must be a mapping with the task keys {names}; got {got}.")
+        return [container[n] for n in names]
+    if not isinstance(container, Sequence) or len(container) != num:
+        got = len(container) if isinstance(container, Sequence) else type(container).__name__
+        raise ValueError(f"{what} must be a sequence of {num} entries (one per head); got {got}.")
+    return list(container)
+
+
+def _heads_value_and_grads(
+    head_loss_fns: Any, has_aux: bool
+) -> Callable[[Any, PyTree, Any], tuple[jax.Array, Any, Any, PyTree]]:
+    """``(head_params, z, targets) -> (losses[K], head_aux, head_grads, rep_grads)``:
+    each head's loss and its gradients with respect to its parameters and to ``z``
+    (``rep_grads`` leaves ``[K, *z.shape]``)."""
+    stacked, names, fns = _heads_of(head_loss_fns)
+
+    def fn(head_params: Any, z: PyTree, targets: Any) -> Any:
+        if stacked:
+            one = _head_value_and_grad(head_loss_fns, has_aux)
+            losses, aux, (grads, rep_grads) = jax.vmap(one, in_axes=(0, None, 0))(
+                head_params, z, targets
+            )
+            return losses, aux, grads, rep_grads
+        params_k = _per_task_entries(head_params, names, len(fns), "params['heads']")
+        targets_k = _per_task_entries(targets, names, len(fns), "targets")
+        results = [
+            _head_value_and_grad(f, has_aux)(p, z, t)
+            for f, p, t in zip(fns, params_k, targets_k, strict=True)
+        ]
+        losses = jnp.stack([r[0] for r in results])
+        rep_grads = _stack([r[2][1] for r in results])
+        grads_k, aux_k = [r[2][0] for r in results], [r[1] for r in results]
+        if names is not None:
+            return (
+                losses,
+                dict(zip(names, aux_k, strict=True)),
+                dict(zip(names, grads_k, strict=True)),
+                rep_grads,
+            )
+        grads = type(head_params)(grads_k) if isinstance(head_params, tuple) else grads_k
+        return losses, aux_k, grads, rep_grads
+
+    return fn
+
+
+def _scale_heads(head_grads: Any, weights: jax.Array, head_loss_fns: Any) -> Any:
+    """Head k's gradient times ``w_k`` (for the three ways heads can be given)."""
+    stacked, names, _ = _heads_of(head_loss_fns)
+    if stacked:
+        return jax.tree.map(
+            lambda g: g * jnp.reshape(weights.astype(g.dtype), (-1,) + (1,) * (g.ndim - 1)),
+            head_grads,
+        )
+    scale = lambda k, tree: jax.tree.map(lambda g: g * weights[k].astype(g.dtype), tree)
+    if names is not None:
+        return {name: scale(k, head_grads[name]) for k, name in enumerate(names)}
+    scaled = [scale(k, g) for k, g in enumerate(head_grads)]
+    return type(head_grads)(scaled) if isinstance(head_grads, tuple) else scaled
+
+
+def _check_trunk_params(params: Any) -> None:
+    if not isinstance(params, Mapping) or set(params) != {"trunk", "heads"}:
+        got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+        raise ValueError(
+            "A TrunkAndHeads model is differentiated at params = {'trunk': ..., 'heads': ...}; "
+            f"got {got}."
+        )
+
+
+def representation_gram(rep_grads: PyTree, sum_over_batch: bool) -> jax.Array:
+    """``G[K, K]`` of the representation gradients ``rep_grads`` (leaves ``[K, B, ...]``),
+    flattened over batch and features (Sener & Koltun) or summed over the batch first (LibMTL)."""
+    reduced = jax.tree.map(lambda r: jnp.sum(r, axis=1), rep_grads) if sum_over_batch else rep_grads
+    return group_gramians(reduced, GLOBAL)[GLOBAL]
+
+
+def _trunk_and_heads_grads(
+    model: TrunkAndHeads,
+    has_aux: bool,
+    task_map: str,
+    chunk_size: int | None,
+    representation: bool | RepresentationWeighting,
+) -> Callable[..., Any]:
+    """The trunk's Jacobian rows from ONE forward and K trunk pullbacks of ``d loss_k / d z``
+    (never through the heads: a head's rows are zero but its own task's), each head's own
+    gradient; or, with a :class:`RepresentationWeighting`, ONE trunk pullback of the weighted
+    representation gradients."""
+    heads = _heads_value_and_grads(model.head_loss_fns, has_aux)
+    weighted = isinstance(representation, RepresentationWeighting)
+    weighting = None
+    if weighted:
+        weighting = representation.weighting
+        weighting = get_weighting(weighting) if isinstance(weighting, str) else weighting
+        if not isinstance(weighting, Weighting):
+            raise TypeError(
+                "RepresentationWeighting.weighting must be a mtl_jax Weighting or a registered "
+                f"name; got {type(weighting)}."
+            )
+
+    def fn(
+        params: Mapping[str, Any],
+        x: Any,
+        targets: Any,
+        *,
+        weighting_state: PyTree = None,
+        key: jax.Array | None = None,
+    ) -> Any:
+        _check_trunk_params(params)
+        encode = lambda p: model.trunk_fn(p, x)
+        if has_aux:
+            z, pullback, trunk_aux = jax.vjp(encode, params["trunk"], has_aux=True)
+        else:
+            (z, pullback), trunk_aux = jax.vjp(encode, params["trunk"]), None
+        losses, head_aux, head_grads, rep_grads = heads(params["heads"], z, targets)
+        aux: dict[str, Any] = {"trunk": trunk_aux, "heads": head_aux} if has_aux else {}
+        if not weighted:
+            (trunk_rows,) = map_pullback(pullback, rep_grads, chunk_size, task_map)
+            if representation:
+                aux["rep_grads"] = rep_grads
+            grads = {"trunk": trunk_rows, "heads": head_grads}
+            return ((losses, aux), grads) if aux else (losses, grads)
+        from mtl_jax.aggregation.gramspace import guarded_weigh  # the aggregators' NaN guard
+
+        if weighting_state is None:  # a stateless weighting's state; a stateful one needs it
+            weighting_state = weighting.init(losses.shape[0])
+            if jax.tree.leaves(weighting_state):
+                raise ValueError(
+                    "This weighting keeps state across steps: pass weighting_state=... (its "
+                    "fn.weighting.init(K) at the start, then aux['weighting_state'])."
+                )
+        gram = representation_gram(rep_grads, representation.sum_over_batch)
+        finite = jnp.all(jnp.isfinite(gram)) & jnp.all(jnp.isfinite(losses))
+        step_key = jax.random.key(0) if key is None else key
+        weights, new_state = guarded_weigh(
+            weighting, gram, weighting_state, step_key, losses, finite
+        )
+        weights = jnp.where(finite & jnp.all(jnp.isfinite(weights)), weights, jnp.nan)
+        cotangent = jax.tree.map(
+            lambda r: jnp.tensordot(weights.astype(r.dtype), r, axes=1).astype(r.dtype), rep_grads
+        )
+        (trunk_grad,) = pullback(cotangent)
+        if representation.scale_heads:
+            head_grads = _scale_heads(head_grads, weights, model.head_loss_fns)
+        aux.update(weights=weights, gram=gram, weighting_state=new_state)
+        return (losses, aux), {"trunk": trunk_grad, "heads": head_grads}
+
+    if weighted:
+        fn.weighting = weighting  # type: ignore[attr-defined]
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point.
+
+
+def value_and_grads(
+    model: Model,
+    task_specific: PyTree | Callable[[PyTree], PyTree] | None = None,
+    *,
+    has_aux: bool = False,
+    task_map: str = "vmap",
+    chunk_size: int | None = None,
+    representation: bool | RepresentationWeighting = False,
+) -> Callable[..., Any]:
+    """Task losses and ONE gradient tree: Jacobian rows for shared leaves, own gradients elsewhere.
+
+    ``grads`` has the structure of the parameters; a **shared** leaf gets its K rows
+    ``[K, *shape]`` (row k = d loss_k / d leaf), a **task-specific** leaf (a head, a per-task
+    copy ``[K, ...]``, a modulation scale) the gradient of its own task's loss, ``[*shape]``.
+    Give it to ``optax.chain(mtl.aggregation.shared_rows(aggregator, task_specific), opt)``.
+
+    Args:
+      model: what is differentiated.
+
+        * a function ``(params, *args, **kwargs) -> losses[K]`` (any loss vector);
+          ``task_specific`` labels its task-specific leaves (default: none, the full Jacobian);
+        * a :class:`TrunkAndHeads`: called ``(params, x, targets)`` with ``params = {"trunk",
+          "heads"}``; the trunk gets rows (from ``d loss_k / d z``: the K pullbacks never pass
+          the heads), the heads their own gradients;
+        * a :class:`PerTaskLosses` (a per-task model): each task's loss is differentiated in
+          its own stream; ``task_specific`` labels more task-specific leaves (heads, SHARED in
+          the spec), copied leaves are task-specific anyway.
+      task_specific: a bool pytree, a sharing spec (the parameters' structure or a prefix) or
+        a callable ``params -> either`` (:func:`mtl_jax.sharing.task_specific_leaves`).
+      has_aux: the model's functions return ``(loss, aux)``; the result is then
+        ``((losses, aux), grads)``. For a :class:`TrunkAndHeads`, ``aux = {"trunk": ...,
+        "heads": ...}``.
+      task_map: ``"vmap"`` (one batched backward pass; default), ``"unroll"`` (K passes in the
+        compiled program: on CPU up to 2x faster for conv nets; needed for a
+        :class:`PerTaskLosses` whose tasks' losses differ in structure) or ``"scan"`` (K
+        passes in a loop; a :class:`PerTaskLosses` maps with ``"vmap"`` or ``"unroll"``).
+      chunk_size: with ``"vmap"``, run the K backward passes in chunks of this many tasks
+        (bounds the activation cotangents, not the ``K x P`` rows).
+      representation: :class:`TrunkAndHeads` only. ``True``: also return
+        ``aux["rep_grads"]`` (``d loss_k / d z``, leaves ``[K, *z.shape]``) for the
+        representation methods (``mtl.get_method("mgda_ub")``). A
+        :class:`RepresentationWeighting`: the one-backward path: the trunk gets the weighted
+        gradient ``[*shape]`` (no rows) and the function takes ``weighting_state=`` (and
+        ``key=``), returning ``aux["weights"]``, ``aux["gram"]``, ``aux["weighting_state"]``.
+
+    Returns:
+      ``fn(params, *args, **kwargs) -> (losses, grads)`` or ``((losses, aux), grads)``; for a
+      :class:`PerTaskLosses` with ``has_state``: ``fn(params, state, ...) -> ((losses,
+      new_state), grads)``. Pure and jit-able.
+
+    Example::
+
+      grad_fn = mtl.value_and_grads(loss_fn, task_specific={"encoder": False, "heads": True})
+      tx = optax.chain(mtl.aggregation.shared_rows(mtl.aggregation.upgrad(),
+                                                   {"encoder": False, "heads": True}),
+                       optax.adam(1e-3))
+      losses, grads = grad_fn(params, batch)
+      updates, opt_state = tx.update(grads, opt_state, params, task_losses=losses)
+    """
+    _check_task_map(task_map, chunk_size)
+    if representation is not False and not isinstance(model, TrunkAndHeads):
+        raise ValueError(
+            "representation= needs a TrunkAndHeads model (the representation is the trunk's "
+            f"output); got {type(model).__name__}."
+        )
+    if isinstance(model, TrunkAndHeads):
+        if task_specific is not None:
+            raise ValueError(
+                "A TrunkAndHeads model's heads are its task-specific leaves; drop task_specific."
+            )
+        return _trunk_and_heads_grads(model, has_aux, task_map, chunk_size, representation)
+    if isinstance(model, PerTaskLosses):
+        if task_map == "scan" or chunk_size is not None:
+            raise ValueError(
+                "A PerTaskLosses model maps its tasks with task_map='vmap' or 'unroll' (no "
+                "chunk_size): each task's stream is differentiated on its own."
+            )
+        if has_aux:
+            raise ValueError(
+                "PerTaskLosses has no aux output; its state (has_state=True) is returned with "
+                "the losses."
+            )
+        return per_task_grads(
+            model.task_loss_fn,
+            model.spec,
+            model.num_tasks,
+            has_state=model.has_state,
+            state_spec=model.state_spec,
+            state_reduction=model.state_reduction,
+            axis_name=model.axis_name,
+            unroll=task_map == "unroll",
+            task_specific=task_specific,
+        )
+    if not callable(model):
+        raise TypeError(
+            "value_and_grads takes a loss-vector function, a TrunkAndHeads or a PerTaskLosses; "
+            f"got {type(model).__name__}."
+        )
+    return _loss_vector_grads(model, task_specific, has_aux, task_map, chunk_size)

@@ -1,0 +1,282 @@
+"""The method catalogue: one table of every method, and :func:`get_method`.
+
+``mtl.get_method("cagrad:c=0.4", num_tasks=K, seed=s)`` returns a :class:`Method`: the optax
+transform and everything a train loop must know to feed it (its cost class, its extra inputs,
+whether heads are scaled, a post-step hook). The table is generated from the Gram-space
+weightings (as Jacobian aggregators and as ``<name>_ub`` representation methods), the
+element-wise aggregators and the loss-only scalarizers. ``docs/methods.md`` lists them.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import optax
+
+from mtl_jax.aggregation import AGGREGATORS, from_representation
+from mtl_jax.scalarization import SCALARIZERS, from_scalarizer, post_step_in_state
+from mtl_jax.weighting.registry import WEIGHTINGS, check_hyperparams
+
+PyTree = Any
+
+__all__ = [
+    "COSTS",
+    "METHODS",
+    "Method",
+    "MethodEntry",
+    "get_method",
+    "method_names",
+    "parse_method",
+]
+
+#: What a method needs from the backward pass: the K-row Jacobian of the shared parameters;
+#: the K gradients with respect to a shared representation (plus the trunk's rows or its one
+#: backward pass); or only the task losses (the weights come from them; the update is the
+#: weighted sum of the rows, i.e. one backward pass of the weighted loss).
+COSTS = ("jacobian", "representation", "loss")
+
+#: The keyword inputs a transform's ``update`` may need besides the gradient tree.
+INPUTS = ("task_losses", "rep_grads")
+
+UB_SUFFIX = "_ub"
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A built method: its transform and how a loop feeds it.
+
+    Attributes:
+      name: the catalogue name (``"cagrad"``, ``"uw"``, ``"mgda_ub"``).
+      hyperparams: the hyper-parameters it was built with (the seed included).
+      cost: one of :data:`COSTS`.
+      transform: ``update(grads, state, params, **inputs)`` takes the shared leaves' Jacobian
+        rows (through :func:`mtl_jax.aggregation.shared_rows` when there are task-specific
+        leaves) and returns a gradient shaped like the parameters.
+      inputs: the keyword inputs ``update`` needs (:data:`INPUTS`): ``task_losses`` (always
+        accepted), ``rep_grads`` (``d loss_k / d z``, from ``value_and_grads(...,
+        representation=True)``).
+      scales_heads: the method is the gradient of a weighted loss, so head k's own gradient is
+        multiplied by ``w_k`` (loss-only methods; ``mtl.aggregation.weights`` reads ``w``).
+      post_step: ``(opt_state, new_losses) -> opt_state`` to call after the optimizer step with
+        the losses at the new parameters on the same batch (FAMO), or ``None``.
+      batches: how many batches one update reads (1 for every method here; cross-batch methods
+        such as MoCo or SDMGrad's double sampling will say 2).
+    """
+
+    name: str
+    hyperparams: Mapping[str, Any]
+    cost: str
+    transform: optax.GradientTransformationExtraArgs
+    inputs: tuple[str, ...] = ("task_losses",)
+    scales_heads: bool = False
+    post_step: Callable[[PyTree, jax.Array], PyTree] | None = None
+    batches: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodEntry:
+    """One row of the catalogue: the method's cost class and its builder.
+
+    ``factory`` is the function whose signature lists the hyper-parameters (the aggregator,
+    weighting or scalarizer factory); ``build(hyperparams, num_tasks, steps_per_epoch)``
+    returns ``(transform, post_step)``.
+    """
+
+    cost: str
+    factory: Callable[..., Any]
+    build: Callable[[dict[str, Any], int | None, int], tuple[Any, Any]]
+    inputs: tuple[str, ...] = ("task_losses",)
+    scales_heads: bool = False
+    required: tuple[str, ...] = ()
+
+    def accepts(self, name: str) -> bool:
+        return name in inspect.signature(self.factory).parameters
+
+
+def _aggregator_entry(name: str) -> MethodEntry:
+    factory = AGGREGATORS[name]
+
+    def build(kwargs: dict[str, Any], num_tasks: int, steps_per_epoch: int) -> tuple[Any, Any]:
+        del steps_per_epoch
+        return factory(**kwargs, num_tasks=num_tasks), None
+
+    return MethodEntry("jacobian", factory, build)
+
+
+def _scalarizer_entry(name: str) -> MethodEntry:
+    factory = SCALARIZERS[name]
+
+    def build(kwargs: dict[str, Any], num_tasks: int, steps_per_epoch: int) -> tuple[Any, Any]:
+        kwargs = dict(kwargs)
+        layer = kwargs.pop("layer", None)
+        if name == "dwa":
+            kwargs.setdefault("steps_per_epoch", steps_per_epoch)
+        scalarizer = factory(**kwargs)
+        transform = from_scalarizer(
+            scalarizer, num_tasks=num_tasks, grad_norm_layer=layer, name=name
+        )
+        post_step = None
+        if name == "famo":  # FAMO updates its logits from the losses after the step
+            post_step = lambda opt_state, new_losses: post_step_in_state(
+                opt_state, scalarizer, new_losses
+            )
+        return transform, post_step
+
+    def signature_factory(**kwargs: Any) -> Any:  # the scalarizer's parameters, plus layer=
+        return factory(**kwargs)
+
+    params = list(inspect.signature(factory).parameters.values())
+    required: tuple[str, ...] = ()
+    if name == "gradnorm":  # GradNorm balances the task-gradient norms of one shared layer
+        params.append(inspect.Parameter("layer", inspect.Parameter.KEYWORD_ONLY, default=None))
+        required = ("layer",)
+    signature_factory.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return MethodEntry("loss", signature_factory, build, scales_heads=True, required=required)
+
+
+def _representation_entry(weighting_name: str) -> MethodEntry:
+    factory = WEIGHTINGS[weighting_name]
+
+    def build(kwargs: dict[str, Any], num_tasks: int, steps_per_epoch: int) -> tuple[Any, Any]:
+        del steps_per_epoch
+        kwargs = dict(kwargs)
+        sum_over_batch = bool(kwargs.pop("sum_over_batch", False))
+        seed = int(kwargs.pop("seed", 0))
+        transform = from_representation(
+            factory(**kwargs),
+            num_tasks=num_tasks,
+            sum_over_batch=sum_over_batch,
+            seed=seed,
+            name=weighting_name + UB_SUFFIX,
+        )
+        return transform, None
+
+    def signature_factory(**kwargs: Any) -> Any:
+        return factory(**kwargs)
+
+    params = list(inspect.signature(factory).parameters.values())
+    names = {p.name for p in params}
+    for extra, default in (("sum_over_batch", False), ("seed", 0)):
+        if extra not in names:
+            params.append(inspect.Parameter(extra, inspect.Parameter.KEYWORD_ONLY, default=default))
+    signature_factory.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return MethodEntry(
+        "representation", signature_factory, build, inputs=("task_losses", "rep_grads")
+    )
+
+
+def _catalogue() -> dict[str, MethodEntry]:
+    table: dict[str, MethodEntry] = {name: _aggregator_entry(name) for name in AGGREGATORS}
+    for name in SCALARIZERS:
+        if name not in table:  # "mean", "sum": the aggregator (the same update)
+            table[name] = _scalarizer_entry(name)
+    for name in WEIGHTINGS:
+        table[name + UB_SUFFIX] = _representation_entry(name)
+    return table
+
+
+#: Every method by name (aggregators, loss-only methods, ``<weighting>_ub``, in that order):
+#: the one table experiment configs and custom loops select from.
+METHODS: Mapping[str, MethodEntry] = _catalogue()
+
+
+def parse_literal(text: str) -> Any:
+    """A Python literal (``"0.4"`` -> ``0.4``, ``"True"``, ``"(1, 2)"``), or the text itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def method_names() -> str:
+    """The catalogue's names by cost class, for error messages and listings."""
+    by_cost = lambda cost: sorted(n for n, e in METHODS.items() if e.cost == cost)
+    return (
+        f"aggregators {by_cost('jacobian')}; loss-only methods {by_cost('loss')}; "
+        f"representation methods {by_cost('representation')}"
+    )
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"cagrad:c=0.4,rescale=True"`` -> ``("cagrad", {"c": 0.4, "rescale": True})``.
+
+    Raises:
+      ValueError: for a part without ``=``.
+    """
+    name, _, rest = spec.partition(":")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"Bad method string {spec!r}: expected 'name:key=value,...'.")
+        kwargs[key.strip()] = parse_literal(value.strip())
+    return name.strip(), kwargs
+
+
+def get_method(
+    spec: str,
+    *,
+    num_tasks: int | None = None,
+    seed: int | None = None,
+    steps_per_epoch: int = 1,
+    **hyperparams: Any,
+) -> Method:
+    """Builds a method from the catalogue.
+
+    Args:
+      spec: ``"name"`` or ``"name:key=value,..."`` (values are Python literals), a key of
+        :data:`METHODS`.
+      num_tasks: K. Every loss-only and representation method needs it; an aggregator built
+        without it infers K at its first update but then logs no weights or Gram matrices.
+      seed: seeds the method's PRNG key (PCGrad's orders, GradDrop's and RLW's draws) unless
+        the spec sets ``seed=`` itself; a study gives each run its own seed.
+      steps_per_epoch: the epoch length for methods that work per epoch (DWA).
+      **hyperparams: more hyper-parameters (the spec's win on a clash).
+
+    Raises:
+      ValueError: for an unknown name (listing the catalogue), an unknown hyper-parameter
+        (listing the method's) or a missing required one (GradNorm's ``layer``).
+    """
+    name, parsed = parse_method(spec)
+    if name not in METHODS:
+        raise ValueError(f"Unknown method {name!r}; valid names: {method_names()}.")
+    entry = METHODS[name]
+    kwargs = {**hyperparams, **parsed}
+    check_hyperparams("method", name, entry.factory, kwargs)
+    missing = [k for k in entry.required if kwargs.get(k) is None]
+    if missing:
+        raise ValueError(
+            f"{name} needs {missing}: e.g. '{name}:layer=Dense_1' (a path prefix of the shared "
+            "layer whose task-gradient norms it balances)."
+        )
+    no_default = [
+        p.name
+        for p in inspect.signature(entry.factory).parameters.values()
+        if p.default is inspect.Parameter.empty
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        and p.name not in kwargs
+    ]
+    if no_default:
+        raise ValueError(
+            f"{name} needs the hyper-parameter(s) {no_default}, e.g. "
+            f"mtl.get_method('{name}', num_tasks=K, {no_default[0]}=...)."
+        )
+    if num_tasks is None and entry.cost != "jacobian":
+        raise ValueError(f"{name} ({entry.cost} method) needs num_tasks=K.")
+    if seed is not None and "seed" not in kwargs and entry.accepts("seed"):
+        kwargs["seed"] = int(seed)
+    transform, post_step = entry.build(dict(kwargs), num_tasks, steps_per_epoch)
+    return Method(
+        name=name,
+        hyperparams=kwargs,
+        cost=entry.cost,
+        transform=transform,
+        inputs=entry.inputs,
+        scales_heads=entry.scales_heads,
+        post_step=post_step,
+    )

@@ -1,0 +1,49 @@
+"""Loss-only methods: combine the K task losses into one scalar before one backward pass.
+
+One file per method (:mod:`.equal`, :mod:`.rlw`, :mod:`.uw`, :mod:`.imtl_l`, :mod:`.dwa`,
+:mod:`.gls`, :mod:`.stch`, :mod:`.famo`, :mod:`.gradnorm`), all behind the interface
+:class:`Scalarizer` (:mod:`.base`), selected by name with :func:`get_scalarizer` (registry
+:data:`SCALARIZERS`, :mod:`.registry`), and usable as an optax aggregator of a task Jacobian with
+:func:`from_scalarizer` (:mod:`.transform`). The interface, a train step and the learnable
+weights: ``docs/methods.md`` ("Loss-only methods").
+"""
+
+from .base import Scalarizer
+from .dwa import DWAState, dwa
+from .equal import mean, sum_
+from .famo import FAMOState, famo
+from .gls import gls
+from .gradnorm import GradNormState, gradnorm, layer_grad_norms
+from .imtl_l import imtl_l
+from .learned import LearnedState
+from .registry import SCALARIZERS, get_scalarizer
+from .rlw import RLWState, rlw
+from .stch import STCHState, stch
+from .transform import SCALARIZER_STATE_KEY, from_scalarizer, post_step_in_state
+from .uw import uw
+
+__all__ = [
+    "SCALARIZERS",
+    "SCALARIZER_STATE_KEY",
+    "DWAState",
+    "FAMOState",
+    "GradNormState",
+    "LearnedState",
+    "RLWState",
+    "STCHState",
+    "Scalarizer",
+    "dwa",
+    "famo",
+    "from_scalarizer",
+    "get_scalarizer",
+    "gls",
+    "gradnorm",
+    "imtl_l",
+    "layer_grad_norms",
+    "mean",
+    "post_step_in_state",
+    "rlw",
+    "stch",
+    "sum_",
+    "uw",
+]
