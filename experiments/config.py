@@ -183,6 +183,12 @@ def validate_base(config: ml_collections.ConfigDict, study_sections: tuple[str, 
                 f"config.parallel.fsdp_min_size={config.parallel.fsdp_min_size}; use a "
                 "positive number of elements."
             )
+    if not float(config.train.lr) > 0:
+        raise ValueError(
+            f"config.train.lr={config.train.lr}; the learning rate must be > 0 (e.g. 1e-3)."
+        )
+    if int(config.train.epochs) < 1:
+        raise ValueError(f"config.train.epochs={config.train.epochs}; train at least 1 epoch.")
     if config.train.optimizer not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {config.train.optimizer!r}; valid: {OPTIMIZERS}.")
     if config.train.lr_schedule not in SCHEDULES:

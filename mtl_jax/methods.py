@@ -218,6 +218,46 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), kwargs
 
 
+def _type_name(default: Any) -> str | None:
+    """What a hyper-parameter with this default must be: "a bool", "a number", ... (None: any)."""
+    if isinstance(default, bool):
+        return "a bool (True / False)"
+    if isinstance(default, int):
+        return "an integer"
+    if isinstance(default, float):
+        return "a number"
+    if isinstance(default, str):
+        return "a string"
+    return None
+
+
+def _fits(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    return True
+
+
+def check_hyperparam_types(name: str, factory: Callable[..., Any], kwargs: Mapping) -> None:
+    """Raises a ``ValueError`` naming a hyper-parameter whose value does not have the type of its
+    default (``"cagrad:c=abc"``: ``c`` must be a number), before anything is built."""
+    params = inspect.signature(factory).parameters
+    for key, value in kwargs.items():
+        default = params[key].default if key in params else inspect.Parameter.empty
+        if default is inspect.Parameter.empty or default is None or _fits(value, default):
+            continue
+        raise ValueError(
+            f"{name}: hyper-parameter {key!r} must be {_type_name(default)} (default "
+            f"{default!r}); got {value!r} ({type(value).__name__}). E.g. '{name}:{key}="
+            f"{default!r}'."
+        )
+
+
 def get_method(
     spec: str,
     *,
@@ -240,7 +280,8 @@ def get_method(
 
     Raises:
       ValueError: for an unknown name (listing the catalogue), an unknown hyper-parameter
-        (listing the method's) or a missing required one (GradNorm's ``layer``).
+        (listing the method's), one of the wrong type (``"cagrad:c=abc"``) or a missing
+        required one (GradNorm's ``layer``).
     """
     name, parsed = parse_method(spec)
     if name not in METHODS:
@@ -248,6 +289,7 @@ def get_method(
     entry = METHODS[name]
     kwargs = {**hyperparams, **parsed}
     check_hyperparams("method", name, entry.factory, kwargs)
+    check_hyperparam_types(name, entry.factory, kwargs)
     missing = [k for k in entry.required if kwargs.get(k) is None]
     if missing:
         raise ValueError(

@@ -187,6 +187,12 @@ def test_workdir_of_another_config_is_refused(tmp_path):
         ),
         (lambda c: c.model.__setattr__("name", "vit"), "Unknown model 'vit'.*valid models"),
         (lambda c: c.train.__setattr__("optimizer", "lion"), "Unknown optimizer 'lion'"),
+        (lambda c: c.train.__setattr__("lr", -0.001), r"train.lr=-0.001; .* must be > 0"),
+        (lambda c: c.train.__setattr__("epochs", 0), r"train.epochs=0; train at least 1 epoch"),
+        (
+            lambda c: c.__setattr__("methods", ("cagrad:c=abc",)),
+            r"cagrad: hyper-parameter 'c' must be a number .*got 'abc'",
+        ),
         (lambda c: c.conflict.__setattr__("granularity", "layer"), "granularity 'layer'"),
     ],
 )
