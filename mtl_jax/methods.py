@@ -225,7 +225,7 @@ def _type_name(default: Any) -> str | None:
     if isinstance(default, int):
         return "an integer"
     if isinstance(default, float):
-        return "a number"
+        return "a number (or one per task)"
     if isinstance(default, str):
         return "a string"
     return None
@@ -236,8 +236,10 @@ def _fits(value: Any, default: Any) -> bool:
         return isinstance(value, bool)
     if isinstance(default, int):
         return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, float):  # a number, or one per task (FAMO's min_losses)
+        number = lambda v: isinstance(v, int | float) and not isinstance(v, bool)
+        per_task = isinstance(value, list | tuple) and all(number(v) for v in value)
+        return number(value) or per_task or hasattr(value, "shape")
     if isinstance(default, str):
         return isinstance(value, str)
     return True

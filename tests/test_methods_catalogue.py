@@ -110,7 +110,7 @@ def test_bad_names_and_hyperparameters_are_named():
         mtl.get_method("cagrad", num_tasks=K, alpha=0.4)
     with pytest.raises(ValueError, match=r"Unknown hyper-parameter\(s\) \['bogus'\]"):
         mtl.get_method("mgda_ub:bogus=1", num_tasks=K)
-    with pytest.raises(ValueError, match=r"'c' must be a number \(default 0.5\); got 'abc'"):
+    with pytest.raises(ValueError, match=r"'c' must be a number .*got 'abc'"):
         mtl.get_method("cagrad:c=abc", num_tasks=K)
     with pytest.raises(ValueError, match=r"'shuffle' must be a bool .*got 1 \(int\)"):
         mtl.get_method("pcgrad:shuffle=1", num_tasks=K)
