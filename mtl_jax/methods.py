@@ -108,6 +108,28 @@ def _aggregator_entry(name: str) -> MethodEntry:
     return MethodEntry("jacobian", factory, build)
 
 
+def _with_keyword_params(
+    factory: Callable[..., Any], extra: tuple[tuple[str, Any], ...]
+) -> Callable[..., Any]:
+    """``factory`` with the keyword-only parameters ``(name, default)`` of ``extra`` (those it
+    lacks) added to its signature: what the catalogue checks a method's hyper-parameters
+    against when its builder takes more than the factory (GradNorm's ``layer``, a
+    representation method's ``sum_over_batch`` and ``seed``)."""
+
+    def with_params(**kwargs: Any) -> Any:
+        return factory(**kwargs)
+
+    params = list(inspect.signature(factory).parameters.values())
+    names = {p.name for p in params}
+    params += [
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d)
+        for n, d in extra
+        if n not in names
+    ]
+    with_params.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return with_params
+
+
 def _scalarizer_entry(name: str) -> MethodEntry:
     factory = SCALARIZERS[name]
 
@@ -127,16 +149,10 @@ def _scalarizer_entry(name: str) -> MethodEntry:
             )
         return transform, post_step
 
-    def signature_factory(**kwargs: Any) -> Any:  # the scalarizer's parameters, plus layer=
-        return factory(**kwargs)
-
-    params = list(inspect.signature(factory).parameters.values())
-    required: tuple[str, ...] = ()
-    if name == "gradnorm":  # GradNorm balances the task-gradient norms of one shared layer
-        params.append(inspect.Parameter("layer", inspect.Parameter.KEYWORD_ONLY, default=None))
-        required = ("layer",)
-    signature_factory.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    return MethodEntry("loss", signature_factory, build, scales_heads=True, required=required)
+    # GradNorm balances the task-gradient norms of one shared layer: it needs layer=
+    extra, required = ((("layer", None),), ("layer",)) if name == "gradnorm" else ((), ())
+    signature = _with_keyword_params(factory, extra)
+    return MethodEntry("loss", signature, build, scales_heads=True, required=required)
 
 
 def _representation_entry(weighting_name: str) -> MethodEntry:
@@ -156,18 +172,8 @@ def _representation_entry(weighting_name: str) -> MethodEntry:
         )
         return transform, None
 
-    def signature_factory(**kwargs: Any) -> Any:
-        return factory(**kwargs)
-
-    params = list(inspect.signature(factory).parameters.values())
-    names = {p.name for p in params}
-    for extra, default in (("sum_over_batch", False), ("seed", 0)):
-        if extra not in names:
-            params.append(inspect.Parameter(extra, inspect.Parameter.KEYWORD_ONLY, default=default))
-    signature_factory.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    return MethodEntry(
-        "representation", signature_factory, build, inputs=("task_losses", "rep_grads")
-    )
+    signature = _with_keyword_params(factory, (("sum_over_batch", False), ("seed", 0)))
+    return MethodEntry("representation", signature, build, inputs=("task_losses", "rep_grads"))
 
 
 def _catalogue() -> dict[str, MethodEntry]:

@@ -89,9 +89,7 @@ def plain(x) -> np.ndarray:
     """A leaf as a NumPy array; a typed PRNG key as its key data (``uint32``)."""
     import jax
 
-    if jax.dtypes.issubdtype(
-        np.result_type(x) if not hasattr(x, "dtype") else x.dtype, jax.dtypes.prng_key
-    ):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
         return np.asarray(jax.random.key_data(x))
     return np.asarray(x)
 
