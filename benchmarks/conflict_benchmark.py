@@ -17,6 +17,7 @@ import argparse
 import json
 import time
 
+import _checkout  # noqa: F401  (puts the checkout on sys.path: experiments/ is not installed)
 import jax
 import numpy as np
 

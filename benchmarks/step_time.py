@@ -58,6 +58,7 @@ import argparse
 import statistics
 from collections.abc import Callable
 
+import _checkout  # noqa: F401  (puts the checkout on sys.path: experiments/ is not installed)
 import jax
 import jax.numpy as jnp
 import numpy as np

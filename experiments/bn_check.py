@@ -39,7 +39,9 @@ from experiments import data as data_lib
 from experiments import models as models_lib
 from experiments import reports
 from experiments import run as run_lib
+from experiments import runner as runner_lib
 from experiments import train as train_lib
+from experiments import workdir as workdir_lib
 from experiments.logs import JsonlLog, atomic_write_text
 from experiments.phases import Artifacts
 from mtl_jax import sharing as sharing_lib
@@ -164,9 +166,15 @@ def markdown_table(rows: dict[str, dict], task_names: Sequence[str]) -> str:
 def bn_check(workdir: str, batches: int = 50, *, verbose: bool = True) -> dict:
     """Evaluates every finished run of ``workdir`` with A, B and C; writes ``bn_check.json``
     and returns its content."""
+    workdir_lib.check_writable(
+        workdir,
+        "bn_check writes bn_check.json there",
+        f"Copy the work dir (cp -r {workdir} <dir>) and run python -m experiments.bn_check "
+        "--workdir <dir>.",
+    )
     if batches < 1:
         raise ValueError(f"--batches={batches}; give a positive number of training batches.")
-    config = run_lib.load_workdir_config(workdir)
+    config = workdir_lib.load_workdir_config(workdir)
     data = data_lib.make_dataset(config.dataset)
     model = models_lib.make_model(config.model, data.tasks, data.input_shape)
     artifacts = Artifacts(workdir)
@@ -226,13 +234,13 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax's per-restore INFO lines
-    run_lib.enable_compilation_cache()  # the runs of a study share their programs
+    runner_lib.enable_compilation_cache()  # the runs of a study share their programs
     if not _FLAGS.workdir:
         print("error: give --workdir DIR (a work dir of experiments.run).", file=sys.stderr)
         sys.exit(2)
     try:
         result = bn_check(_FLAGS.workdir, int(_FLAGS.batches))
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # WorkdirError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(report(result, result["tasks"]))
@@ -240,4 +248,5 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
+    run_lib.usage_on_help(sys.argv)
     app.run(main)

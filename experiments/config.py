@@ -1,7 +1,11 @@
 """The experiment config: defaults, method strings, and validation with errors that list valid names.
 
-A config file is a Python module whose ``get_config()`` returns an ``ml_collections.ConfigDict``
-(big_vision / Flax-examples style), normally built from :func:`base_config`. Top-level keys:
+A config file is a Python module whose ``get_config(arg)`` returns an ``ml_collections.ConfigDict``
+(big_vision / Flax-examples style), normally built from :func:`base_config`. The argument is the
+text after the file's ``:`` on the command line: ``--config FILE:SETUP,dataset=NAME,model=NAME``
+picks one of the file's setups and switches the data set or model section to that entry's
+defaults (:func:`section_arguments`; ``--config.dataset.<key>=...`` then sets its keys). Top-level
+keys:
 
 * ``study``: the study to run (``experiments.studies``; ``"compare"``, every method x every seed,
   is the default); ``python -m experiments.run --list`` lists them.
@@ -26,7 +30,10 @@ A config file is a Python module whose ``get_config()`` returns an ``ml_collecti
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import importlib.util
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
@@ -143,6 +150,88 @@ def base_config(dataset: str, model: str) -> ml_collections.ConfigDict:
     return config
 
 
+#: The sections a config argument switches (``FILE:dataset=arrays``), and their default configs.
+SWITCHABLE = {
+    "dataset": data_lib.default_dataset_config,
+    "model": models_lib.default_model_config,
+}
+
+
+def parse_config_arg(arg: str | None) -> tuple[str | None, dict[str, str]]:
+    """``"setup,dataset=arrays,model=mlp"`` -> ``("setup", {"dataset": "arrays", "model":
+    "mlp"})``; the setup (at most one item without ``=``) may be absent.
+
+    Raises:
+      ConfigError: two setups, or a key that is not a switchable section (lists them).
+    """
+    setups, options = [], {}
+    for item in (arg or "").split(","):
+        if not item.strip():
+            continue
+        key, eq, value = item.partition("=")
+        if not eq:
+            setups.append(item.strip())
+            continue
+        if key.strip() not in SWITCHABLE:
+            raise ConfigError(
+                f"Unknown config argument {key.strip()!r} in {arg!r}; a config file takes its "
+                f"setup and {sorted(SWITCHABLE)}: FILE:SETUP,dataset=NAME,model=NAME."
+            )
+        options[key.strip()] = value.strip()
+    if len(setups) > 1:
+        raise ConfigError(f"Config argument {arg!r} names {len(setups)} setups {setups}; give one.")
+    return (setups[0] if setups else None), options
+
+
+def select_sections(
+    config: ml_collections.ConfigDict, options: Mapping[str, str]
+) -> ml_collections.ConfigDict:
+    """Replaces each section named in ``options`` by the defaults of its new entry (the old
+    entry's keys do not stay: another data set has other keys).
+
+    Raises:
+      ConfigError: an unknown data set or model (lists the valid ones).
+    """
+    for section, name in options.items():
+        try:
+            fresh = SWITCHABLE[section](name)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        with config.unlocked():
+            config[section] = fresh
+    return config
+
+
+def section_arguments(
+    get_config: Callable[..., ml_collections.ConfigDict],
+) -> Callable[[str | None], ml_collections.ConfigDict]:
+    """Decorates a config file's ``get_config(setup=...)`` so that its argument may also switch
+    sections: ``FILE:SETUP,dataset=NAME,model=NAME`` (each part optional)."""
+
+    @functools.wraps(get_config)
+    def wrapped(arg: str | None = None) -> ml_collections.ConfigDict:
+        setup, options = parse_config_arg(arg)
+        config = get_config() if setup is None else get_config(setup)
+        return select_sections(config, options)
+
+    return wrapped
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+    """Runs the config file ``FILE[:ARG]`` (``get_config(ARG)``) as ``--config`` does.
+
+    Raises:
+      FileNotFoundError: there is no such file.
+    """
+    file, _, arg = path.partition(":")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"Config file {file!r} does not exist.")
+    spec = importlib.util.spec_from_file_location("_experiment_config", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
 _parse_value = mtl.methods.parse_literal  # a Python literal, or the text itself
 
 
@@ -153,12 +242,35 @@ def parse_method(method: str, extra: Mapping[str, Any] | None = None) -> tuple[s
     return name, {**dict(extra or {}), **kwargs}
 
 
-def check_keys(section: ml_collections.ConfigDict, valid, where: str) -> None:
+def check_keys(section: ml_collections.ConfigDict, valid, where: str, hint: str = "") -> None:
     """Raises ``ValueError`` naming the unknown keys of ``section`` and the valid ones."""
     unknown = sorted(set(section.keys()) - set(valid))
     if unknown:
         raise ValueError(
-            f"Unknown config key(s) {unknown} in {where}; valid keys: {sorted(valid)}."
+            f"Unknown config key(s) {unknown} in {where}; valid keys: {sorted(valid)}.{hint}"
+        )
+
+
+def switch_hint(section: str) -> str:
+    """How to switch ``section`` (``dataset``/``model``) to another entry, for error messages."""
+    return (
+        f" (Setting config.{section}.name keeps the old {section}'s keys; switch {section}s in "
+        f"the config argument instead: --config=FILE:{section}=NAME.)"
+    )
+
+
+def check_distinct(values: Any, where: str, what: str) -> None:
+    """Raises ``ValueError`` naming the repeated entries of ``values`` (each run is keyed by its
+    seed and method: a repeat would be the same run twice)."""
+    seen, repeated = set(), []
+    for value in values:
+        if value in seen and value not in repeated:
+            repeated.append(value)
+        seen.add(value)
+    if repeated:
+        raise ValueError(
+            f"{where}={tuple(values)} repeats {repeated}; give each {what} once (a repeated "
+            f"{what} would train the same run twice)."
         )
 
 
@@ -189,6 +301,11 @@ def validate_base(config: ml_collections.ConfigDict, study_sections: tuple[str, 
         )
     if int(config.train.epochs) < 1:
         raise ValueError(f"config.train.epochs={config.train.epochs}; train at least 1 epoch.")
+    if not isinstance(config.train.batch_size, int) or config.train.batch_size < 1:
+        raise ValueError(
+            f"config.train.batch_size={config.train.batch_size!r}; use a positive integer "
+            "(e.g. 256)."
+        )
     if config.train.optimizer not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {config.train.optimizer!r}; valid: {OPTIMIZERS}.")
     if config.train.lr_schedule not in SCHEDULES:
@@ -203,6 +320,9 @@ def validate_base(config: ml_collections.ConfigDict, study_sections: tuple[str, 
         )
     if not config.seeds:
         raise ValueError("config.seeds is empty; give at least one seed.")
+    check_distinct(config.seeds, "config.seeds", "seed")
+    if "methods" in config:
+        check_distinct(config.methods, "config.methods", "method")
     if config.dataset.get("name") not in data_lib.DATASETS:
         raise ValueError(
             f"Unknown dataset {config.dataset.get('name')!r}; valid datasets: {sorted(data_lib.DATASETS)}."
@@ -211,11 +331,15 @@ def validate_base(config: ml_collections.ConfigDict, study_sections: tuple[str, 
         config.dataset,
         data_lib.default_dataset_config(config.dataset.name).keys(),
         "config.dataset",
+        switch_hint("dataset"),
     )
     if config.model.get("name") not in models_lib.MODELS:
         raise ValueError(
             f"Unknown model {config.model.get('name')!r}; valid models: {sorted(models_lib.MODELS)}."
         )
     check_keys(
-        config.model, models_lib.default_model_config(config.model.name).keys(), "config.model"
+        config.model,
+        models_lib.default_model_config(config.model.name).keys(),
+        "config.model",
+        switch_hint("model"),
     )

@@ -49,7 +49,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score
 
 from experiments.tasks import TaskSpec
 
@@ -143,6 +142,8 @@ class ClassificationMetric:
         self._pred.append(prediction[keep].astype(np.int32))
 
     def result(self) -> dict[str, Any]:
+        from sklearn.metrics import accuracy_score, f1_score  # imported here: ~1 s to import
+
         if not self._true or sum(t.size for t in self._true) == 0:
             raise ValueError(f"{self.name}: no examples were seen; call update() first.")
         y_true, y_pred = np.concatenate(self._true), np.concatenate(self._pred)

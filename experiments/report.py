@@ -13,8 +13,10 @@ from absl import app, flags
 
 from experiments import studies
 from experiments.logs import JsonlLog
-from experiments.run import load_workdir_config, write_study_report
+from experiments.run import usage_on_help
+from experiments.runner import write_study_report
 from experiments.tasks import TaskSpec
+from experiments.workdir import check_writable, load_workdir_config
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "The work dir of a run (holds metrics.jsonl).", required=True
@@ -29,6 +31,12 @@ def rebuild(workdir: str) -> str:
             f"{workdir!r} has no metrics.jsonl: not a work dir of `python -m experiments.run` "
             "(give the --workdir a run wrote to)."
         )
+    check_writable(
+        workdir,
+        "the report writes report.md, the summaries and the plots there",
+        f"Read the report the run wrote ({os.path.join(workdir, 'report.md')}), or copy the work "
+        f"dir (cp -r {workdir} <dir>) and run python -m experiments.report --workdir <dir>.",
+    )
     records = list(JsonlLog(log_path).records())
     study_records = [r for r in records if r.get("kind") == "study"]
     if not study_records:
@@ -46,10 +54,11 @@ def main(argv):
     del argv
     try:
         print(rebuild(_WORKDIR.value))
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # WorkdirError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
+    usage_on_help(sys.argv)
     app.run(main)

@@ -18,7 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.gramian import GLOBAL, group_gramians
+from mtl_jax import _tree
+from mtl_jax.gramian import GLOBAL, combine, group_gramians
 from mtl_jax.sharing import task_specific_leaves
 from mtl_jax.sharing.grads import per_task_grads
 from mtl_jax.weighting.base import Weighting
@@ -104,17 +105,10 @@ Model = Callable[..., Any] | TrunkAndHeads | PerTaskLosses
 # Checks and the task map.
 
 
-def _check_loss_vector(losses: Any, where: str) -> None:
-    shape = jnp.shape(losses)
-    if len(shape) != 1:
-        raise ValueError(
-            f"{where} must return a loss vector f32[K] (one loss per task); got shape {shape}. "
-            "Stack the task losses with jnp.stack([...])."
-        )
-    if not jnp.issubdtype(jnp.result_type(losses), jnp.floating):
-        raise TypeError(
-            f"{where} must return floating-point losses; got {jnp.result_type(losses)}."
-        )
+def _check_params(params: PyTree, where: str) -> None:
+    """The parameters, not Flax ``variables``, and floating leaves only (trace time)."""
+    _tree.check_not_variables(params, where)
+    _tree.check_float_leaves(params, where)
 
 
 def _check_task_map(task_map: str, chunk_size: int | None) -> None:
@@ -166,6 +160,7 @@ def _loss_vector_grads(
     drops the unused task-specific outputs of the K pullbacks (tests/test_grads_tree.py)."""
 
     def fn(params: PyTree, *args: Any, **kwargs: Any) -> Any:
+        _check_params(params, "value_and_grads")
         leaves, treedef = jax.tree.flatten(params)
         if task_specific is None:
             specific = [False] * len(leaves)
@@ -187,7 +182,7 @@ def _loss_vector_grads(
             losses, pullback, aux = jax.vjp(split_loss, *primals, has_aux=True)
         else:
             losses, pullback = jax.vjp(split_loss, *primals)
-        _check_loss_vector(losses, "loss_fn")
+        _tree.check_loss_vector(losses, "value_and_grads: loss_fn")
         out = list(leaves)
         if shared_idx:
             basis = jnp.eye(losses.shape[0], dtype=losses.dtype)
@@ -208,10 +203,17 @@ def _loss_vector_grads(
 # Trunk and heads.
 
 
-def _head_value_and_grad(head_loss_fn: Callable[..., Any], has_aux: bool) -> Callable:
+def _head_value_and_grad(
+    head_loss_fn: Callable[..., Any], has_aux: bool, head: str = "the head loss"
+) -> Callable:
     """``(head_params, z, target) -> (loss, aux, (d loss/d head_params, d loss/d z))``."""
-    # jax.value_and_grad itself rejects a non-scalar head loss with a TypeError naming its shape.
-    grad_fn = jax.value_and_grad(head_loss_fn, argnums=(0, 1), has_aux=has_aux)
+
+    def checked(head_params: PyTree, z: PyTree, target: PyTree) -> Any:
+        out = head_loss_fn(head_params, z, target)
+        _tree.check_scalar_loss(out[0] if has_aux else out, f"TrunkAndHeads: {head}")
+        return out
+
+    grad_fn = jax.value_and_grad(checked, argnums=(0, 1), has_aux=has_aux)
 
     def fn(head_params: PyTree, z: PyTree, target: PyTree) -> Any:
         value, grads = grad_fn(head_params, z, target)
@@ -235,6 +237,29 @@ def _heads_of(head_loss_fns: Any) -> tuple[bool, list[str] | None, list[Callable
     return False, None, fns
 
 
+def _check_stacked_heads(head_params: PyTree, targets: PyTree) -> None:
+    """Stacked heads: every leaf of ``params["heads"]`` and of ``targets`` has the same
+    leading task axis K (else ``vmap`` fails with a message naming no path)."""
+    sizes: dict[int, list[str]] = {}
+    for what, tree in (("params['heads']", head_params), ("targets", targets)):
+        for path, leaf in _tree.leaves_with_paths(tree):
+            shape = tuple(jnp.shape(leaf))
+            name = f"{what}/{path}" if path else what
+            if not shape:
+                raise ValueError(
+                    f"TrunkAndHeads with one stacked head function: {name} is a scalar; every "
+                    "leaf of params['heads'] and of targets needs a leading task axis K."
+                )
+            sizes.setdefault(shape[0], []).append(f"{name} {shape}")
+    if len(sizes) > 1:
+        detail = "; ".join(f"K={k}: {_tree._listing(v)}" for k, v in sorted(sizes.items()))
+        raise ValueError(
+            "TrunkAndHeads with one stacked head function: the heads' parameters and the targets "
+            f"disagree on the task axis (leading dimension): {detail}. Stack one head and one "
+            "target per task, e.g. jax.tree.map(lambda *h: jnp.stack(h), *heads)."
+        )
+
+
 def _per_task_entries(container: Any, names: list[str] | None, num: int, what: str) -> list:
     if names is not None:
         if not isinstance(container, Mapping) or set(container) != set(names):
@@ -243,7 +268,11 @@ def _per_task_entries(container: Any, names: list[str] | None, num: int, what: s
         return [container[n] for n in names]
     if not isinstance(container, Sequence) or len(container) != num:
         got = len(container) if isinstance(container, Sequence) else type(container).__name__
-        raise ValueError(f"{what} must be a sequence of {num} entries (one per head); got {got}.")
+        raise ValueError(
+            f"{what} must be a sequence of {num} entries (one per head: TrunkAndHeads has "
+            f"{num} head loss functions); got {got}. Give one entry per head loss, in their "
+            "order."
+        )
     return list(container)
 
 
@@ -257,16 +286,18 @@ def _heads_value_and_grads(
 
     def fn(head_params: Any, z: PyTree, targets: Any) -> Any:
         if stacked:
-            one = _head_value_and_grad(head_loss_fns, has_aux)
+            _check_stacked_heads(head_params, targets)
+            one = _head_value_and_grad(head_loss_fns, has_aux, "the stacked head loss")
             losses, aux, (grads, rep_grads) = jax.vmap(one, in_axes=(0, None, 0))(
                 head_params, z, targets
             )
             return losses, aux, grads, rep_grads
         params_k = _per_task_entries(head_params, names, len(fns), "params['heads']")
         targets_k = _per_task_entries(targets, names, len(fns), "targets")
+        labels = names if names is not None else list(range(len(fns)))
         results = [
-            _head_value_and_grad(f, has_aux)(p, z, t)
-            for f, p, t in zip(fns, params_k, targets_k, strict=True)
+            _head_value_and_grad(f, has_aux, f"head_loss_fns[{label!r}]")(p, z, t)
+            for f, p, t, label in zip(fns, params_k, targets_k, labels, strict=True)
         ]
         losses = jnp.stack([r[0] for r in results])
         rep_grads = _stack([r[2][1] for r in results])
@@ -300,6 +331,7 @@ def _scale_heads(head_grads: Any, weights: jax.Array, head_loss_fns: Any) -> Any
 
 
 def _check_trunk_params(params: Any) -> None:
+    _tree.check_not_variables(params, "value_and_grads(TrunkAndHeads)")
     if not isinstance(params, Mapping) or set(params) != {"trunk", "heads"}:
         got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
         raise ValueError(
@@ -347,6 +379,7 @@ def _trunk_and_heads_grads(
         key: jax.Array | None = None,
     ) -> Any:
         _check_trunk_params(params)
+        _tree.check_float_leaves(params, "value_and_grads(TrunkAndHeads)")
         encode = lambda p: model.trunk_fn(p, x)
         if has_aux:
             z, pullback, trunk_aux = jax.vjp(encode, params["trunk"], has_aux=True)
@@ -376,9 +409,7 @@ def _trunk_and_heads_grads(
             weighting, gram, weighting_state, step_key, losses, finite
         )
         weights = jnp.where(finite & jnp.all(jnp.isfinite(weights)), weights, jnp.nan)
-        cotangent = jax.tree.map(
-            lambda r: jnp.tensordot(weights.astype(r.dtype), r, axes=1).astype(r.dtype), rep_grads
-        )
+        cotangent = jax.tree.map(lambda r: combine(weights, r), rep_grads)  # float32 sums
         (trunk_grad,) = pullback(cotangent)
         if representation.scale_heads:
             head_grads = _scale_heads(head_grads, weights, model.head_loss_fns)

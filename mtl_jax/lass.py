@@ -163,12 +163,13 @@ def _stacked_masks(masks_or_spec: PyTree) -> list[tuple[str, np.ndarray]]:
             "slots (their masks were split off by mtl.sharing.split_masks); pass the masks instead."
         )
     if any(is_masked(x) for _, x in flat):
-        return [(_tree.path_str(p), np.asarray(x.mask) != 0) for p, x in flat if is_masked(x)]
-    return [
-        (_tree.path_str(p), np.asarray(x) != 0)
-        for p, x in flat
-        if isinstance(x, np.ndarray | jax.Array)
-    ]
+        pairs = [(_tree.path_str(p), x.mask) for p, x in flat if is_masked(x)]
+    else:
+        pairs = [(_tree.path_str(p), x) for p, x in flat if isinstance(x, np.ndarray | jax.Array)]
+    problems = [q for path, m in pairs for q in _tree.mask_problems(path, m)]
+    if problems:
+        raise TypeError("subnetwork_sizes: invalid masks: " + "; ".join(problems[:8]) + ".")
+    return [(path, np.asarray(m) != 0) for path, m in pairs]
 
 
 def subnetwork_sizes(masks_or_spec: PyTree) -> dict[str, Any]:

@@ -106,7 +106,15 @@ def _check_like(like: PyTree, params: PyTree, what: str) -> list[Any]:
     ]
     if bad:
         raise ValueError(f"{what}: reference mask leaves of the wrong shape: {_tree._listing(bad)}")
+    _check_mask_dtypes(like_paths, like_leaves, what)
     return [jnp.asarray(m) != 0 for m in like_leaves]
+
+
+def _check_mask_dtypes(paths: list[str], masks: list[Any], what: str) -> None:
+    """Every mask leaf is bool (or numeric 0/1; see :func:`mtl_jax._tree.mask_problems`)."""
+    problems = [q for p, m in zip(paths, masks, strict=True) for q in _tree.mask_problems(p, m)]
+    if problems:
+        raise TypeError(f"{what}: invalid mask leaves: " + "; ".join(problems[:8]) + ".")
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,6 +255,7 @@ def mask_stats(mask: PyTree, *, include: PathFilter = None) -> dict[str, Any]:
     """
     inside = path_filter(include)
     per_leaf: dict[str, dict[str, Any]] = {}
+    _check_mask_dtypes(*_leaves(mask)[:2], "mask_stats")
     for path, m in zip(*_leaves(mask)[:2], strict=True):
         if not inside(path):
             continue
@@ -364,6 +373,7 @@ def apply_mask(mask: PyTree) -> optax.GradientTransformation:
     .. seealso:: :func:`psn_mask`, :func:`optax.masked`, :func:`optax.transforms.freeze`.
     """
     mask_paths, mask_leaves, mask_def = _leaves(mask)
+    _check_mask_dtypes(mask_paths, mask_leaves, "apply_mask")
 
     def init(params: PyTree) -> MaskState:
         flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked_node)

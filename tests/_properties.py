@@ -50,6 +50,12 @@ FACTORIES: dict[str, Callable[[int], object]] = {
     "nocl": lambda k: mtl.aggregation.nocl(num_tasks=k),
     "excess_mtl": lambda k: mtl.aggregation.excess_mtl(num_tasks=k),
     "ema_weights": lambda k: mtl.aggregation.ema_weights(num_tasks=k),
+    "mgda_l2": lambda k: mtl.aggregation.mgda(normalization="l2", num_tasks=k),
+    "krum": lambda k: mtl.aggregation.krum(n_byzantine=1, num_tasks=k),
+    "krum_all": lambda k: mtl.aggregation.krum(n_selected=k, num_tasks=k),
+    "trimmed_mean": lambda k: mtl.aggregation.trimmed_mean(trim_number=1, num_tasks=k),
+    "db_mtl": lambda k: mtl.aggregation.db_mtl(num_tasks=k),
+    "moco": lambda k: mtl.aggregation.moco(num_tasks=k),
 }
 
 

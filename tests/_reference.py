@@ -406,6 +406,31 @@ def stch_ref(L, mu, pref=None, ref=None):
     return mu * np.log(np.sum(np.exp(y / mu)))
 
 
+def pbi_ref(L, theta, pref=None, ref=None):
+    """Zhang & Li 2007 (MOEA/D), eq. 6: ``(loss, weights)`` of ``d1 + theta d2``; the weights
+    (``d loss / d L``) by hand: ``d d1 / d L = u`` and ``d d2 / d L = (I - u u^T) v / |v|``."""
+    k = len(L)
+    lam = np.full(k, 1.0 / k) if pref is None else np.asarray(pref, float)
+    u = lam / np.linalg.norm(lam)
+    shifted = L - (np.zeros(k) if ref is None else ref)
+    d1 = shifted @ u
+    v = shifted - d1 * u
+    d2 = np.linalg.norm(v)
+    grad_d2 = (np.eye(k) - np.outer(u, u)) @ v / d2 if d2 > 0 else np.zeros(k)
+    return d1 + theta * d2, u + theta * grad_d2
+
+
+def cosmos_ref(L, lam, pref=None):
+    """Ruchte & Grabocka 2021, eq. 3: ``(loss, weights)`` of ``r . L - lam cos(r, L)``; weights
+    by hand: ``d cos / d L = r / (|r| |L|) - (r . L) L / (|r| |L|^3)``."""
+    k = len(L)
+    r = np.full(k, 1.0 / k) if pref is None else np.asarray(pref, float)
+    nr, nl = np.linalg.norm(r), np.linalg.norm(L)
+    cos = r @ L / (nr * nl)
+    dcos = r / (nr * nl) - (r @ L) * L / (nr * nl**3)
+    return r @ L - lam * cos, r - lam * dcos
+
+
 def famo_ref(pairs, gamma, w_lr, min_losses=0.0):
     """Liu et al. 2023, official ``famo.py``: ``pairs`` = [(losses before, losses after)]; returns
     the (loss, weights) of every step."""
@@ -442,3 +467,92 @@ def gradnorm_ref(loss_seq, norm_seq, alpha, lr):
         state = adam_ref(np.sign(G - target) * n, state, lr)
         state = (k * state[0] / state[0].sum(), *state[1:])
     return used
+
+
+def krum_ref(J: np.ndarray, n_byzantine: int, n_selected: int = 1) -> np.ndarray:
+    """Blanchard et al. 2017, Sec. 4: score(i) = sum of |g_i - g_j|^2 over the K - f - 2 closest
+    j != i; (Multi-)Krum = the mean of the n_selected rows of smallest score (ties: lowest index)."""
+    k = J.shape[0]
+    scores = []
+    for i in range(k):
+        dists = sorted(float(np.sum((J[i] - J[j]) ** 2)) for j in range(k) if j != i)
+        scores.append(sum(dists[: k - n_byzantine - 2]))
+    chosen = sorted(range(k), key=lambda i: (scores[i], i))[:n_selected]
+    return J[chosen].mean(axis=0)
+
+
+def trimmed_mean_ref(J: np.ndarray, trim_number: int) -> np.ndarray:
+    """Yin et al. 2018, Definition 2: per coordinate, drop the b largest and b smallest, average."""
+    out = np.empty(J.shape[1])
+    for j in range(J.shape[1]):
+        column = sorted(J[:, j])
+        out[j] = np.mean(column[trim_number : len(column) - trim_number])
+    return out
+
+
+def mgda_normalized_ref(J: np.ndarray, losses: np.ndarray, normalization: str) -> np.ndarray:
+    """Sener & Koltun's official code: min-norm weights of g_k / n_k (gradient_normalizers), then
+    the RAW losses weighted by them (train_multi_task.py), i.e. d = sum_k w_k g_k."""
+    norms = np.linalg.norm(J, axis=1)
+    n = {"none": np.ones(len(J)), "l2": norms, "loss": losses, "loss+": losses * norms}[
+        normalization
+    ]
+    Jn = J / n[:, None]
+    return mgda_bruteforce_weights(Jn @ Jn.T) @ J
+
+
+def db_mtl_ref(Js, losses_seq, beta=0.9, beta_sigma=0.0):
+    """LibMTL's DB_MTL.backward, step by step: the update of every step."""
+    buf = np.zeros_like(Js[0])
+    outs = []
+    for t, (J, L) in enumerate(zip(Js, losses_seq, strict=True), start=1):
+        grads = J / (L + 1e-8)[:, None]  # the gradient of log(L + 1e-8)
+        buf = grads + (beta / t**beta_sigma) * (buf - grads)
+        u = np.linalg.norm(buf, axis=1)
+        alpha = u.max() / (u + 1e-8)
+        outs.append(sum(alpha[i] * buf[i] for i in range(len(J))))
+    return outs
+
+
+def simplex_projection_ref(v: np.ndarray) -> np.ndarray:
+    """argmin_{w in simplex} |w - v|^2, by SLSQP (independent of the sort-based formula)."""
+    k = len(v)
+    res = minimize(
+        lambda w: np.sum((w - v) ** 2),
+        np.full(k, 1.0 / k),
+        jac=lambda w: 2 * (w - v),
+        bounds=[(0.0, None)] * k,
+        constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0}],
+        method="SLSQP",
+        options={"ftol": 1e-15, "maxiter": 1000},
+    )
+    return res.x
+
+
+def moco_ref(
+    Js,
+    losses_seq,
+    beta=0.5,
+    beta_sigma=0.5,
+    gamma=0.1,
+    gamma_sigma=0.5,
+    rho=0.0,
+    weight_map="softmax",
+):
+    """LibMTL's MoCo.backward (the authors' code), step by step; ``weight_map="simplex"``: the
+    paper's projection (eq. 8) instead of the softmax. Returns the update of every step."""
+    k = Js[0].shape[0]
+    y = np.zeros_like(Js[0])
+    lambd = np.full(k, 1.0 / k)
+    outs = []
+    for t, (J, L) in enumerate(zip(Js, losses_seq, strict=True), start=1):
+        grads = J / (np.linalg.norm(J, axis=1, keepdims=True) + 1e-8) * L[:, None]
+        y = y - (beta / t**beta_sigma) * (y - grads)
+        moved = lambd - (gamma / t**gamma_sigma) * (y @ y.T + rho * np.eye(k)) @ lambd
+        if weight_map == "softmax":
+            e = np.exp(moved - moved.max())
+            lambd = e / e.sum()
+        else:
+            lambd = simplex_projection_ref(moved)
+        outs.append(y.T @ lambd)
+    return outs

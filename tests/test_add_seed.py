@@ -8,7 +8,9 @@ import os
 
 import pytest
 
-from experiments import run as run_lib
+from experiments import config as config_lib
+from experiments import runner as runner_lib
+from experiments import workdir as workdir_lib
 from experiments.config import ConfigError
 from experiments.studies import validate
 
@@ -17,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _load(name: str, arg: str = ""):
     path = os.path.join(ROOT, "experiments", "configs", f"{name}.py")
-    return run_lib._load_config_file(f"{path}:{arg}" if arg else path)
+    return config_lib.load_config(f"{path}:{arg}" if arg else path)
 
 
 def _tiny(seeds: tuple[int, ...]):
@@ -46,31 +48,34 @@ def _as_json(config) -> dict:
 
 def test_the_same_config_adds_nothing_and_added_seeds_are_returned(tmp_path):
     stored = _as_json(_tiny((0,)))
-    assert run_lib.check_config_change(stored, _as_json(_tiny((0,))), str(tmp_path)) == []
-    assert run_lib.check_config_change(stored, _as_json(_tiny((0, 2, 1))), str(tmp_path)) == [2, 1]
+    assert workdir_lib.check_config_change(stored, _as_json(_tiny((0,))), str(tmp_path)) == []
+    assert workdir_lib.check_config_change(stored, _as_json(_tiny((0, 2, 1))), str(tmp_path)) == [
+        2,
+        1,
+    ]
     neutral = _tiny((0,))
     neutral.report.plots, neutral.parallel.devices = True, 1  # plots and devices: same results
-    assert run_lib.check_config_change(stored, _as_json(neutral), str(tmp_path)) == []
+    assert workdir_lib.check_config_change(stored, _as_json(neutral), str(tmp_path)) == []
 
 
 def test_a_removed_seed_or_another_key_is_refused_by_name(tmp_path):
     stored = _as_json(_tiny((0, 1)))
-    with pytest.raises(run_lib.ConfigMismatchError, match=r"drops seeds \[1\].*keep \[0, 1\]"):
-        run_lib.check_config_change(stored, _as_json(_tiny((0, 2))), str(tmp_path))
+    with pytest.raises(workdir_lib.ConfigMismatchError, match=r"drops seeds \[1\].*keep \[0, 1\]"):
+        workdir_lib.check_config_change(stored, _as_json(_tiny((0, 2))), str(tmp_path))
     other = _tiny((0, 1, 2))
     other.train.lr = 0.5
-    with pytest.raises(run_lib.ConfigMismatchError, match=r"changed: train\.lr\).*--fresh"):
-        run_lib.check_config_change(stored, _as_json(other), str(tmp_path))
+    with pytest.raises(workdir_lib.ConfigMismatchError, match=r"changed: train\.lr\).*--fresh"):
+        workdir_lib.check_config_change(stored, _as_json(other), str(tmp_path))
 
 
 def test_adding_a_seed_to_a_finished_work_dir_trains_only_that_seed(tmp_path):
     workdir = str(tmp_path / "w")
-    run_lib.run_study(_tiny((0,)), workdir)
+    runner_lib.run_study(_tiny((0,)), workdir)
     first_starts = _records(workdir, "start")
     assert [(r["run"], r["seed"]) for r in first_starts] == [("mean", 0)]
     first_train, first_summaries = _records(workdir, "train"), _records(workdir, "summary")
 
-    report = run_lib.run_study(_tiny((0, 1)), workdir)
+    report = runner_lib.run_study(_tiny((0, 1)), workdir)
 
     starts = _records(workdir, "start")
     assert [(r["run"], r["seed"]) for r in starts] == [("mean", 0), ("mean", 1)]
@@ -85,10 +90,10 @@ def test_adding_a_seed_to_a_finished_work_dir_trains_only_that_seed(tmp_path):
     assert "| mean | 2 |" in report  # the table's "seeds" column: both seeds
 
     # Rerunning the grown config trains nothing; dropping a seed is refused.
-    run_lib.run_study(_tiny((0, 1)), workdir)
+    runner_lib.run_study(_tiny((0, 1)), workdir)
     assert len(_records(workdir, "start")) == 2
-    with pytest.raises(run_lib.ConfigMismatchError, match=r"drops seeds \[0\]"):
-        run_lib.run_study(_tiny((1,)), workdir)
+    with pytest.raises(workdir_lib.ConfigMismatchError, match=r"drops seeds \[0\]"):
+        runner_lib.run_study(_tiny((1,)), workdir)
 
 
 def test_a_study_switch_on_a_study_config_drops_the_other_studys_section():
@@ -96,7 +101,7 @@ def test_a_study_switch_on_a_study_config_drops_the_other_studys_section():
     another study; it is dropped (not an unknown-key error) and the rest validates."""
     config = _load("recon")
     config.study = "compare"
-    assert run_lib.drop_other_study_sections(config) == ["recon"]
+    assert runner_lib.drop_other_study_sections(config) == ["recon"]
     assert "recon" not in config
     validate(config)
     config.unknown_section = 1  # a key of no study is still an error

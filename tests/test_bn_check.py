@@ -10,8 +10,8 @@ import os
 import pytest
 
 from experiments import bn_check
-from experiments import run as run_lib
 from experiments import train as train_lib
+from experiments import workdir as workdir_lib
 from experiments.logs import JsonlLog
 from tests.test_train import _setup, tiny_bn_config
 
@@ -23,7 +23,7 @@ def workdir(tmp_path_factory):
     """A plain and a branched (Recon) run of the tiny BN model, both recomputing statistics."""
     config = tiny_bn_config(RECOMPUTE)
     workdir = str(tmp_path_factory.mktemp("bn") / "work")
-    run_lib.prepare_workdir(config, workdir)
+    workdir_lib.prepare_workdir(config, workdir)
     data, model = _setup(config)
     log = JsonlLog(os.path.join(workdir, "metrics.jsonl"))
     for spec in (

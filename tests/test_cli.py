@@ -4,15 +4,15 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 
+from experiments import config as config_lib
 from experiments import run as run_lib
+from tests._cli import ROOT, assert_one_error, run_command
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "--config.dataset.max_train_examples=256",
     "--config.dataset.max_test_examples=64",
@@ -25,45 +25,19 @@ TINY = [
 ]
 
 
-def _run(*args, module="experiments.run", timeout=240):
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=ROOT,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def _assert_clean_error(proc, pattern):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and re.search(pattern, errors[0]), proc.stderr
-
-
-def test_unknown_or_misspelt_keys_name_the_valid_ones():
-    _assert_clean_error(
-        _run("--config.train.learning_rate=0.1"),
-        r"config.train has no 'learning_rate'; valid keys: \[.*'lr'",
-    )
-    _assert_clean_error(_run("--config.trian.lr=0.1"), r"config has no 'trian'.*'train'")
-
-
 def test_a_work_dir_that_is_a_file_and_a_missing_report_dir(tmp_path):
     path = tmp_path / "a_file"
     path.write_text("x")
-    _assert_clean_error(_run(f"--workdir={path}"), "is a file; give --workdir a directory")
+    assert_one_error(run_command(f"--workdir={path}"), "is a file; give --workdir a directory")
     missing = tmp_path / "nothing_here"
-    _assert_clean_error(
-        _run(f"--workdir={missing}", module="experiments.report"), "has no metrics.jsonl"
+    assert_one_error(
+        run_command(f"--workdir={missing}", module="experiments.report"), "has no metrics.jsonl"
     )
     assert not missing.exists()  # the report command creates nothing
 
 
 def test_a_non_finite_loss_is_one_message(tmp_path):
-    proc = _run(
+    proc = run_command(
         f"--workdir={tmp_path / 'w'}",
         *TINY,
         "--config.train.lr=1e12",
@@ -71,7 +45,7 @@ def test_a_non_finite_loss_is_one_message(tmp_path):
         "--config.train.momentum=0.0",
         "--config.train.epochs=2",
     )
-    _assert_clean_error(proc, r"Non-finite task loss at step \d+.*no checkpoint was written")
+    assert_one_error(proc, r"Non-finite task loss at step \d+.*no checkpoint was written")
 
 
 def test_ctrl_c_says_that_rerunning_resumes(tmp_path):
@@ -118,17 +92,24 @@ def test_the_default_work_dir_depends_on_the_overrides():
     assert run_lib.default_workdir(["x", "--config=experiments/configs/sparse_training.py"]) == (
         os.path.join("workdirs", "sparse_training")
     )
+    switched = run_lib.default_workdir(
+        ["x", "--config=experiments/configs/default.py:dataset=arrays"]
+    )
+    assert switched.startswith(os.path.join("workdirs", "default-")) and switched != other
 
 
 def test_the_config_file_flag_goes_first_whatever_its_position():
-    argv = ["run", "--config.seeds=(1,)", "--config", "c.py", "--workdir=w", "--config=d.py"]
-    assert run_lib.config_file_first(argv) == [
+    argv = ["run", "--config.seeds=(1,)", "--config", "c.py", "--workdir=w", "--config=d.py:x"]
+    assert run_lib.config_first(argv) == [
         "run",
-        "--config",
-        "c.py",
-        "--config=d.py",
+        "--config=d.py:x",
         "--config.seeds=(1,)",
         "--workdir=w",
+    ]
+    assert run_lib.config_first(["run", "--fresh"]) == [
+        "run",
+        f"--config={run_lib.DEFAULT_CONFIG}",
+        "--fresh",
     ]
 
 
@@ -137,7 +118,7 @@ def test_an_override_before_the_config_file_applies_and_a_too_small_search_split
 ):
     """Overrides before ``--config FILE`` (absl alone stops with a fatal flags error) reach the
     study; the CoNAL search's split too small for one batch is a config error (exit 2)."""
-    proc = _run(
+    proc = run_command(
         "--config.train.batch_size=128",
         "--config",
         "experiments/configs/conal.py",
@@ -146,7 +127,7 @@ def test_an_override_before_the_config_file_applies_and_a_too_small_search_split
         "--config.seeds=(0,)",
         "--config.report.progress=False",
     )
-    _assert_clean_error(proc, r"each needs at least one batch of train.batch_size=128")
+    assert_one_error(proc, r"each needs at least one batch of train.batch_size=128")
 
 
 def test_a_distributed_run_without_a_coordinator_is_one_message(tmp_path):
@@ -165,19 +146,19 @@ def test_a_distributed_run_without_a_coordinator_is_one_message(tmp_path):
         text=True,
         timeout=240,
     )
-    _assert_clean_error(proc, r"jax.distributed.initialize failed.*JAX_COORDINATOR_ADDRESS")
+    assert_one_error(proc, r"jax.distributed.initialize failed.*JAX_COORDINATOR_ADDRESS")
 
 
 def test_a_work_dir_refuses_a_dropped_seed_and_names_the_fix(tmp_path):
     """Seeds may only grow in a work dir (tests/test_add_seed.py runs the growth end to end)."""
     workdir = tmp_path / "w"
     workdir.mkdir()
-    stored = run_lib._load_config_file(run_lib.DEFAULT_CONFIG)
+    stored = config_lib.load_config(run_lib.DEFAULT_CONFIG)
     stored.seeds = (0, 1)
     stored.methods = ("mean",)
     stored.single_task = False
     stored.dataset.max_train_examples, stored.dataset.max_test_examples = 256, 64
     stored.train.batch_size = 64
     (workdir / "config.json").write_text(stored.to_json_best_effort(indent=2))
-    proc = _run(f"--workdir={workdir}", *TINY)  # TINY has seeds (0,)
-    _assert_clean_error(proc, r"drops seeds \[1\]\. Seeds may only be added")
+    proc = run_command(f"--workdir={workdir}", *TINY)  # TINY has seeds (0,)
+    assert_one_error(proc, r"drops seeds \[1\]\. Seeds may only be added")

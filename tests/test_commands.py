@@ -37,6 +37,7 @@ import sys
 import numpy as np
 import pytest
 
+from experiments import config as config_lib
 from experiments import run as run_lib
 from experiments import studies
 
@@ -297,7 +298,7 @@ def parse_part(part: str, background: bool) -> list[Part]:
 
 def _without_default_config(argv: list[str]) -> list[str]:
     """``--config experiments/configs/default.py`` is the default: the same run as without it."""
-    path = run_lib._config_path(argv[3:])
+    path = run_lib.config_path(["run", *argv[3:]])
     if os.path.abspath(os.path.join(ROOT, path)) != os.path.abspath(run_lib.DEFAULT_CONFIG):
         return argv
     return [a for a in argv if a not in ("--config", f"--config={path}", path)]
@@ -329,18 +330,28 @@ def _flat(config, prefix: str = "") -> dict:
     return out
 
 
+def _coerce(text: str, default):
+    """``text`` parsed as ml_collections parses an override of a key holding ``default``."""
+    value = config_lib._parse_value(text)
+    if isinstance(default, bool) or default is None:
+        return value
+    if isinstance(default, int | float) and isinstance(value, int | float):
+        return type(default)(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        return text
+    return value
+
+
 def resolved_config(argv: tuple[str, ...]):
-    """The config ``python -m experiments.run <argv>`` trains (the overrides of named sections
-    applied; study section defaults added), its config path resolved from the repository root."""
+    """The config ``python -m experiments.run <argv>`` trains (its config argument applied; study
+    section defaults added), its config path resolved from the repository root."""
     args = list(argv[3:])
-    path = run_lib._config_path(args)
+    path = run_lib.config_path(["run", *args])
     if not os.path.isabs(path):
         path = os.path.join(ROOT, path)
-    rest, pulled = run_lib.split_named_section_overrides(args)
-    config = run_lib._load_config_file(path)
-    run_lib.apply_named_section_overrides(config, pulled)
+    config = config_lib.load_config(path)
     studies.with_study_section(config)
-    for arg in rest:  # the command's own overrides (types as ml_collections would parse them)
+    for arg in args:  # the command's own overrides (types as ml_collections would parse them)
         if arg.startswith("--config.") and "=" in arg:
             key, text = arg[len("--config.") :].split("=", 1)
             *sections, leaf = key.split(".")
@@ -348,7 +359,7 @@ def resolved_config(argv: tuple[str, ...]):
             for section in sections:
                 node = node[section]
             with node.ignore_type():
-                node[leaf] = run_lib._coerce(text, node[leaf])
+                node[leaf] = _coerce(text, node[leaf])
     return config
 
 
@@ -583,7 +594,11 @@ def test_tiny_overrides_keep_what_the_command_sets():
     tiny = tiny_overrides(argv)
     assert "--config.train.epochs=1" in tiny and "--config.single_task=False" in tiny
     assert not any(a.startswith("--config.seeds=") for a in tiny)
-    argv = (*EXPERIMENTS_RUN, "--config.dataset.name=multi_mnist", "--config.model.name=lenet")
+    argv = (
+        *EXPERIMENTS_RUN,
+        "--config",
+        "experiments/configs/default.py:dataset=multi_mnist,model=lenet",
+    )
     assert "--config.dataset.download=False" in tiny_overrides(argv)
     assert expected_outcome(argv, ROOT) == "not downloaded"
 

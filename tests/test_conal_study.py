@@ -16,7 +16,9 @@ import numpy as np
 import optax
 import pytest
 
+from experiments import config as config_lib
 from experiments import run as run_lib
+from experiments import runner as runner_lib
 from experiments.config import ConfigError
 from experiments.data.tfds_io import DataUnavailableError
 from experiments.models import default_model_config
@@ -31,7 +33,7 @@ CONFIG = os.path.join(os.path.dirname(run_lib.__file__), "configs", "conal.py")
 
 
 def _config(setup: str | None = None):
-    return run_lib._load_config_file(CONFIG + (f":{setup}" if setup else ""))
+    return config_lib.load_config(CONFIG + (f":{setup}" if setup else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,7 +395,7 @@ def _record_kinds(workdir):
 def test_conal_study_end_to_end_and_resume(tmp_path):
     config = _tiny_config()
     workdir = str(tmp_path / "conal")
-    report = run_lib.run_study(config, workdir)
+    report = runner_lib.run_study(config, workdir)
     artifacts = Artifacts(workdir)
     phases = [
         "search__seed0",
@@ -464,7 +466,7 @@ def test_conal_study_end_to_end_and_resume(tmp_path):
 
     # resume: a second run does no work (no new training, search or start records)
     before = _record_kinds(workdir)
-    run_lib.run_study(config, workdir)
+    runner_lib.run_study(config, workdir)
     assert _record_kinds(workdir) == before
 
 
@@ -540,7 +542,7 @@ def test_relatedness_config_runs_conal_pro_on_mlp_blocks(tmp_path):
     config.dataset.num_test = 200
     config.report.progress = False
     config.report.plots = False
-    run_lib.run_study(config, str(tmp_path))
+    runner_lib.run_study(config, str(tmp_path))
     with open(tmp_path / "conal_summary.json") as f:
         seed = json.load(f)["seeds"]["0"]
     assert seed["block_names"] == ["fc0", "fc1"] and len(seed["group_labels"]) == 6
@@ -580,12 +582,12 @@ def test_gpu_configs_validate_and_stop_at_the_missing_data():
         config.dataset.download = False
         validate(config)
         with pytest.raises(DataUnavailableError, match="celeb_a"):
-            run_lib.run_study(config, os.path.join(d, "wd1"))
+            runner_lib.run_study(config, os.path.join(d, "wd1"))
         config = _config("nyuv2")
         config.dataset.root = os.path.join(d, "nyuv2")
         validate(config)
         with pytest.raises(FileNotFoundError, match=r"(?s)not found.*nyuv2\.zip"):
-            run_lib.run_study(config, os.path.join(d, "wd2"))
+            runner_lib.run_study(config, os.path.join(d, "wd2"))
 
 
 def test_segnet_blocks_chain_to_the_segnet_feature_shape():

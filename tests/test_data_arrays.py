@@ -9,8 +9,9 @@ import textwrap
 import numpy as np
 import pytest
 
+from experiments import config as config_lib
 from experiments import data as data_lib
-from experiments import run as run_lib
+from experiments import runner as runner_lib
 from experiments.logs import JsonlLog
 from experiments.tasks import TaskSpec
 
@@ -51,7 +52,7 @@ def test_arrays_dataset_reads_tasks_kinds_and_splits(tmp_path):
     [
         (lambda c, p: setattr(c, "path", ""), "needs --config.dataset.path"),
         (lambda c, p: setattr(c, "path", p + ".missing"), "does not exist"),
-        (lambda c, p: setattr(c, "tasks", "colour"), r"tasks \['colour'\] need arrays"),
+        (lambda c, p: setattr(c, "tasks", "colour"), r"missing \['train_colour', 'test_colour'\]"),
     ],
 )
 def test_arrays_dataset_errors_name_the_fix(tmp_path, mutate, message):
@@ -112,10 +113,10 @@ CONFIG_FILE = textwrap.dedent(
 def test_a_config_file_registers_its_own_data_set(tmp_path):
     path = tmp_path / "my_config.py"
     path.write_text(CONFIG_FILE)
-    config = run_lib._load_config_file(str(path))
-    config = run_lib._load_config_file(str(path))  # loading twice (as the runner does) is fine
+    config = config_lib.load_config(str(path))
+    config = config_lib.load_config(str(path))  # loading twice (registering again) is fine
     workdir = str(tmp_path / "w")
-    run_lib.run_study(config, workdir)
+    runner_lib.run_study(config, workdir)
     (summary,) = [
         r
         for r in JsonlLog(os.path.join(workdir, "metrics.jsonl")).records()

@@ -4,6 +4,7 @@ import ml_collections
 import pytest
 
 from experiments.data import DATASETS, default_dataset_config, make_dataset
+from experiments.data.registry import BUILTIN_DATASETS
 
 EXPECTED = {
     "multi_digits",
@@ -23,7 +24,8 @@ COMMON_KEYS = {"name", "split_seed", "max_train_examples", "max_test_examples"}
 
 
 def test_registry_holds_every_dataset():
-    assert set(DATASETS) == EXPECTED
+    # other tests in this process may have registered their own (a config file's register_dataset)
+    assert set(BUILTIN_DATASETS) == EXPECTED and EXPECTED <= set(DATASETS)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

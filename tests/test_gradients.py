@@ -194,7 +194,9 @@ def test_trunk_and_heads_errors(problem):
             {"a": ys[0], "b": ys[1]},
         )
     bad = mtl.TrunkAndHeads(_encode, [lambda h, z, y: (z @ h["w"] - y) ** 2])
-    with pytest.raises(TypeError, match="scalar-output"):
+    with pytest.raises(
+        ValueError, match=r"head_loss_fns\[0\] must return one task's loss.*\(16, 2\)"
+    ):
         mtl.value_and_grads(bad)(
             {"trunk": params["trunk"], "heads": params["heads"][:1]}, x, ys[:1]
         )

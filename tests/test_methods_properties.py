@@ -82,7 +82,28 @@ CLAIMS: dict[str, dict] = {
     "nocl": dict(permutation=1e-6, homogeneous=(1.0, 1e-6), mean_when_agree=1e-6),
     "excess_mtl": dict(permutation=1e-6, first_step_mean=1e-6),
     "ema_weights": dict(permutation=2e-5, homogeneous=(1.0, 5e-5)),
+    # weights of the normalised gradients applied to the raw ones (the official code): neither
+    # non-conflicting nor invariant to each task's scale, unlike plain MGDA / LibMTL's variant
+    "mgda_l2": dict(permutation=2e-5, homogeneous=(1.0, 5e-5)),
+    "krum": dict(permutation=1e-6, homogeneous=(1.0, 1e-6)),
+    "krum_all": dict(permutation=1e-6, homogeneous=(1.0, 1e-6), linear=1e-5, mean_when_agree=1e-6),
+    "trimmed_mean": dict(permutation=1e-6, homogeneous=(1.0, 1e-6)),
+    # DB-MTL and MoCo: not homogeneous over 1e-8..1e8 (LibMTL's 1e-8 in |b| + 1e-8, |g| + 1e-8)
+    "db_mtl": dict(permutation=1e-6, equal_norm_rows=1e-5),
+    "moco": dict(permutation=1e-6, equal_norm_rows=1e-5),
 }
+# The methods that need more tasks than the shared shapes (KS, K = 1) give: TorchJD's checks
+# (Krum: K >= n_byzantine + 3; TrimmedMean: K >= 2 trim_number + 1) raise a ValueError. Krum
+# (n_byzantine = 1) is tested from K = 5: at K = n_byzantine + 3 a score is the distance to the
+# one nearest gradient, so the two mutually nearest gradients always tie (the lower index wins).
+MIN_TASKS = {"krum": 5, "krum_all": 3, "trimmed_mean": 3}
+
+
+def task_counts(name: str, ks=KS) -> tuple[int, ...]:
+    """``ks`` with every K below the method's minimum raised to it."""
+    return tuple(sorted({max(k, MIN_TASKS.get(name, 1)) for k in ks}))
+
+
 NAMES = sorted(CLAIMS)
 RANDOMISED = {
     "pcgrad": lambda seed: mtl.aggregation.pcgrad(seed=seed, num_tasks=5),
@@ -107,7 +128,7 @@ def test_every_registered_aggregator_has_claims():
 @pytest.mark.parametrize("name", NAMES)
 def test_finite_on_degenerate_input(name):
     """Zero rows, K = 1, parallel/opposite and rank-deficient gradients, scales 1e-8..1e8."""
-    P.assert_finite_on_every_sample(name, ks=(1, *KS))
+    P.assert_finite_on_every_sample(name, ks=task_counts(name, (1, *KS)))
 
 
 @pytest.mark.parametrize("name", claiming("non_conflicting"))
@@ -157,7 +178,7 @@ def test_cagrad_is_not_conflicting_at_a_pareto_stationary_point():
 @pytest.mark.parametrize("name", claiming("permutation"))
 def test_permutation_equivariance(name):
     rng = np.random.default_rng(0)
-    for k in KS:
+    for k in task_counts(name):
         for kind in FAMILIES:
             P.assert_permutation_equivariant(
                 name, M.sample(kind, k), rng, CLAIMS[name]["permutation"]
@@ -168,7 +189,7 @@ def test_permutation_equivariance(name):
 def test_documented_scaling(name):
     """``A(a J) = a^degree A(J)``: degree 1 for most methods, 0 for Nash-MTL, (1-a)/(1+a) for FairGrad."""
     degree, rtol = CLAIMS[name]["homogeneous"]
-    for k in KS:
+    for k in task_counts(name):
         for kind in ("normal", "conflicting"):
             P.assert_homogeneous(name, M.sample(kind, k), degree, rtol)
 
@@ -176,7 +197,7 @@ def test_documented_scaling(name):
 @pytest.mark.parametrize("name", claiming("linear"))
 def test_linear_under_scaling(name):
     rng = np.random.default_rng(1)
-    for k in KS:
+    for k in task_counts(name):
         P.assert_linear_under_scaling(name, M.sample("conflicting", k), rng, CLAIMS[name]["linear"])
 
 
@@ -191,7 +212,7 @@ def test_invariant_to_each_tasks_scale(name):
 
 @pytest.mark.parametrize("name", claiming("mean_when_agree"))
 def test_mean_when_all_tasks_agree(name):
-    for k in KS:
+    for k in task_counts(name):
         for kind in ("aligned", "parallel"):
             J = M.sample(kind, k)
             assert np.all(J @ J.T >= 0)
@@ -200,7 +221,7 @@ def test_mean_when_all_tasks_agree(name):
 
 @pytest.mark.parametrize("name", claiming("sum_when_agree"))
 def test_sum_when_all_tasks_agree(name):
-    for k in KS:
+    for k in task_counts(name):
         for kind in ("aligned", "parallel"):
             J = M.sample(kind, k)
             P.assert_equals(name, J, J.sum(axis=0), CLAIMS[name]["sum_when_agree"], "sum")
@@ -208,15 +229,31 @@ def test_sum_when_all_tasks_agree(name):
 
 @pytest.mark.parametrize("name", claiming("first_step_mean"))
 def test_first_step_is_the_mean(name):
-    for k in KS:
+    for k in task_counts(name):
         J = M.sample("conflicting", k)
         P.assert_equals(name, J, J.mean(axis=0), CLAIMS[name]["first_step_mean"], "first step")
+
+
+@pytest.mark.parametrize("name", claiming("equal_norm_rows"))
+def test_every_task_contributes_with_the_same_norm(name):
+    """DB-MTL rescales every (EMA, log-loss) row to the largest norm; MoCo's first step weighs
+    rows of norm ``beta L_k``: with equal losses, the first update is ``c sum_k g_k / |g_k|``."""
+    for k in task_counts(name):
+        J = M.sample("conflicting", k)
+        units = J / np.linalg.norm(J, axis=1, keepdims=True)
+        d, state = P.run(name, J)
+        if name == "db_mtl":  # (1 - beta) max|g| sum_k g_k / |g_k|
+            expected = 0.1 * np.max(np.linalg.norm(J, axis=1)) * units.sum(axis=0)
+        else:  # beta sum_k lambda_k g_k / |g_k|, lambda = softmax(1/K - gamma Y Y^T / K)
+            w = np.asarray(mtl.aggregation.weights(state), np.float64)
+            expected = 0.5 * w @ units
+        P.assert_close(d, expected, J, CLAIMS[name]["equal_norm_rows"], f"{name} K={k}")
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_jit_and_eager_agree(name):
     for kind in ("conflicting", "zero_rows"):
-        P.assert_jit_matches_eager(name, M.sample(kind, 2), 1e-5)
+        P.assert_jit_matches_eager(name, M.sample(kind, task_counts(name, (2,))[0]), 1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(RANDOMISED))
@@ -236,12 +273,18 @@ SINGLE_TASK_FACTOR = {
     "fairgrad_3": lambda g: np.linalg.norm(g) ** (-2 * 3 / 4),  # |g|^2 w = w^(-1/3)
     "ema_weights": lambda g: 1.0,  # 0.9 * 1 + 0.1 * 1
     "linear": lambda g: 0.5,
+    "db_mtl": lambda g: 0.1,  # (1 - beta) g / L, L = 1
+    "moco": lambda g: 0.5 / np.linalg.norm(g),  # beta L g / |g|, L = 1
 }
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_single_task(name):
     J = M.sample("normal", 1)
+    if name in MIN_TASKS:
+        with pytest.raises(ValueError, match=r"needs at least .* tasks.*got K=1"):
+            P.run(name, J)
+        return
     d, _ = P.run(name, J)
     factor = SINGLE_TASK_FACTOR.get(name, lambda g: 1.0)(J[0])
     np.testing.assert_allclose(d, factor * J[0], rtol=2e-5, atol=1e-6 * np.abs(factor * J[0]).max())
@@ -251,7 +294,7 @@ def test_single_task(name):
 def test_non_finite_input_gives_an_all_nan_update_and_keeps_the_state(name):
     """The documented behaviour of every aggregator (mtl_jax/aggregation/): a non-finite
     gradient or loss makes the whole update NaN; the method's own state is not poisoned."""
-    k = 2
+    k = task_counts(name, (2,))[0]
     J = M.sample("conflicting", k)
     _, clean_state = P.run(name, J)
     for bad_jac, bad_losses in ((np.nan, None), (None, np.inf)):

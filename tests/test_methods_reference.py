@@ -345,6 +345,9 @@ NEW_AGGREGATORS = [
     "nocl",
     "excess_mtl",
     "ema_weights",
+    "krum",
+    "db_mtl",
+    "moco",
 ]
 
 
@@ -358,7 +361,7 @@ def test_selectable_by_name(name):
         mtl.get_method(name, bogus=1)
 
 
-@pytest.mark.parametrize("name", ["gradvac", "excess_mtl"])
+@pytest.mark.parametrize("name", ["gradvac", "excess_mtl", "db_mtl", "moco"])
 def test_stateful_aggregators_chain_with_adam_in_a_scan(name):
     J = M.sample("conflicting", 3)
     jac = M.to_tree(J)
@@ -387,3 +390,198 @@ def test_bad_hyperparameters_get_clear_errors():
         mtl.aggregation.ema_weights(alpha=1.5, num_tasks=2)
     with pytest.raises(ValueError, match="Unknown weighting 'pcgard'"):
         mtl.weighting.get_weighting("pcgard")
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 23: Krum, TrimmedMean, MGDA's normalisations, DB-MTL, MoCo.
+
+
+def _steps(tx, Js, losses_seq, dtype=np.float64):
+    """The updates of ``tx`` over a sequence of Jacobians and losses (one jitted update)."""
+    params = M.params_like(M.to_tree(Js[0], dtype))
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    outs = []
+    for J, L in zip(Js, losses_seq, strict=True):
+        out, state = update(M.to_tree(J, dtype), state, params, task_losses=jnp.asarray(L, dtype))
+        outs.append(M.from_tree(out))
+    return outs, state
+
+
+@pytest.mark.parametrize("k", REF_KS)
+def test_krum_matches_the_papers_scores(k):
+    compared = 0
+    for f in (0, 1, 3):
+        for m in (1, 2, k):
+            if k < f + 3 or m > k:
+                continue
+            tx = mtl.aggregation.krum(n_byzantine=f, n_selected=m, num_tasks=k)
+            for kind in FULL_RANK_KINDS:
+                for scale in M.SCALES:
+                    J = scale * M.sample(kind, k)
+                    with jax.enable_x64(True):
+                        (d,), _ = _steps(tx, [J], [np.ones(k)])
+                    P.assert_close(d, R.krum_ref(J, f, m), J, 1e-12, f"K={k} f={f} m={m} {kind}")
+                    compared += 1
+    if k == 2:  # TorchJD's check: K >= n_byzantine + 3
+        assert compared == 0
+        with pytest.raises(ValueError, match=r"n_byzantine \+ 3 = 3 tasks.*K=2"):
+            mtl.aggregation.krum(num_tasks=2).init(M.params_like(M.to_tree(M.sample("normal", 2))))
+    else:
+        assert compared >= 9
+
+
+def test_krum_errors_and_the_representation_path():
+    J = M.sample("normal", 4)
+    jac = M.to_tree(J)
+    params = M.params_like(jac)
+    with pytest.raises(ValueError, match=r"n_byzantine \+ 3 = 5 tasks .*; got K=4"):
+        mtl.aggregation.krum(n_byzantine=2).update(jac, mtl.aggregation.krum().init(params), params)
+    with pytest.raises(ValueError, match=r"n_selected=5 needs at least 5 tasks; got K=4"):
+        mtl.aggregation.krum(n_selected=5, num_tasks=4).init(params)
+    with pytest.raises(ValueError, match="n_byzantine must be an integer >= 0"):
+        mtl.aggregation.krum(n_byzantine=-1)
+    with pytest.raises(ValueError, match="n_selected must be an integer >= 1"):
+        mtl.get_method("krum:n_selected=0")
+    # krum_ub: Krum's choice among the representation gradients, applied to the Jacobian rows
+    rep = np.random.default_rng(3).normal(size=(4, 6, 5))
+    method = mtl.get_method("krum_ub:n_byzantine=1", num_tasks=4)
+    with jax.enable_x64(True):
+        out, state = method.transform.update(
+            M.to_tree(J, np.float64),
+            method.transform.init(params),
+            M.params_like(M.to_tree(J, np.float64)),
+            rep_grads=jnp.asarray(rep),
+        )
+    flat = rep.reshape(4, -1)
+    chosen = int(np.argmax([np.allclose(R.krum_ref(flat, 1), row) for row in flat]))
+    np.testing.assert_allclose(M.from_tree(out), J[chosen], rtol=1e-12)
+    np.testing.assert_array_equal(np.asarray(mtl.aggregation.weights(state)), np.eye(4)[chosen])
+
+
+@pytest.mark.parametrize("k", REF_KS)
+def test_trimmed_mean_matches_the_coordinate_wise_definition(k):
+    for trim in range(0, (k - 1) // 2 + 1):
+        tx = mtl.aggregation.trimmed_mean(trim_number=trim, num_tasks=k)
+        for kind in M.KINDS:
+            for scale in M.SCALES:
+                J = scale * M.sample(kind, k)
+                with jax.enable_x64(True):
+                    (d,), _ = _steps(tx, [J], [np.ones(k)])
+                P.assert_close(d, R.trimmed_mean_ref(J, trim), J, 1e-14, f"K={k} b={trim} {kind}")
+    too_many = (k + 1) // 2  # 2 b + 1 > K
+    with pytest.raises(
+        ValueError, match=rf"needs at least .* = {2 * too_many + 1} tasks; got K={k}"
+    ):
+        mtl.aggregation.trimmed_mean(trim_number=too_many, num_tasks=k)
+
+
+@pytest.mark.parametrize("k", REF_KS)
+@pytest.mark.parametrize("normalization", ["none", "l2", "loss", "loss+"])
+def test_mgda_normalisations_follow_the_official_code(normalization, k):
+    """Weights of the normalised gradients, applied to the raw ones (train_multi_task.py)."""
+    losses = np.linspace(0.3, 2.0, k)
+    tx = mtl.aggregation.mgda(normalization=normalization, num_tasks=k)
+    for kind in FULL_RANK_KINDS:
+        J = M.sample(kind, k)
+        with jax.enable_x64(True):
+            (d,), _ = _steps(tx, [J], [losses])
+        expected = R.mgda_normalized_ref(J, losses, normalization)
+        P.assert_close(d, expected, J, 1e-9, f"{normalization} K={k} {kind}")
+
+
+def test_mgda_normalisation_errors_and_default():
+    J = M.sample("conflicting", 3)
+    jac = M.to_tree(J)
+    params = M.params_like(jac)
+    tx = mtl.aggregation.mgda(normalization="loss")
+    with pytest.raises(ValueError, match="'loss' divides by the task losses: pass task_losses"):
+        tx.update(jac, tx.init(params), params)
+    with pytest.raises(ValueError, match=r"Unknown MGDA normalization 'L2'.*'l2'"):
+        mtl.aggregation.mgda(normalization="L2")
+    # "none" is the unnormalised problem, bit for bit
+    plain, _ = P.run("mgda", J)
+    none = mtl.aggregation.mgda(normalization="none", num_tasks=3)
+    out, _ = jax.jit(none.update)(jac, none.init(params), params, task_losses=jnp.ones(3))
+    np.testing.assert_array_equal(M.from_tree(out), plain)
+
+
+def _loss_sequence(k: int, steps: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(k)
+    return [rng.uniform(0.2, 3.0, size=k) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("k", REF_KS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_db_mtl_matches_libmtl_over_steps(k, dtype):
+    Js = [M.sample("conflicting", k, seed=s) * (1 + s) for s in range(4)]
+    losses = _loss_sequence(k, 4)
+    rtol = 1e-12 if dtype == np.float64 else 2e-6
+    for beta, sigma in ((0.9, 0.0), (0.5, 0.5)):
+        expected = R.db_mtl_ref(Js, losses, beta, sigma)
+        tx = mtl.aggregation.db_mtl(beta=beta, beta_sigma=sigma, num_tasks=k)
+        with jax.enable_x64(dtype == np.float64):
+            outs, state = _steps(tx, Js, losses, dtype)
+        for step, (d, e) in enumerate(zip(outs, expected, strict=True)):
+            err = np.linalg.norm(d - e) / np.linalg.norm(e)
+            assert err <= rtol, (beta, sigma, step, err)
+    assert int(state.inner["global"].step) == 4
+    with pytest.raises(ValueError, match="db_mtl keeps per-task state.*num_tasks"):
+        mtl.aggregation.db_mtl().init(M.params_like(M.to_tree(Js[0])))
+
+
+@pytest.mark.parametrize("k", REF_KS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_moco_matches_libmtl_over_steps(k, dtype):
+    Js = [M.sample("conflicting", k, seed=s) * (1 + s) for s in range(4)]
+    losses = _loss_sequence(k, 4)
+    cases = [
+        dict(),  # LibMTL's defaults, softmax
+        dict(beta=0.9, beta_sigma=0.0, gamma=0.5, gamma_sigma=0.0, rho=0.1),
+        dict(gamma=2.0, weight_map="simplex"),  # the paper's projection, with a zero weight
+    ]
+    for case in cases:
+        expected = R.moco_ref(Js, losses, **case)
+        tx = mtl.aggregation.moco(**case, num_tasks=k)
+        with jax.enable_x64(dtype == np.float64):
+            outs, state = _steps(tx, Js, losses, dtype)
+        # the SLSQP projection of the reference is exact to ~1e-7
+        rtol = 1e-6 if "weight_map" in case else (1e-12 if dtype == np.float64 else 2e-6)
+        rtol = max(rtol, 2e-6) if dtype == np.float32 else rtol
+        for step, (d, e) in enumerate(zip(outs, expected, strict=True)):
+            err = np.linalg.norm(d - e) / np.linalg.norm(e)
+            assert err <= rtol, (case, step, err)
+        lambd = np.asarray(mtl.aggregation.weights(state))
+        np.testing.assert_allclose(lambd.sum(), 1.0, rtol=1e-5)
+        assert np.all(lambd >= 0)
+    with pytest.raises(ValueError, match="moco reads the task losses: pass task_losses"):
+        tx = mtl.aggregation.moco(num_tasks=k)
+        jac = M.to_tree(Js[0])
+        tx.update(jac, tx.init(M.params_like(jac)), M.params_like(jac))
+    with pytest.raises(ValueError, match=r"Unknown moco weight_map 'proj'"):
+        mtl.aggregation.moco(weight_map="proj")
+
+
+MIXED_SCALE_REFS = {
+    "krum": (dict(n_byzantine=1), lambda J, L: R.krum_ref(J, 1)),
+    "trimmed_mean": (dict(trim_number=1), lambda J, L: R.trimmed_mean_ref(J, 1)),
+    "mgda": (dict(normalization="loss+"), lambda J, L: R.mgda_normalized_ref(J, L, "loss+")),
+    "db_mtl": (dict(), lambda J, L: R.db_mtl_ref([J], [L])[0]),
+    "moco": (dict(), lambda J, L: R.moco_ref([J], [L])[0]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MIXED_SCALE_REFS))
+def test_new_methods_with_gradients_of_1e_minus_10_next_to_1e15(name):
+    """Rows of norm ~1e-10 and ~1e15 in one Jacobian: float64 matches the reference, float32
+    stays finite."""
+    kwargs, ref = MIXED_SCALE_REFS[name]
+    J = M.sample("normal", 5) * np.array([1e-10, 1e15, 1.0, 1e-10, 1e15])[:, None]
+    L = np.array([1e-10, 1e15, 1.0, 0.5, 2.0])
+    tx = getattr(mtl.aggregation, name)(**kwargs, num_tasks=5)
+    with jax.enable_x64(True):
+        (d,), _ = _steps(tx, [J], [L])
+    expected = ref(J, L)
+    assert np.linalg.norm(d - expected) <= 1e-10 * np.linalg.norm(expected), name
+    (d32,), _ = _steps(tx, [J], [L], np.float32)
+    assert np.all(np.isfinite(d32)), name

@@ -68,7 +68,10 @@ def _targets(tasks, batch, hw, seed=0):
 
 
 def test_registry_and_default_configs():
-    assert set(MODELS) == {"mlp", "lenet", "resnet18", "small_cnn", "small_resnet", "segnet"}
+    assert set(MODELS) == {
+        *("mlp", "lenet", "resnet18", "small_cnn", "small_resnet", "segnet"),
+        *("mmoe", "cgc", "ple", "dselect_k", "cross_stitch", "mtan", "ltb"),
+    }
     for name, entry in MODELS.items():
         cfg = default_model_config(name)
         assert cfg.name == name

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from experiments import config as config_lib
 from experiments import parallel
-from experiments import run as run_lib
+from experiments import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,9 +98,9 @@ def test_a_work_dir_resumes_on_another_layout():
     other = ml_collections.ConfigDict(config.to_dict())
     other.parallel.fsdp = True
     other.parallel.devices = 4
-    assert run_lib._comparable(config) == run_lib._comparable(other)
+    assert workdir_lib._comparable(config) == workdir_lib._comparable(other)
     other.train.lr = 0.5
-    assert run_lib._comparable(config) != run_lib._comparable(other)
+    assert workdir_lib._comparable(config) != workdir_lib._comparable(other)
 
 
 def test_distributed_init_reads_the_launch_environment(monkeypatch):

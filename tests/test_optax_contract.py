@@ -26,7 +26,7 @@ from tests import _matrices as M
 K = 3
 
 # Aggregators whose own (not logging) state needs K: built with num_tasks=K.
-NEEDS_K = {"gradvac", "excess_mtl", "ema_weights"}
+NEEDS_K = {"gradvac", "excess_mtl", "ema_weights", "db_mtl", "moco"}
 # Constructor arguments without a default.
 REQUIRED = {"linear": {"weights": [0.5, 1.0, 2.0]}}
 

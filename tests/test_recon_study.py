@@ -11,7 +11,9 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import config as config_lib
 from experiments import run as run_lib
+from experiments import runner as runner_lib
 from experiments.config import ConfigError
 from experiments.phases import Artifacts
 from experiments.studies import study_config
@@ -21,7 +23,7 @@ from mtl_jax import sharing as sharing_lib
 
 @pytest.mark.slow
 def test_recon_study_branches_the_chosen_layers_and_reports(tmp_path):
-    config = run_lib._load_config_file(
+    config = config_lib.load_config(
         os.path.join(os.path.dirname(run_lib.__file__), "configs", "recon.py")
     )
     config.seeds = (0,)
@@ -36,7 +38,7 @@ def test_recon_study_branches_the_chosen_layers_and_reports(tmp_path):
     config.report.progress = False
     config.report.plots = False
     workdir = str(tmp_path / "recon")
-    report = run_lib.run_study(config, workdir)
+    report = runner_lib.run_study(config, workdir)
     artifacts = Artifacts(workdir)
     for phase in ("search__seed0", "select__seed0", "mean__seed0", "mean+recon__seed0"):
         assert artifacts.is_done(phase), phase
@@ -104,5 +106,5 @@ def test_a_budget_below_the_top_layer_is_an_error_not_an_unbranched_recon_run(tm
     config.report.plots = False
     workdir = str(tmp_path / "recon")
     with pytest.raises(ConfigError, match=r"selected no layer.*recon\.budget=10"):
-        run_lib.run_study(config, workdir)
+        runner_lib.run_study(config, workdir)
     assert not Artifacts(workdir).is_done("mean+recon__seed0")

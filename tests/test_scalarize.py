@@ -115,6 +115,42 @@ def test_dwa_matches_reference_with_epochs():
     assert not np.allclose(ref[-1][1], 1.0)  # the weights did move
 
 
+@pytest.mark.parametrize("pref", [None, [0.2, 0.3, 0.5], [0.0, 1.0, 1.0]])
+def test_pbi_and_cosmos_match_their_papers(pref):
+    with jax.enable_x64(True):  # float64: the references are exact
+        for losses in (LOSSES, np.array([1.0, 1.0, 1.0]), np.array([3.0, 0.1, 0.7])):
+            for theta in (0.0, 5.0):
+                sc = mtl.scalarization.get_scalarizer("pbi", theta=theta, pref_vector=pref)
+                loss, weights, _ = sc.scalarize(jnp.asarray(losses, jnp.float64), sc.init(K))
+                ref_loss, ref_weights = R.pbi_ref(
+                    losses, theta, None if pref is None else np.array(pref)
+                )
+                np.testing.assert_allclose(
+                    [loss, *weights], [ref_loss, *ref_weights], rtol=1e-10, atol=1e-12
+                )
+            for lam in (0.0, 2.0):
+                sc = mtl.scalarization.get_scalarizer("cosmos", lam=lam, pref_vector=pref)
+                loss, weights, _ = sc.scalarize(jnp.asarray(losses, jnp.float64), sc.init(K))
+                ref_loss, ref_weights = R.cosmos_ref(
+                    losses, lam, None if pref is None else np.array(pref)
+                )
+                np.testing.assert_allclose([loss, *weights], [ref_loss, *ref_weights], rtol=1e-10)
+
+
+def test_pbi_on_the_preference_ray_is_progress_along_it_and_bad_preferences_are_errors():
+    pref = np.array([1.0, 2.0, 2.0])
+    losses = 0.7 * pref  # on the ray: d2 = 0, its gradient taken as 0
+    sc = mtl.scalarization.get_scalarizer("pbi", theta=5.0, pref_vector=pref)
+    loss, weights, _ = sc.scalarize(jnp.asarray(losses), sc.init(K))
+    np.testing.assert_allclose(loss, 0.7 * 3.0, rtol=1e-6)
+    np.testing.assert_allclose(weights, pref / 3.0, rtol=1e-6)
+    for name in ("pbi", "cosmos"):
+        with pytest.raises(ValueError, match=r"pref_vector has shape \(2,\); expected \(3,\)"):
+            mtl.scalarization.get_scalarizer(name, pref_vector=[0.5, 0.5]).init(K)
+        with pytest.raises(ValueError, match="non-negative and not all zero"):
+            mtl.scalarization.get_scalarizer(name, pref_vector=[0.5, -0.5, 1.0]).init(K)
+
+
 def test_stch_paper_form_and_official_recipe():
     pref, ref_point = np.array([0.2, 0.3, 0.5]), np.array([0.1, 0.0, 0.5])
     for mu in (0.1, 1.0):

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 
 from experiments import config as config_lib
 from experiments import run as run_lib
+from experiments import runner as runner_lib
 from experiments import studies
 from experiments.logs import JsonlLog
 
@@ -37,7 +38,7 @@ def test_sparse_training_study(tmp_path):
     config.report.progress = False
     config.report.plots = False
     workdir = str(tmp_path / "st")
-    report = run_lib.run_study(config, workdir)
+    report = runner_lib.run_study(config, workdir)
     summaries = _summaries(workdir)
     assert set(summaries) == {
         (label, 0)
@@ -62,7 +63,7 @@ def test_sparse_training_rejects_unknown_controls():
 
 @pytest.mark.slow
 def test_leaf_combinations_on_mocked_plant_leaves(tmp_path):
-    config = run_lib._load_config_file(
+    config = config_lib.load_config(
         os.path.join(run_lib.os.path.dirname(run_lib.__file__), "configs", "leaf_combinations.py")
     )
     config.seeds = (0,)
@@ -77,7 +78,7 @@ def test_leaf_combinations_on_mocked_plant_leaves(tmp_path):
     config.report.progress = False
     workdir = str(tmp_path / "leaf")
     with tfds.testing.mock_data(num_examples=30, policy=tfds.testing.MockPolicy.USE_CODE):
-        report = run_lib.run_study(config, workdir)
+        report = runner_lib.run_study(config, workdir)
     summaries = _summaries(workdir)
     combos = [
         "baseline",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,8 +18,10 @@ from experiments import config as config_lib
 from experiments import data as data_lib
 from experiments import models as models_lib
 from experiments import run as run_lib
+from experiments import runner as runner_lib
 from experiments import studies
 from experiments import train as train_lib
+from experiments import workdir as workdir_lib
 from experiments.logs import JsonlLog
 from experiments.phases import Artifacts
 from tests import _matrices as M
@@ -140,7 +143,7 @@ def test_run_study_writes_every_report_file_and_resumes_from_the_log(tmp_path):
     config = tiny_config()
     config.single_task = True
     workdir = str(tmp_path / "study")
-    report = run_lib.run_study(config, workdir)
+    report = runner_lib.run_study(config, workdir)
     for name in ("config.json", "metrics.jsonl", "report.md"):
         assert os.path.exists(os.path.join(workdir, name))
     for name in ("losses", "test_metrics", "conflict_incidence", "cos_histogram", "weights"):
@@ -154,18 +157,18 @@ def test_run_study_writes_every_report_file_and_resumes_from_the_log(tmp_path):
             assert 0.0 <= r["test"][task]["accuracy"] <= 100.0  # percent
     # a second call finds every run finished and only rebuilds the report
     before = os.path.getsize(os.path.join(workdir, "metrics.jsonl"))
-    assert run_lib.run_study(config, workdir) == report
+    assert runner_lib.run_study(config, workdir) == report
     assert os.path.getsize(os.path.join(workdir, "metrics.jsonl")) == before
 
 
 def test_workdir_of_another_config_is_refused(tmp_path):
     config = tiny_config()
     workdir = str(tmp_path / "w")
-    run_lib.prepare_workdir(config, workdir)
+    workdir_lib.prepare_workdir(config, workdir)
     config.train.lr = 0.5
-    with pytest.raises(run_lib.ConfigMismatchError, match="different config"):
-        run_lib.prepare_workdir(config, workdir)
-    run_lib.prepare_workdir(config, workdir, fresh=True)
+    with pytest.raises(workdir_lib.ConfigMismatchError, match="different config"):
+        workdir_lib.prepare_workdir(config, workdir)
+    workdir_lib.prepare_workdir(config, workdir, fresh=True)
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["train"]["lr"] == 0.5
 
@@ -212,11 +215,12 @@ def test_unknown_keys_are_errors():
         config_lib.ConfigError, match=r"Unknown config key\(s\) \['learning_rate'\] in config.train"
     ):
         studies.validate(config)
-    with pytest.raises(
-        ValueError, match=r"config.train has no 'learning_rate'; valid keys: \[.*'lr'"
-    ):
-        run_lib.check_overrides(["--config.train.learning_rate=0.1"])
-    run_lib.check_overrides(["--config.train.lr=0.1", "--config.seeds=(1,)"])
+    message = run_lib.unknown_override(tiny_config(), ["--config.train.learning_rate=0.1"])
+    assert re.search(r"config.train has no 'learning_rate'; valid keys: \[.*'lr'", message)
+    assert (
+        run_lib.unknown_override(tiny_config(), ["--config.train.lr=0.1", "--config.seeds=(1,)"])
+        is None
+    )
 
 
 @pytest.mark.slow
@@ -289,24 +293,23 @@ def test_study_killed_inside_a_later_phase_resumes_it_bit_identically(tmp_path):
         np.testing.assert_array_equal(M.plain(x), M.plain(y))
 
 
-def test_overriding_a_data_set_or_model_name_brings_its_defaults():
-    argv = [
-        "--config.dataset.name=arrays",
-        "--config.dataset.path=mine.npz",
-        "--config.model.name=lenet",
-        "--config.train.lr=0.1",
-    ]
-    run_lib.check_overrides(argv)  # the default config's multi_digits keys do not stay behind
-    rest, pulled = run_lib.split_named_section_overrides(argv)
-    assert rest == ["--config.train.lr=0.1"]
-    config = run_lib.apply_named_section_overrides(tiny_config(), pulled)
-    assert config.dataset.to_dict() == {
-        **data_lib.default_dataset_config("arrays").to_dict(),
-        "path": "mine.npz",
-    }
+def test_a_config_argument_switches_the_data_set_or_model_to_its_defaults():
+    config = config_lib.load_config(f"{run_lib.DEFAULT_CONFIG}:dataset=arrays,model=lenet")
+    # the default config's multi_digits keys do not stay behind
+    assert config.dataset.to_dict() == data_lib.default_dataset_config("arrays").to_dict()
     assert config.model.to_dict() == models_lib.default_model_config("lenet").to_dict()
-    with pytest.raises(config_lib.ConfigError, match=r"Unknown config key dataset.'max_shift'"):
-        run_lib.check_overrides(["--config.dataset.name=arrays", "--config.dataset.max_shift=2"])
+    assert config.methods == config_lib.load_config(run_lib.DEFAULT_CONFIG).methods
+    recon = config_lib.load_config("experiments/configs/recon.py:embedded,model=mlp")
+    assert recon.study == "recon" and recon.model.name == "mlp"
+    with pytest.raises(config_lib.ConfigError, match=r"Unknown dataset 'nope'; valid datasets"):
+        config_lib.load_config(f"{run_lib.DEFAULT_CONFIG}:dataset=nope")
+    with pytest.raises(config_lib.ConfigError, match=r"Unknown config argument 'optimizer'"):
+        config_lib.load_config(f"{run_lib.DEFAULT_CONFIG}:optimizer=sgd")
+    # the old way (setting the name) keeps the old keys: validation says how to switch
+    stale = tiny_config()
+    stale.dataset.name = "arrays"
+    with pytest.raises(config_lib.ConfigError, match=r"switch datasets in the config argument"):
+        studies.validate(stale)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,9 +30,11 @@ GPU setups (data not downloadable here):
     python -m experiments.run --config experiments/configs/conal.py:nyuv2
 """
 
+from experiments.config import section_arguments
 from experiments.studies import study_config
 
 
+@section_arguments
 def get_config(setup: str = "embedded"):
     if setup == "embedded":
         config = study_config("conal", "digit_transforms", "small_resnet")

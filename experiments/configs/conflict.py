@@ -21,9 +21,10 @@ gradient cosine over training is clearly negative on every seed, and single-task
 joint training on the digit task by a wide margin (negative transfer).
 """
 
-from experiments.config import base_config
+from experiments.config import base_config, section_arguments
 
 
+@section_arguments
 def get_config():
     config = base_config("digit_transforms", "small_resnet")
     config.seeds = (0, 1, 2)

@@ -8,9 +8,10 @@ images (``experiments.data``, ``multi_digits``); a small MLP trunk with two head
 minute on a 2-core CPU.
 """
 
-from experiments.config import base_config
+from experiments.config import base_config, section_arguments
 
 
+@section_arguments
 def get_config():
     config = base_config("multi_digits", "mlp")
     config.seeds = (0, 1, 2)

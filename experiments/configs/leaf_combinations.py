@@ -22,6 +22,7 @@ about 15 minutes on an idle 2-core CPU. Departure: not the paper's data or tasks
 equal difficulty, not species vs health); a CPU-sized check of the mechanics and the ranking.
 """
 
+from experiments.config import section_arguments
 from experiments.studies import study_config
 
 SETUPS = ("plant_leaves", "real_digits")
@@ -67,6 +68,7 @@ def _real_digits():
     return config
 
 
+@section_arguments
 def get_config(setup: str = "plant_leaves"):
     if setup not in SETUPS:
         raise ValueError(

@@ -21,9 +21,11 @@ Paper setups for GPU users (data through TFDS, not downloadable here):
     python -m experiments.run --config experiments/configs/recon.py:celeb_a
 """
 
+from experiments.config import section_arguments
 from experiments.studies import study_config
 
 
+@section_arguments
 def get_config(setup: str = "embedded"):
     if setup == "embedded":
         config = study_config("recon", "digit_transforms", "small_resnet")

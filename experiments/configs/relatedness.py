@@ -27,7 +27,7 @@ mean ± std, averaged over the tasks named): mixed: group t0-t2 +1.4 ± 1.0, sin
 p% is 64-72% in every setting, the related one included.
 """
 
-from experiments.config import base_config
+from experiments.config import base_config, section_arguments
 
 #: the width of the trunk's last layer: the capacity the groups compete for
 TRUNK_WIDTH = 2
@@ -46,6 +46,7 @@ SETTINGS = {
 }
 
 
+@section_arguments
 def get_config(setting: str = "mixed"):
     if setting not in SETTINGS:
         raise ValueError(

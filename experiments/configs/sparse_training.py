@@ -22,14 +22,18 @@ global (49.7) and reverse (47.0) selections, not better. The same holds at 30% t
 
 Other data sets, when present (GPU configs):
 
-    --config.dataset.name=multi_fashion_mnist --config.model.name=lenet        # TFDS
-    --config.dataset.name=celeb_a --config.dataset.num_tasks=10 --config.model.name=small_cnn
-    --config.dataset.name=nyuv2 --config.dataset.root=data/nyuv2 --config.model.name=segnet
+    --config experiments/configs/sparse_training.py:dataset=multi_fashion_mnist,model=lenet  # TFDS
+    --config experiments/configs/sparse_training.py:dataset=celeb_a,model=small_cnn \
+        --config.dataset.num_tasks=10
+    --config experiments/configs/sparse_training.py:dataset=nyuv2,model=segnet \
+        --config.dataset.root=data/nyuv2
 """
 
+from experiments.config import section_arguments
 from experiments.studies import study_config
 
 
+@section_arguments
 def get_config():
     config = study_config("sparse_training", "multi_digits", "mlp")
     config.seeds = (0, 1, 2)

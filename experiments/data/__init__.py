@@ -25,10 +25,12 @@ Every example is ``{"image": float32[H, W, C], <task name>: target}`` with the t
 
 from experiments.data.core import (
     ArraySource,
+    DataError,
     Example,
     MultiTaskData,
     RandomAccess,
     check_example,
+    check_label_range,
     first_n,
     stratified_split,
     take,
@@ -45,12 +47,14 @@ from experiments.data.registry import (
 __all__ = [
     "DATASETS",
     "ArraySource",
+    "DataError",
     "DatasetEntry",
     "Example",
     "MultiTaskData",
     "RandomAccess",
     "batches",
     "check_example",
+    "check_label_range",
     "default_dataset_config",
     "epoch_seed",
     "first_n",

@@ -22,15 +22,22 @@ Example = dict[str, np.ndarray]
 
 __all__ = [
     "ArraySource",
+    "DataError",
     "Example",
     "MultiTaskData",
     "RandomAccess",
     "check_example",
+    "check_label_range",
     "first_n",
     "map_source",
     "stratified_split",
     "take",
 ]
+
+
+class DataError(ValueError):
+    """The data cannot be used as given (a missing or unreadable file, arrays of unequal length,
+    labels outside ``[0, num_classes)``); the message names the file or array and the fix."""
 
 
 @runtime_checkable
@@ -85,9 +92,12 @@ class ArraySource:
     def __init__(self, arrays: Mapping[str, np.ndarray]):
         lengths = {key: len(value) for key, value in arrays.items()}
         if not lengths:
-            raise ValueError("ArraySource needs at least one array.")
+            raise DataError("ArraySource needs at least one array.")
         if len(set(lengths.values())) != 1:
-            raise ValueError(f"ArraySource arrays differ in length: {lengths}.")
+            raise DataError(
+                f"ArraySource arrays differ in length: {lengths}; every array of a split needs "
+                "one entry per example (the same leading length)."
+            )
         self.arrays = {key: np.asarray(value) for key, value in arrays.items()}
         self._length = next(iter(lengths.values()))
 
@@ -184,7 +194,7 @@ def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) 
 
 
 def check_example(example: Mapping[str, Any], tasks: Sequence[TaskSpec], where: str) -> None:
-    """Raises ``ValueError`` when ``example`` lacks the image or a task target, or has bad dtypes.
+    """Raises :class:`DataError` when ``example`` lacks the image or a task target, or has bad dtypes.
 
     Checks the formats of :class:`TaskSpec`: ``image`` float32 ``[H, W, C]``; classification
     int32 scalar; segmentation int32 ``[H, W]``; depth float32 ``[H, W, 1]``; normals float32
@@ -200,10 +210,29 @@ def check_example(example: Mapping[str, Any], tasks: Sequence[TaskSpec], where: 
         }[task.kind]
     for key, (dtype, ndim) in expected.items():
         if key not in example:
-            raise ValueError(f"{where}: example has no {key!r}; keys: {sorted(example)}.")
+            raise DataError(f"{where}: example has no {key!r}; keys: {sorted(example)}.")
         value = np.asarray(example[key])
         if value.dtype != dtype or value.ndim != ndim:
-            raise ValueError(
+            raise DataError(
                 f"{where}: example[{key!r}] is {value.dtype}{list(value.shape)}; "
                 f"expected {np.dtype(dtype)} with {ndim} dimensions."
             )
+
+
+def check_label_range(labels: np.ndarray, task: TaskSpec, where: str) -> None:
+    """Raises :class:`DataError` when class labels fall outside ``[0, num_classes)``.
+
+    Labels are indices (one-hot encodings, ``take_along_axis``): a negative one or one past the
+    class count would silently wrap or be dropped. Segmentation maps may also hold -1 (ignore).
+    """
+    if task.kind not in ("classification", "segmentation") or not np.size(labels):
+        return
+    lowest = -1 if task.kind == "segmentation" else 0
+    low, high = int(np.min(labels)), int(np.max(labels))
+    if low < lowest or high >= task.num_classes:
+        allowed = "-1 (ignore) or " if lowest < 0 else ""
+        raise DataError(
+            f"{where}: task {task.name!r} has labels in [{low}, {high}], but a {task.kind} "
+            f"label must be {allowed}a class index in [0, {task.num_classes - 1}] "
+            f"(num_classes={task.num_classes}); relabel the classes as 0..num_classes-1."
+        )

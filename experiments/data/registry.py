@@ -33,7 +33,7 @@ from experiments.data import (
     plant_leaves,
     relatedness,
 )
-from experiments.data.core import MultiTaskData
+from experiments.data.core import DataError, MultiTaskData
 
 __all__ = [
     "DATASETS",
@@ -196,6 +196,8 @@ def make_dataset(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Multi
     Raises:
       ValueError: for a missing or unknown ``name`` (lists the valid names) or a key the builder
         does not accept (names the key and lists the valid keys).
+      DataError: the builder refused its data or a config value (its ``ValueError``, prefixed with
+        the data set's name): a missing file, labels out of range, a bad key value.
     """
     values = _as_dict(config)
     if "name" not in values:
@@ -208,4 +210,9 @@ def make_dataset(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Multi
             f"Unknown config key(s) {unknown} for dataset {name!r}; valid keys: "
             f"{['name', *sorted(entry.defaults)]}. (Start from default_dataset_config({name!r}).)"
         )
-    return entry.builder(name=name, **{**entry.defaults, **values})
+    try:
+        return entry.builder(name=name, **{**entry.defaults, **values})
+    except DataError:
+        raise
+    except ValueError as e:  # builders raise ValueError for a value of their config they refuse
+        raise DataError(f"dataset {name!r}: {e}") from e

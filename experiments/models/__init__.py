@@ -19,7 +19,23 @@ name              architecture (source)                                       ta
 ``small_resnet``  residual BN CNN, 5 named blocks, 19 modules (CPU ResNet)  classification
 ``segnet``        MTAN's SegNet encoder-decoder, per-pixel heads (NYUv2)      segmentation, depth,
                                                                               normals
+``mmoe``          MMoE: shared MLP experts, per-task softmax gate + tower     classification
+``cgc``           CGC: shared + per-task experts, per-task gates              classification
+``ple``           PLE: stacked CGC levels with shared gates                   classification
+``dselect_k``     DSelect-k: k-sparse binary-code expert selection per task   classification
+``cross_stitch``  K CNN columns mixed by learned K x K cross-stitch units     classification
+``mtan``          MTAN: shared CNN + per-task attention modules and towers    classification
+``ltb``           Learning to Branch: Gumbel-softmax parent choice per node   classification
 ================  ==========================================================  ======================
+
+Expert-and-gate models (``mmoe``, ``cgc``, ``ple``, ``dselect_k``): the encoder's output ``z`` is
+a dict holding the shared experts' outputs and the flattened input the gates read; each task's
+gate (and its own experts) sits in its head, so those leaves get only their task's gradient.
+``cross_stitch``'s columns all receive every task's gradient through the units (the encoder, ``z:
+[B, K, D]``, head k reads column k); ``mtan``'s attention modules are in the heads, reading every
+stage of the shared backbone (``z``: the stages' features); ``ltb``'s branching layers are the
+encoder and each task's last node its head. MTAN and LTB heads carry state (BatchNorm statistics,
+LTB's step counter), which Recon's per-task branching does not take.
 """
 
 from __future__ import annotations
@@ -30,7 +46,20 @@ from typing import Any
 
 import ml_collections
 
-from experiments.models import lenet, mlp, resnet, segnet, small_cnn, small_resnet
+from experiments.models import (
+    cross_stitch,
+    dselect_k,
+    lenet,
+    ltb,
+    mlp,
+    mmoe,
+    mtan,
+    ple,
+    resnet,
+    segnet,
+    small_cnn,
+    small_resnet,
+)
 from experiments.models.base import ClassifierHead, DenseHead, MultiTaskModel
 from experiments.tasks import TaskSpec
 
@@ -75,7 +104,52 @@ MODELS: dict[str, ModelEntry] = {
     "segnet": ModelEntry(
         segnet.DEFAULTS, segnet.TASK_KINDS, segnet.build, "MTAN's SegNet (dense tasks)"
     ),
+    "mmoe": ModelEntry(
+        mmoe.DEFAULTS,
+        mmoe.TASK_KINDS,
+        mmoe.build,
+        "MMoE: shared experts, per-task softmax gates (Ma et al. 2018)",
+    ),
+    "cgc": ModelEntry(
+        ple.CGC_DEFAULTS,
+        ple.TASK_KINDS,
+        ple.build_cgc,
+        "CGC: shared + per-task experts, per-task gates (Tang et al. 2020)",
+    ),
+    "ple": ModelEntry(
+        ple.DEFAULTS,
+        ple.TASK_KINDS,
+        ple.build,
+        "PLE: stacked CGC levels with shared gates (Tang et al. 2020)",
+    ),
+    "dselect_k": ModelEntry(
+        dselect_k.DEFAULTS,
+        dselect_k.TASK_KINDS,
+        dselect_k.build,
+        "DSelect-k: k-sparse expert selection (Hazimeh et al. 2021)",
+    ),
+    "cross_stitch": ModelEntry(
+        cross_stitch.DEFAULTS,
+        cross_stitch.TASK_KINDS,
+        cross_stitch.build,
+        "Cross-stitch: K CNN columns mixed by learned K x K units (Misra et al. 2016)",
+    ),
+    "mtan": ModelEntry(
+        mtan.DEFAULTS,
+        mtan.TASK_KINDS,
+        mtan.build,
+        "MTAN: shared CNN + per-task attention modules and towers (Liu et al. 2019)",
+    ),
+    "ltb": ModelEntry(
+        ltb.DEFAULTS,
+        ltb.TASK_KINDS,
+        ltb.build,
+        "Learning to Branch: Gumbel-softmax parent choice per node (Guo et al. 2020)",
+    ),
 }
+
+#: The models that serve classification, for error messages.
+CLASSIFIERS = tuple(n for n, e in MODELS.items() if "classification" in e.task_kinds)
 
 
 def _entry(name: str) -> ModelEntry:
@@ -132,8 +206,7 @@ def make_model(
                 + (
                     "Use 'segnet' for dense tasks."
                     if t.kind != "classification"
-                    else "Use 'mlp', 'lenet', 'resnet18', 'small_cnn' or 'small_resnet' for "
-                    "classification."
+                    else f"Use one of {list(CLASSIFIERS)} for classification."
                 )
             )
     shape = tuple(int(d) for d in input_shape)

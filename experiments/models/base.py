@@ -42,12 +42,24 @@ __all__ = [
     "ClassifierHead",
     "DenseHead",
     "MultiTaskModel",
+    "check_pools_fit",
     "torch_default_init",
 ]
 
 # PyTorch's BatchNorm defaults (momentum 0.1 on the new statistic = Flax momentum 0.9; eps 1e-5).
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
+
+
+def check_pools_fit(model: str, input_shape: Sequence[int], pools: int) -> None:
+    """Raises ``ValueError`` when an ``(H, W, ...)`` input is too small for ``pools`` 2x2
+    max-pools (a side would shrink to 0)."""
+    h, w = input_shape[0], input_shape[1]
+    if min(h, w) < 2**pools:
+        raise ValueError(
+            f"{model}: input {h}x{w} is too small for {pools} 2x2 max-pools; need at least "
+            f"{2**pools} pixels per side (use fewer channels entries)."
+        )
 
 
 def torch_default_init() -> jax.nn.initializers.Initializer:

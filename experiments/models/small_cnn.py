@@ -28,6 +28,7 @@ from experiments.models.base import (
     BN_MOMENTUM,
     ClassifierHead,
     MultiTaskModel,
+    check_pools_fit,
     torch_default_init,
 )
 from experiments.tasks import TaskSpec
@@ -92,12 +93,7 @@ def build(config, tasks: Sequence[TaskSpec], input_shape: tuple[int, ...]) -> Mu
     channels = tuple(int(c) for c in config.channels)
     if not channels:
         raise ValueError("small_cnn: channels must list at least one conv block.")
-    h, w = input_shape[0], input_shape[1]
-    if min(h, w) < 2 ** len(channels):
-        raise ValueError(
-            f"small_cnn: input {h}x{w} is too small for {len(channels)} 2x2 max-pools; "
-            f"need at least {2 ** len(channels)} pixels per side."
-        )
+    check_pools_fit("small_cnn", input_shape, len(channels))
     modulation = tuple(int(i) for i in config.modulation)
     bad = [i for i in modulation if not 0 <= i < len(channels)]
     if bad:

@@ -51,7 +51,8 @@ class StudyContext:
 
 @dataclasses.dataclass(frozen=True)
 class Study:
-    """A study: its config section, validation, phases and report section."""
+    """A study: its config section, validation (of the config alone, and of the config against
+    the built data and model), phases and report section."""
 
     name: str
     description: str
@@ -60,6 +61,9 @@ class Study:
     defaults: Callable[[], ml_collections.ConfigDict] | None = None
     validate: Callable[[ml_collections.ConfigDict], None] | None = None
     report: Callable[..., str] | None = None
+    #: ``(config, data, model) -> None``: checks of the config against the built data and model,
+    #: before anything is written to the work dir (raises ``ConfigError``).
+    check_inputs: Callable[..., None] | None = None
 
 
 def train_phase(ctx: StudyContext, spec: RunSpec, needs: Sequence[str] = ()) -> Phase:

@@ -48,7 +48,7 @@ from experiments.studies.base import (
     single_task_runs,
     train_phase,
 )
-from experiments.train import RunSpec, bn_recompute_note, initial_params
+from experiments.train import RunSpec, bn_recompute_note, init_shapes, initial_params
 from mtl_jax import recon as recon_lib
 from mtl_jax.conflict import RECON_BINS
 
@@ -173,6 +173,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"recon.init must be 'copy' or 'fresh'; got {config.recon.init!r}.")
     if int(config.recon.k) <= 0 and int(config.recon.budget) <= 0:
         raise ValueError("Give recon.k (a number of layers) or recon.budget (parameters).")
+
+
+def check_inputs(config: ml_collections.ConfigDict, data: Any, model: Any) -> None:
+    """``recon.k`` below the number of the model's encoder layers: Recon branches some layers
+    and keeps at least one shared (a ``ConfigError`` naming the layers)."""
+    shapes = init_shapes(model, data.tasks, data.input_shape)[0]
+    sizes = recon_lib.layer_sizes(shapes["encoder"])
+    if len(sizes) < 2:
+        raise ConfigError(
+            f"Recon branches some encoder layers and keeps the others shared, but model "
+            f"{config.model.name!r} has {len(sizes)} encoder layer ({sorted(sizes)}); choose a "
+            "model with at least 2 (e.g. mlp, small_resnet, ple)."
+        )
+    if int(config.recon.k) >= len(sizes):
+        raise ConfigError(
+            f"config.recon.k={config.recon.k}, but model {config.model.name!r} has "
+            f"{len(sizes)} encoder layer(s) ({sorted(sizes)}) and Recon keeps at least one "
+            f"shared; set recon.k <= {len(sizes) - 1} (or use recon.budget), or choose a model "
+            "with more shared layers."
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,4 +476,5 @@ STUDY = Study(
     defaults=defaults,
     validate=validate,
     report=report,
+    check_inputs=check_inputs,
 )

@@ -7,12 +7,13 @@ any optax optimizer, inside :func:`shared_rows` for models with task-specific le
   tx = optax.chain(mtl.shared_rows(mtl.aggregation.pcgrad(seed=0), is_head), optax.adam(1e-3))
 
 One concept per module: :mod:`.gramspace` (the Gram-space adapter), :mod:`.table` (the Gram-space
-methods as data, the registry), :mod:`.graddrop` and :mod:`.excess_mtl` (the two elementwise
-methods), :mod:`.representation` (MGDA-UB weights), :mod:`.rows` (the adapter for a gradient
+methods as data, the registry), :mod:`.graddrop`, :mod:`.excess_mtl`, :mod:`.trimmed_mean`,
+:mod:`.db_mtl` and :mod:`.moco` (the methods that work on the Jacobian's rows or coordinates), :mod:`.representation` (MGDA-UB weights), :mod:`.rows` (the adapter for a gradient
 tree), :mod:`.state` (reading the last weights and Gram matrices), :mod:`.finite` (skipping
 non-finite steps). The long story: ``docs/methods.md``, "Aggregators as optax transforms".
 """
 
+from .db_mtl import DBMTLState, db_mtl
 from .excess_mtl import excess_mtl
 from .finite import skip_nonfinite
 from .graddrop import GradDropState, graddrop, graddrop_leaf
@@ -23,6 +24,7 @@ from .gramspace import (
     from_weights_fn,
     guarded_weigh,
 )
+from .moco import MoCoState, moco
 from .representation import from_representation
 from .rows import shared_rows
 from .state import aggregator_state, gram, weights
@@ -38,6 +40,7 @@ from .table import (
     fairgrad,
     gradvac,
     imtl_g,
+    krum,
     linear,
     mean,
     mgda,
@@ -48,18 +51,22 @@ from .table import (
     sum_,
     upgrad,
 )
+from .trimmed_mean import trimmed_mean
 
 __all__ = [
     "AGGREGATORS",
     "GRAM_METHODS",
     "AggregatorState",
+    "DBMTLState",
     "GradDropState",
     "GramMethod",
+    "MoCoState",
     "aggregator_state",
     "aligned_mtl",
     "batched_weighting",
     "cagrad",
     "conflict_free",
+    "db_mtl",
     "dualproj",
     "ema_weights",
     "excess_mtl",
@@ -73,9 +80,11 @@ __all__ = [
     "gram",
     "guarded_weigh",
     "imtl_g",
+    "krum",
     "linear",
     "mean",
     "mgda",
+    "moco",
     "nash_mtl",
     "nocl",
     "pcgrad",
@@ -83,6 +92,7 @@ __all__ = [
     "shared_rows",
     "skip_nonfinite",
     "sum_",
+    "trimmed_mean",
     "upgrad",
     "weights",
 ]

@@ -14,11 +14,20 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mtl_jax import _tree
 
-__all__ = ["finite_mask", "float_dtype", "leaves_finite", "map_unmasked", "validate_jacobian"]
+__all__ = [
+    "check_num_tasks",
+    "compute_dtype_losses",
+    "finite_mask",
+    "float_dtype",
+    "leaves_finite",
+    "map_unmasked",
+    "validate_jacobian",
+]
 
 PyTree = Any
 
@@ -31,8 +40,16 @@ def float_dtype() -> jnp.dtype:
 def validate_jacobian(
     jac: PyTree, params: PyTree | None, task_losses: Any, num_tasks: int | None, name: str
 ) -> int:
-    """K, the number of task rows of ``jac`` (leaves ``[K, ...]``), after the checks above."""
+    """K, the number of task rows of ``jac`` (leaves ``[K, ...]``), after the checks above.
+
+    Also refused: a Flax ``variables`` dict (BatchNorm statistics) as the Jacobian or the
+    parameters, and integer/bool Jacobian leaves (from integer parameters).
+    """
+    _tree.check_not_variables(jac, f"{name}.update (the task Jacobian)")
+    if params is not None:
+        _tree.check_not_variables(params, f"{name}.update (params)")
     k = _tree.task_axis_size(jac)
+    _check_float_jacobian(jac, name)
     if k == 0:
         raise ValueError(
             f"{name}: the task Jacobian has K=0 tasks (an empty leading axis); an aggregator "
@@ -47,6 +64,39 @@ def validate_jacobian(
             f"vector of length {num_tasks}), but the Jacobian has K={k}."
         )
     return k
+
+
+def _check_float_jacobian(jac: PyTree, name: str) -> None:
+    bad = _tree.non_float_leaves(jac, jnp.floating)
+    if bad:
+        raise TypeError(
+            f"{name}: the task Jacobian must be floating-point; non-float leaves: "
+            f"{_tree._listing(bad)}. Integer parameters have no gradient: cast them to float "
+            "(jax.tree.map(lambda x: x.astype(jnp.float32), params)) before differentiating."
+        )
+
+
+def check_num_tasks(num_tasks: Any, name: str) -> None:
+    """``num_tasks`` is None or a positive int (not a bool, not a float)."""
+    if num_tasks is None:
+        return
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int | np.integer):
+        raise TypeError(
+            f"{name}: num_tasks must be an int (K, the number of tasks); got "
+            f"{num_tasks!r} ({type(num_tasks).__name__})."
+        )
+    if num_tasks < 1:
+        raise ValueError(f"{name}: num_tasks must be >= 1; got {num_tasks}.")
+
+
+def compute_dtype_losses(task_losses: Any) -> Any:
+    """``task_losses`` in float32 when given in a 16-bit float (the weighting solves in float32)."""
+    if task_losses is None:
+        return None
+    dtype = jnp.result_type(task_losses)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+        return jnp.asarray(task_losses, jnp.float32)
+    return task_losses
 
 
 def finite_mask(gram: jax.Array, task_losses: Any) -> jax.Array:

@@ -21,10 +21,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mtl_jax import _tree
 from mtl_jax.gramian import GLOBAL, Granularity, combine, group_gramians, group_names, leaf_groups
 from mtl_jax.weighting.base import Weighting
 
-from ._checks import finite_mask, float_dtype, map_unmasked, validate_jacobian
+from ._checks import (
+    check_num_tasks,
+    compute_dtype_losses,
+    finite_mask,
+    float_dtype,
+    map_unmasked,
+    validate_jacobian,
+)
 
 __all__ = [
     "AggregatorState",
@@ -199,10 +207,10 @@ def from_weighting(
       name: used in error messages.
       _batch_groups: private; ``False`` solves the groups one by one (benchmark baseline).
     """
-    if num_tasks is not None and num_tasks < 1:
-        raise ValueError(f"num_tasks must be >= 1; got {num_tasks}.")
+    check_num_tasks(num_tasks, name)
 
     def init(params: PyTree) -> AggregatorState:
+        _tree.check_not_variables(params, f"{name}.init")
         groups = group_names(params, granularity)
         weights, gram = empty_logs(groups, num_tasks)
         inner = {g: weighting.init(num_tasks) for g in groups}
@@ -218,6 +226,7 @@ def from_weighting(
     ) -> tuple[PyTree, AggregatorState]:
         del extra_args
         validate_jacobian(jac, params, task_losses, num_tasks, name)
+        task_losses = compute_dtype_losses(task_losses)  # G is float32 too (gramian._flat_rows)
         grams = group_gramians(jac, granularity)
         unknown = [g for g in grams if g not in state.inner]
         if unknown:
@@ -265,13 +274,16 @@ def from_weights_fn(
     :func:`mtl_jax.aggregation.weights` works; non-finite input gives the documented all-NaN update.
     """
 
+    check_num_tasks(num_tasks, name)
+
     def init(params: PyTree) -> AggregatorState:
-        del params
+        _tree.check_not_variables(params, f"{name}.init")
         weights, gram = empty_logs([GLOBAL], num_tasks)
         return AggregatorState(jax.random.key(seed), weights, gram, {inner_key: init_inner()})
 
     def update(jac, state, params=None, *, task_losses=None, **extra_args):
         validate_jacobian(jac, params, task_losses, num_tasks, name)
+        task_losses = compute_dtype_losses(task_losses)
         gram = group_gramians(jac, GLOBAL)[GLOBAL]
         key, sub = jax.random.split(state.key)
         w, inner = weights_fn(jac, gram, state.inner[inner_key], sub, task_losses, extra_args)

@@ -69,9 +69,11 @@ def shared_rows(
     inner = optax.masked(aggregator, is_shared)
 
     def init(params: PyTree) -> PyTree:
+        _tree.check_not_variables(params, "shared_rows.init")
         return inner.init(params)
 
     def update(grads, state, params=None, **extra_args):
+        _tree.check_not_variables(grads, "shared_rows.update (grads)")
         if params is not None:
             grad_pairs, par_pairs = _tree.leaves_with_paths(grads), _tree.leaves_with_paths(params)
             if [p for p, _ in grad_pairs] != [p for p, _ in par_pairs]:

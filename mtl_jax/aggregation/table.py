@@ -29,6 +29,7 @@ from mtl_jax.weighting.dualproj import dualproj_weighting
 from mtl_jax.weighting.fairgrad import fairgrad_weighting
 from mtl_jax.weighting.gradvac import gradvac_weighting
 from mtl_jax.weighting.imtl import imtl_g_weighting
+from mtl_jax.weighting.krum import krum_weighting
 from mtl_jax.weighting.mgda import mgda_weighting
 from mtl_jax.weighting.nash_mtl import nash_mtl_weighting
 from mtl_jax.weighting.nocl import nocl_weighting
@@ -37,9 +38,12 @@ from mtl_jax.weighting.registry import ema_weights_weighting
 from mtl_jax.weighting.rlw import random_weighting as rlw_weighting
 from mtl_jax.weighting.upgrad import upgrad_weighting
 
+from .db_mtl import db_mtl
 from .excess_mtl import excess_mtl
 from .graddrop import graddrop
 from .gramspace import from_weighting
+from .moco import moco
+from .trimmed_mean import trimmed_mean
 
 __all__ = [
     "AGGREGATORS",
@@ -54,6 +58,7 @@ __all__ = [
     "gradvac",
     "imtl_g",
     "infer_num_tasks",
+    "krum",
     "linear",
     "make_factory",
     "mean",
@@ -128,7 +133,9 @@ GRAM_METHODS: tuple[GramMethod, ...] = (
     GramMethod(
         "mgda",
         mgda_weighting,
-        "MGDA (Sener & Koltun 2018): the exact min-norm point of the convex hull.",
+        "MGDA (Sener & Koltun 2018): the exact min-norm point of the convex hull; ``normalization``\n"
+        '(``"none"``, ``"l2"``, ``"loss"``, ``"loss+"``, the official code\'s options) solves the\n'
+        "weights for ``g_k / n_k`` and applies them to the raw gradients, as the official code.",
         hidden=("max_iter",),
     ),
     GramMethod(
@@ -207,6 +214,13 @@ GRAM_METHODS: tuple[GramMethod, ...] = (
         "with ``method_kwargs``). Needs ``num_tasks``.",
         seed_at=3,
         module="mtl_jax.weighting.ema",
+    ),
+    GramMethod(
+        "krum",
+        krum_weighting,
+        "Krum / Multi-Krum (Blanchard et al. 2017): the mean of the ``n_selected`` task gradients\n"
+        "whose squared distances to their ``K - n_byzantine - 2`` nearest others sum least. Needs\n"
+        "``K >= n_byzantine + 3`` and ``K >= n_selected`` (TorchJD's checks).",
     ),
 )
 
@@ -298,10 +312,14 @@ random_weighting = _FACTORIES["random_weighting"]
 fairgrad = _FACTORIES["fairgrad"]
 nocl = _FACTORIES["nocl"]
 ema_weights = _FACTORIES["ema_weights"]
+krum = _FACTORIES["krum"]
 
-# every table row, then the two methods that work on the Jacobian's coordinates
+# every table row, then the methods that work on the Jacobian's rows or coordinates
 AGGREGATORS: dict[str, Callable[..., Transform]] = {
     **_FACTORIES,
     "graddrop": graddrop,
     "excess_mtl": excess_mtl,
+    "trimmed_mean": trimmed_mean,
+    "db_mtl": db_mtl,
+    "moco": moco,
 }

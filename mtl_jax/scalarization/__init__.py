@@ -1,7 +1,7 @@
 """Loss-only methods: combine the K task losses into one scalar before one backward pass.
 
 One file per method (:mod:`.equal`, :mod:`.rlw`, :mod:`.uw`, :mod:`.imtl_l`, :mod:`.dwa`,
-:mod:`.gls`, :mod:`.stch`, :mod:`.famo`, :mod:`.gradnorm`), all behind the interface
+:mod:`.gls`, :mod:`.stch`, :mod:`.famo`, :mod:`.gradnorm`, :mod:`.pbi`, :mod:`.cosmos`), all behind the interface
 :class:`Scalarizer` (:mod:`.base`), selected by name with :func:`get_scalarizer` (registry
 :data:`SCALARIZERS`, :mod:`.registry`), and usable as an optax aggregator of a task Jacobian with
 :func:`from_scalarizer` (:mod:`.transform`). The interface, a train step and the learnable
@@ -9,6 +9,7 @@ weights: ``docs/methods.md`` ("Loss-only methods").
 """
 
 from .base import Scalarizer
+from .cosmos import cosmos
 from .dwa import DWAState, dwa
 from .equal import mean, sum_
 from .famo import FAMOState, famo
@@ -16,6 +17,7 @@ from .gls import gls
 from .gradnorm import GradNormState, gradnorm, layer_grad_norms
 from .imtl_l import imtl_l
 from .learned import LearnedState
+from .pbi import pbi
 from .registry import SCALARIZERS, get_scalarizer
 from .rlw import RLWState, rlw
 from .stch import STCHState, stch
@@ -32,6 +34,7 @@ __all__ = [
     "RLWState",
     "STCHState",
     "Scalarizer",
+    "cosmos",
     "dwa",
     "famo",
     "from_scalarizer",
@@ -41,6 +44,7 @@ __all__ = [
     "imtl_l",
     "layer_grad_norms",
     "mean",
+    "pbi",
     "post_step_in_state",
     "rlw",
     "stch",

@@ -13,12 +13,14 @@ from typing import Any
 from mtl_jax.weighting.registry import build
 
 from .base import Scalarizer
+from .cosmos import cosmos
 from .dwa import dwa
 from .equal import mean, sum_
 from .famo import famo
 from .gls import gls
 from .gradnorm import gradnorm
 from .imtl_l import imtl_l
+from .pbi import pbi
 from .rlw import rlw
 from .stch import stch
 from .uw import uw
@@ -36,6 +38,8 @@ SCALARIZERS: dict[str, Callable[..., Scalarizer]] = {
     "stch": stch,
     "famo": famo,
     "gradnorm": gradnorm,
+    "pbi": pbi,
+    "cosmos": cosmos,
 }
 
 

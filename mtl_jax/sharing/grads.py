@@ -19,6 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mtl_jax import _tree
+
 from .dependence import _depends_on_stream
 from .markers import COPIED, Masked
 from .masks import _masked_entries
@@ -38,6 +40,17 @@ from .views import _masked_value, _task_axis_inputs
 PyTree = Any
 
 __all__: list[str] = []  # reached through mtl.value_and_grads(mtl.PerTaskLosses(...))
+
+
+def _checked_loss(out: Any, has_state: bool) -> Any:
+    """``out`` after checking that task t's loss is a float scalar (trace time)."""
+    if has_state and not (isinstance(out, tuple) and len(out) == 2):
+        raise ValueError(
+            "PerTaskLosses(has_state=True): task_loss_fn must return (loss_t, new_state_t); got "
+            f"{type(out).__name__}."
+        )
+    _tree.check_scalar_loss(out[0] if has_state else out, "PerTaskLosses: task_loss_fn")
+    return out
 
 
 def per_task_grads(
@@ -129,6 +142,8 @@ def per_task_grads(
     takes_masks = bool(_masked_entries(spec))
 
     def fn(params: PyTree, *args: Any, **kwargs: Any) -> Any:
+        _tree.check_not_variables(params, "value_and_grads(PerTaskLosses)")
+        _tree.check_float_leaves(params, "value_and_grads(PerTaskLosses)")
         masks = kwargs.pop("masks", None) if takes_masks else None
         markers, leaves, treedef, batched = _task_axis_inputs(
             spec, masks, params, num_tasks, "value_and_grads(PerTaskLosses)"
@@ -160,14 +175,14 @@ def per_task_grads(
                         view.append(x)
                 view = treedef.unflatten(view)
                 if not has_state:
-                    return task_loss_fn(view, t, *args, **kwargs)
+                    return _checked_loss(task_loss_fn(view, t, *args, **kwargs), False)
                 state_t = s_treedef.unflatten(
                     [
                         b if m is COPIED else x
                         for m, x, b in zip(s_markers, s_leaves, s_batched_t, strict=True)
                     ]
                 )
-                return task_loss_fn(view, state_t, t, *args, **kwargs)
+                return _checked_loss(task_loss_fn(view, state_t, t, *args, **kwargs), True)
 
             own = [b if m is COPIED else None for m, b in zip(markers, batched_t, strict=True)]
             shared = [None if m is COPIED else x for m, x in zip(markers, leaves, strict=True)]

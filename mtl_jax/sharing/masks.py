@@ -38,13 +38,20 @@ def spec_from_masks(masks: PyTree) -> PyTree:
     :class:`Masked`. The masks must be concrete (computed once, outside ``jit``).
     """
 
-    def one(m: Any) -> Marker:
+    def one(p: Any, m: Any) -> Marker:
+        path = _tree.path_str(p)
         arr = np.asarray(m)
         if arr.ndim == 0:
-            raise ValueError("Stacked masks need a leading task axis; got a scalar mask leaf.")
+            raise ValueError(
+                f"Stacked masks need a leading task axis; mask leaf {path!r} is a scalar "
+                "(expected [K, *param.shape])."
+            )
+        problems = _tree.mask_problems(path, m)
+        if problems:
+            raise TypeError("spec_from_masks: " + "; ".join(problems) + ".")
         return SHARED if bool(np.all(arr != 0)) else Masked(arr.astype(bool))
 
-    return jax.tree.map(one, masks)
+    return jax.tree_util.tree_map_with_path(one, masks)
 
 
 def _is_masked_marker(x: Any) -> bool:
@@ -156,9 +163,7 @@ def _check_mask_arrays(spec: PyTree, params: PyTree, num_tasks: int) -> None:
         )
         if given != expected:
             problems.append(f"{path}: got shape {given}, expected {expected} (K, *param.shape)")
-        dtype = np.dtype(m.mask.dtype)
-        if not (np.issubdtype(dtype, np.bool_) or np.issubdtype(dtype, np.number)):
-            problems.append(f"{path}: dtype {dtype} is neither bool nor numeric")
+        problems.extend(_tree.mask_problems(path, m.mask))
     if problems:
         raise ValueError("Invalid masks: " + "; ".join(problems[:8]))
 

@@ -117,8 +117,9 @@ def layer_spec(
     unknown = [name for name in layers if layer_key(name + "/_", collections) not in present]
     if unknown:
         raise ValueError(
-            f"Layers not found: {unknown}. Layers of the tree: [{_listing(present)}] "
-            "(names as mtl.sharing.layer_key gives them)."
+            f"Layers not found: {unknown}"
+            f"{_tree.suggestions(unknown, present).replace('paths', 'layers')}. Layers of the "
+            f"tree: [{_listing(present)}] (names as mtl.sharing.layer_key gives them)."
         )
     return jax.tree_util.tree_map_with_path(
         lambda p, _: COPIED if layer_key(_tree.path_str(p), collections) in wanted else SHARED,

@@ -50,11 +50,13 @@ def _expand(spec: PyTree, params: PyTree) -> list[Marker]:
         spec_paths = set(_paths(spec, _is_marker))
         par_paths = _paths(params)
         unmatched = [p for p in par_paths if not any(_prefix_of(s, p) for s in spec_paths)]
-        extra = [s for s in spec_paths if not any(_prefix_of(s, p) for p in par_paths)]
+        extra = sorted(s for s in spec_paths if not any(_prefix_of(s, p) for p in par_paths))
         raise ValueError(
             "The sharing spec does not match the parameters (it must have their structure, or be "
             f"a prefix of it). Parameter leaves without a spec: [{_listing(unmatched)}]; spec "
-            f"entries without parameters: [{_listing(sorted(extra))}]."
+            f"entries without parameters: [{_listing(extra)}]"
+            f"{_tree.suggestions(extra, _all_prefixes(par_paths))}. Build specs from the "
+            "parameters themselves: mtl.sharing.make_spec(params, ...) or layer_spec."
         ) from err
     if len(flat) != len(par_flat):
         raise ValueError(
@@ -62,6 +64,12 @@ def _expand(spec: PyTree, params: PyTree) -> list[Marker]:
             "every parameter leaf needs exactly one marker."
         )
     return [_normalize(m, _tree.path_str(p)) for (p, m), _ in zip(flat, par_flat, strict=True)]
+
+
+def _all_prefixes(paths: list[str]) -> list[str]:
+    """Every leaf path and every subtree path above it (``'a/b/c'`` -> ``'a'``, ``'a/b'``, ...)."""
+    out = {"/".join(p.split("/")[:i]) for p in paths for i in range(1, p.count("/") + 2)}
+    return sorted(out)
 
 
 def _prefix_of(prefix: str, path: str) -> bool:
@@ -111,9 +119,7 @@ def check_spec(spec: PyTree, params: PyTree, num_tasks: int | None = None) -> in
                     f"{path}: mask has shape {mshape}, expected {expected} (K, *param.shape) "
                     f"for the parameter {shape}"
                 )
-            dtype = jnp.result_type(m.mask)
-            if not (np.issubdtype(dtype, np.bool_) or np.issubdtype(dtype, np.number)):
-                problems.append(f"{path}: mask dtype {dtype} is neither bool nor numeric")
+            problems.extend(_tree.mask_problems(path, m.mask))
     if problems:
         raise ValueError("Invalid sharing spec: " + "; ".join(problems[:8]))
     sizes = _infer_k(markers, shapes, paths)
@@ -205,21 +211,22 @@ def spec_task_specific(spec: PyTree) -> PyTree:
 
 
 def _is_label(x: Any) -> bool:
-    return isinstance(x, bool | Sharing | Masked) or (
+    return isinstance(x, bool | np.bool_ | Sharing | Masked) or (
         isinstance(x, str) and x in ("shared", "copied")
     )
 
 
 def _label_value(label: Any, path: str) -> bool:
-    if isinstance(label, bool):
-        return label
+    if isinstance(label, bool | np.bool_):
+        return bool(label)
     if isinstance(label, Masked):
         return False  # one theta for every task: it gets Jacobian rows
     if isinstance(label, str) and label in ("shared", "copied"):
         return Sharing(label) is COPIED
     raise ValueError(
-        f"task_specific entry {path!r} is {label!r}; expected a bool (True: task-specific) or a "
-        "sharing-spec marker (mtl.SHARED, mtl.COPIED, mtl.sharing.Masked(mask))."
+        f"task_specific entry {path!r} is {label!r} ({type(label).__name__}); expected a bool "
+        "(True: task-specific, False: shared; not 0/1) or a sharing-spec marker (mtl.SHARED, "
+        "mtl.COPIED, mtl.sharing.Masked(mask))."
     )
 
 
@@ -266,7 +273,9 @@ def task_specific_leaves(
         raise ValueError(
             "task_specific does not match the parameters (it must have their structure or a "
             f"prefix of it). Parameter leaves without a label: [{_listing(unmatched)}]; "
-            f"labels without parameters: [{_listing(extra)}]."
+            f"labels without parameters: [{_listing(extra)}]"
+            f"{_tree.suggestions(extra, _all_prefixes(par_paths))}. A label per top-level "
+            "key works: e.g. {'encoder': False, 'heads': True}."
         ) from err
     return jax.tree_util.tree_map_with_path(
         lambda p, lab: _label_value(lab, _tree.path_str(p)), full, is_leaf=_is_label

@@ -17,7 +17,8 @@ from mtl_jax.weighting.excess_mtl import ExcessMTLState, excess_mtl_step, excess
 from mtl_jax.weighting.fairgrad import fairgrad_weighting, fairgrad_weights
 from mtl_jax.weighting.gradvac import GradVacState, gradvac_step, gradvac_weighting
 from mtl_jax.weighting.imtl import imtl_g_weighting, imtl_g_weights
-from mtl_jax.weighting.mgda import mgda_weighting
+from mtl_jax.weighting.krum import krum_scores, krum_weighting, krum_weights
+from mtl_jax.weighting.mgda import mgda_weighting, normalization_scales
 from mtl_jax.weighting.nash_mtl import (
     NashState,
     nash_mtl_weighting,
@@ -59,6 +60,9 @@ __all__ = [
     "gradvac_weighting",
     "imtl_g_weighting",
     "imtl_g_weights",
+    "krum_scores",
+    "krum_weighting",
+    "krum_weights",
     "linear_weighting",
     "mean_weighting",
     "mgda_weighting",
@@ -68,6 +72,7 @@ __all__ = [
     "nash_solution",
     "nocl_weighting",
     "nocl_weights",
+    "normalization_scales",
     "pcgrad_weighting",
     "pcgrad_weights",
     "project_weights",

@@ -20,6 +20,7 @@ from mtl_jax.weighting.ema import ema_weighting
 from mtl_jax.weighting.fairgrad import fairgrad_weighting
 from mtl_jax.weighting.gradvac import gradvac_weighting
 from mtl_jax.weighting.imtl import imtl_g_weighting
+from mtl_jax.weighting.krum import krum_weighting
 from mtl_jax.weighting.mgda import mgda_weighting
 from mtl_jax.weighting.nash_mtl import nash_mtl_weighting
 from mtl_jax.weighting.nocl import nocl_weighting
@@ -80,6 +81,7 @@ WEIGHTINGS: dict[str, Callable[..., Weighting]] = {
     "fairgrad": fairgrad_weighting,
     "nocl": nocl_weighting,
     "ema_weights": ema_weights_weighting,
+    "krum": krum_weighting,
 }
 
 
