@@ -66,9 +66,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = 
     data = data_lib.make_dataset(config.dataset)
     check_data_fits(config, data)
     model = models_lib.make_model(config.model, data.tasks, data.input_shape)
-    study = studies.get_study(config.study)
-    if study.check_inputs is not None:
-        study.check_inputs(config, data, model)
+    studies.validate_with_data(config, data, model)
     if parallel_lib.is_primary():  # multi-host: process 0 prepares the shared work dir
         added = prepare_workdir(config, workdir, fresh)
         if added:
@@ -92,6 +90,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = 
                 "tasks": [dataclasses.asdict(t) for t in data.tasks],
             }
         )
+    study = studies.get_study(config.study)
     ctx = studies.StudyContext(
         config=config,
         data=data,

@@ -32,6 +32,7 @@ __all__ = [
     "get_method",
     "method_names",
     "parse_method",
+    "resolve_method",
 ]
 
 #: What a method needs from the backward pass: the K-row Jacobian of the shared parameters;
@@ -266,30 +267,13 @@ def check_hyperparam_types(name: str, factory: Callable[..., Any], kwargs: Mappi
         )
 
 
-def get_method(
-    spec: str,
-    *,
-    num_tasks: int | None = None,
-    seed: int | None = None,
-    steps_per_epoch: int = 1,
-    **hyperparams: Any,
-) -> Method:
-    """Builds a method from the catalogue.
-
-    Args:
-      spec: ``"name"`` or ``"name:key=value,..."`` (values are Python literals), a key of
-        :data:`METHODS`.
-      num_tasks: K. Every loss-only and representation method needs it; an aggregator built
-        without it infers K at its first update but then logs no weights or Gram matrices.
-      seed: seeds the method's PRNG key (PCGrad's orders, GradDrop's and RLW's draws) unless
-        the spec sets ``seed=`` itself; a study gives each run its own seed.
-      steps_per_epoch: the epoch length for methods that work per epoch (DWA).
-      **hyperparams: more hyper-parameters (the spec's win on a clash).
+def resolve_method(spec: str, **hyperparams: Any) -> tuple[str, MethodEntry, dict[str, Any]]:
+    """``(name, catalogue entry, hyper-parameters)`` of a method string, checked as far as it
+    can be without K: the name, the hyper-parameters' names and types, the required ones.
+    :func:`get_method` builds it; a config check that does not know K yet stops here.
 
     Raises:
-      ValueError: for an unknown name (listing the catalogue), an unknown hyper-parameter
-        (listing the method's), one of the wrong type (``"cagrad:c=abc"``) or a missing
-        required one (GradNorm's ``layer``).
+      ValueError: as :func:`get_method`, for everything but a K the method cannot take.
     """
     name, parsed = parse_method(spec)
     if name not in METHODS:
@@ -316,6 +300,35 @@ def get_method(
             f"{name} needs the hyper-parameter(s) {no_default}, e.g. "
             f"mtl.get_method('{name}', num_tasks=K, {no_default[0]}=...)."
         )
+    return name, entry, kwargs
+
+
+def get_method(
+    spec: str,
+    *,
+    num_tasks: int | None = None,
+    seed: int | None = None,
+    steps_per_epoch: int = 1,
+    **hyperparams: Any,
+) -> Method:
+    """Builds a method from the catalogue.
+
+    Args:
+      spec: ``"name"`` or ``"name:key=value,..."`` (values are Python literals), a key of
+        :data:`METHODS`.
+      num_tasks: K. Every loss-only and representation method needs it; an aggregator built
+        without it infers K at its first update but then logs no weights or Gram matrices.
+      seed: seeds the method's PRNG key (PCGrad's orders, GradDrop's and RLW's draws) unless
+        the spec sets ``seed=`` itself; a study gives each run its own seed.
+      steps_per_epoch: the epoch length for methods that work per epoch (DWA).
+      **hyperparams: more hyper-parameters (the spec's win on a clash).
+
+    Raises:
+      ValueError: for an unknown name (listing the catalogue), an unknown hyper-parameter
+        (listing the method's), one of the wrong type (``"cagrad:c=abc"``) or a missing
+        required one (GradNorm's ``layer``).
+    """
+    name, entry, kwargs = resolve_method(spec, **hyperparams)
     if num_tasks is None and entry.cost != "jacobian":
         raise ValueError(f"{name} ({entry.cost} method) needs num_tasks=K.")
     if seed is not None and "seed" not in kwargs and entry.accepts("seed"):

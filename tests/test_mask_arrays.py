@@ -1,13 +1,11 @@
 """Masks as arrays: ``mtl.sharing.split_masks`` and the ``masks=`` keyword of per_task / per_task_grads.
 
 A spec's masks are constants of the program; split off, they are arguments: no constant of the
-mask's size in the lowered program, the same values bit for bit, no recompilation when the mask
+mask's size in the traced program, the same values bit for bit, no recompilation when the mask
 values change, and clear errors for masks that do not fit.
 """
 
 from __future__ import annotations
-
-import re
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +13,9 @@ import numpy as np
 import pytest
 
 import mtl_jax as mtl
+from tests._programs import traced_consts
 
-K, B, D, H = 2, 5, 8, 32  # mask of dense1: [2, 8, 32] -> "2x8x32xi1" in the lowered program
-MASK_TYPE = f"{K}x{D}x{H}xi1"
+K, B, D, H = 2, 5, 8, 32  # mask of dense1: bool[2, 8, 32]
 
 
 def _params(seed: int = 0) -> dict:
@@ -55,14 +53,6 @@ def _task_loss(view: dict, t: jax.Array, x: jax.Array, y: jax.Array) -> jax.Arra
 def _data() -> tuple[jax.Array, jax.Array]:
     kx, ky = jax.random.split(jax.random.PRNGKey(7))
     return jax.random.normal(kx, (B, D)), jax.random.normal(ky, (K, B, 1))
-
-
-def _constants_of_shape(text: str, tensor_type: str) -> list[str]:
-    return [
-        line
-        for line in text.splitlines()
-        if re.search(r"\bconstant\b", line) and f"tensor<{tensor_type}>" in line
-    ]
 
 
 def _reference_forward(params: dict, m1: np.ndarray, m2: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -131,38 +121,36 @@ def test_array_masks_equal_the_constant_masks_and_a_numpy_reference():
         assert np.any(jac[0][m2[0]] != 0)
 
 
-def _large_constants(text: str, min_size: int) -> list[str]:
-    """Lines of the lowered program with a constant op of ``min_size`` or more elements."""
-    out = []
-    for line in text.splitlines():
-        if not re.search(r"\bconstant\b", line):
-            continue
-        shapes = re.findall(r"tensor<((?:\d+x)+)[a-z]\w*>", line)
-        if any(np.prod([int(d) for d in s.rstrip("x").split("x")]) >= min_size for s in shapes):
-            out.append(line[:120])
-    return out
+def _large_consts(fn, *args, min_size: int, **kwargs) -> list[tuple[tuple[int, ...], str]]:
+    """(shape, dtype) of each constant of ``min_size`` or more elements the traced program of
+    ``fn`` closes over: what ``jit`` embeds in the program (read from the jaxpr, not XLA's text)."""
+    return [
+        (c.shape, c.dtype.name) for c in traced_consts(fn, *args, **kwargs) if c.size >= min_size
+    ]
 
 
-def test_constant_masks_are_in_the_program_array_masks_are_not():
+def _forward_and_args(spec_or_structure):
+    params, (x, _) = _params(), _data()
+    return mtl.per_task(_apply, spec_or_structure, K), (params, x)
+
+
+def _grads_and_args(spec_or_structure):
     params, (x, y) = _params(), _data()
+    return mtl.value_and_grads(mtl.PerTaskLosses(_task_loss, spec_or_structure, K)), (params, x, y)
+
+
+@pytest.mark.parametrize("make", [_forward_and_args, _grads_and_args], ids=["per_task", "grads"])
+def test_constant_masks_are_in_the_program_array_masks_are_not(make):
     spec = _spec(*_random_masks(2))
     structure, masks = mtl.sharing.split_masks(spec)
-    cases = [
-        (mtl.per_task(_apply, spec, K), mtl.per_task(_apply, structure, K), (params, x)),
-        (
-            mtl.value_and_grads(mtl.PerTaskLosses(_task_loss, spec, K)),
-            mtl.value_and_grads(mtl.PerTaskLosses(_task_loss, structure, K)),
-            (params, x, y),
-        ),
-    ]
-    for old, new, args in cases:
-        old_text = jax.jit(old).lower(*args).as_text()
-        new_text = jax.jit(new).lower(*args, masks=masks).as_text()
-        assert _constants_of_shape(old_text, MASK_TYPE), "the constant-mask path embeds the mask"
-        assert _large_constants(old_text, K * D * H)
-        assert not _constants_of_shape(new_text, MASK_TYPE)
-        assert not _large_constants(new_text, K * D * H)  # no constant of the mask's size at all
-        assert f"tensor<{MASK_TYPE}>" in new_text  # the mask is an argument instead
+    mask_aval = ((K, D, H), "bool")
+    old, args = make(spec)
+    new, _ = make(structure)
+    old_consts = _large_consts(old, *args, min_size=K * D * H)
+    assert mask_aval in old_consts, "the constant-mask path embeds the mask"
+    assert not _large_consts(new, *args, masks=masks, min_size=K * D * H)  # none that large
+    in_avals = jax.make_jaxpr(new)(*args, masks=masks).in_avals
+    assert mask_aval in [(a.shape, a.dtype.name) for a in in_avals]  # an argument instead
 
 
 def test_new_mask_values_do_not_recompile():

@@ -2,9 +2,10 @@
 
 Issue 16 ("Memory"): the Gram matrix is a sum of per-leaf ``K x K`` products and the combination
 is per leaf, so no program needs a buffer of all K rows of all P parameters at once beyond the
-Jacobian's own leaves. These tests compile each path (``jax.jit(f).lower(...).compile()``) and
-read the optimized HLO: no array in it may have ``K * P_total`` elements or more, where every leaf
-is well below ``P_total``. A deliberately concatenating Gramian (``ravel_pytree``) is checked to
+Jacobian's own leaves. These tests trace each path (``jax.make_jaxpr``, sub-jaxprs included,
+``tests/_programs.py``) rather than read XLA's printed HLO: no value in the program, before XLA
+optimizes it, may have ``K * P_total`` elements or more, where every leaf is well below
+``P_total``. A deliberately concatenating Gramian (``ravel_pytree``) is checked to
 trip the same detector, so the test fails when the feature breaks.
 
 Also: ``chunk_size`` gives the unchunked Jacobian (against ``jax.jacrev``) and bounds the K-row
@@ -13,20 +14,19 @@ activation cotangents (the compiled temp bytes shrink).
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jax.flatten_util import ravel_pytree
 
 import mtl_jax as mtl
+from tests._programs import largest_traced_size
 
 K = 6
 BATCH = 4
 SIZES = (40, 48, 48, 40)  # three layers of similar size: the largest leaf is ~1/3 of P_total
-_SHAPE = re.compile(r"\b(?:f32|f64|bf16|f16)\[([0-9,]*)\]")
 
 
 def _params(key: jax.Array) -> dict:
@@ -65,13 +65,6 @@ def _p_total(params: dict) -> int:
     return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(params))
 
 
-def _largest_array(fn, *args) -> int:
-    """The element count of the largest floating-point array in the optimized HLO of ``fn``."""
-    text = jax.jit(fn).lower(*args).compile().as_text()
-    sizes = [int(np.prod([int(d) for d in dims.split(",") if d])) for dims in _SHAPE.findall(text)]
-    return max(sizes)
-
-
 def _jacobian(params, heads, x, y):
     grad_fn = mtl.value_and_grads(mtl.TrunkAndHeads(_encode, _head_loss))
     return grad_fn({"trunk": params, "heads": heads}, x, y)[1]["trunk"]
@@ -90,38 +83,40 @@ def test_problem_makes_the_detector_meaningful():
         rows = jax.vmap(lambda row: ravel_pytree(row)[0])(jac)  # [K, P_total]
         return rows @ rows.T
 
-    assert _largest_array(concatenating_gramian, jac) >= K * p_total
+    assert largest_traced_size(concatenating_gramian, jac) >= K * p_total
     np.testing.assert_allclose(
         mtl.gramian.gramian(jac), concatenating_gramian(jac), rtol=1e-5, atol=1e-6
     )
 
 
-def test_gramian_and_groupings_never_concatenate_leaves():
+@pytest.mark.parametrize(
+    "granularity", ["global", "leaf", mtl.gramian.by_module], ids=["global", "leaf", "by_module"]
+)
+def test_gramian_and_groupings_never_concatenate_leaves(granularity):
     params, heads, x, y = _problem()
     jac = _jacobian(params, heads, x, y)
     limit = K * _p_total(params)
-    for granularity in ("global", "leaf", mtl.gramian.by_module):
-        assert _largest_array(lambda j, g=granularity: mtl.gramian.gramian(j, g), jac) < limit
+    assert largest_traced_size(lambda j: mtl.gramian.gramian(j, granularity), jac) < limit
 
 
-def test_full_step_never_concatenates_leaves():
+@pytest.mark.parametrize("name", ["upgrad", "mgda", "pcgrad"])
+def test_full_step_never_concatenates_leaves(name):
     """Jacobian + Gram + aggregator (solve, combine) + conflict tracker + Adam, one program."""
     params, heads, x, y = _problem()
     limit = K * _p_total(params)
     tracker = mtl.ConflictTracker(num_tasks=K, granularity=mtl.gramian.by_module)
-    for name in ("upgrad", "mgda", "pcgrad"):
-        tx = optax.chain(mtl.get_method(name, num_tasks=K).transform, optax.adam(1e-3))
+    tx = optax.chain(mtl.get_method(name, num_tasks=K).transform, optax.adam(1e-3))
 
-        def step(params, heads, opt_state, cstate, x, y, tx=tx):
-            grad_fn = mtl.value_and_grads(mtl.TrunkAndHeads(_encode, _head_loss))
-            losses, grads = grad_fn({"trunk": params, "heads": heads}, x, y)
-            jac, head_grads = grads["trunk"], grads["heads"]
-            updates, opt_state = tx.update(jac, opt_state, params, task_losses=losses)
-            cstate = tracker.update(cstate, jac)
-            return optax.apply_updates(params, updates), head_grads, opt_state, cstate
+    def step(params, heads, opt_state, cstate, x, y):
+        grad_fn = mtl.value_and_grads(mtl.TrunkAndHeads(_encode, _head_loss))
+        losses, grads = grad_fn({"trunk": params, "heads": heads}, x, y)
+        jac, head_grads = grads["trunk"], grads["heads"]
+        updates, opt_state = tx.update(jac, opt_state, params, task_losses=losses)
+        cstate = tracker.update(cstate, jac)
+        return optax.apply_updates(params, updates), head_grads, opt_state, cstate
 
-        args = (params, heads, tx.init(params), tracker.init(params), x, y)
-        assert _largest_array(step, *args) < limit, name
+    args = (params, heads, tx.init(params), tracker.init(params), x, y)
+    assert largest_traced_size(step, *args) < limit
 
 
 def test_chunked_step_never_concatenates_leaves():
@@ -132,7 +127,7 @@ def test_chunked_step_never_concatenates_leaves():
         losses, jac = mtl.value_and_grads(_losses, chunk_size=2)(params, heads, x, y)
         return tx.update(jac, opt_state, params, task_losses=losses)
 
-    assert _largest_array(step, params, tx.init(params)) < K * _p_total(params)
+    assert largest_traced_size(step, params, tx.init(params)) < K * _p_total(params)
 
 
 def test_per_task_grads_step_never_concatenates_leaves():
@@ -153,7 +148,7 @@ def test_per_task_grads_step_never_concatenates_leaves():
         losses, grads = grads_fn(full, x, y)
         return tx.update(grads, opt_state, full, task_losses=losses)
 
-    assert _largest_array(step, full, tx.init(full)) < K * _p_total(params)
+    assert largest_traced_size(step, full, tx.init(full)) < K * _p_total(params)
 
 
 def test_representation_path_never_concatenates_representation_leaves():
@@ -178,7 +173,7 @@ def test_representation_path_never_concatenates_representation_leaves():
     r = np.asarray(rep(heads, _encode(params, x), y)).reshape(K, -1)
     np.testing.assert_allclose(aux["gram"], r @ r.T, rtol=1e-4, atol=1e-7)
     limit = K * BATCH * SIZES[-1]  # the concatenated [K, B * D] representation-gradient matrix
-    largest = _largest_array(
+    largest = largest_traced_size(
         lambda p, s: fn({"trunk": p, "heads": heads}, x, y, weighting_state=s)[1]["trunk"],
         params,
         state,

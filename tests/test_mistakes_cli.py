@@ -165,6 +165,11 @@ MISTAKES = [
         r"cagrad: hyper-parameter 'c' must be a number .*got 'abc' \(str\)\. E\.g\. 'cagrad:c=0\.5'",
     ),
     Mistake(
+        "a method that cannot take the data's number of tasks",
+        lambda t: ["--config.methods=('trimmed_mean',)"],
+        r"On the 2 tasks of 'multi_digits': trimmed_mean .* needs at least .* 3 tasks; got K=2",
+    ),
+    Mistake(
         "unknown config key",
         lambda t: ["--config.train.learning_rate=0.1"],
         r"config\.train has no 'learning_rate'; valid keys: \[.*'lr'",

@@ -13,11 +13,13 @@ and defaults, validation, phases and report section. To add one, write the modul
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 
 from experiments import config as config_lib
 from experiments.studies import compare, conal, leaf_combinations, recon, sparse_training
-from experiments.studies.base import Study, StudyContext, train_phase
+from experiments.studies.base import Study, StudyContext, check_methods, train_phase
 
 STUDIES: dict[str, Study] = {
     m.STUDY.name: m.STUDY for m in (compare, sparse_training, leaf_combinations, recon, conal)
@@ -31,6 +33,7 @@ __all__ = [
     "study_config",
     "train_phase",
     "validate",
+    "validate_with_data",
     "with_study_section",
 ]
 
@@ -71,3 +74,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise
     except (ValueError, KeyError, TypeError) as e:
         raise config_lib.ConfigError(str(e)) from e
+
+
+def validate_with_data(config: ml_collections.ConfigDict, data: Any, model: Any) -> None:
+    """After the data and model are built, before anything is written: every method of the
+    study built for the data's K, and the study's own checks against the data and model.
+
+    Raises:
+      ConfigError: naming the method or setting and the fix.
+    """
+    study = get_study(config.study)
+    try:
+        if study.methods is not None:
+            check_methods(config, study.methods(config), num_tasks=len(data.tasks))
+        if study.check_inputs is not None:
+            study.check_inputs(config, data, model)
+    except config_lib.ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise config_lib.ConfigError(f"On the {len(data.tasks)} tasks of {data.name!r}: {e}") from e

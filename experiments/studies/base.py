@@ -26,6 +26,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+import mtl_jax as mtl
 from experiments import reports
 from experiments.config import parse_method
 from experiments.logs import JsonlLog
@@ -64,6 +65,9 @@ class Study:
     #: ``(config, data, model) -> None``: checks of the config against the built data and model,
     #: before anything is written to the work dir (raises ``ConfigError``).
     check_inputs: Callable[..., None] | None = None
+    #: ``config -> the method strings the study trains`` (each built for the data's K before
+    #: anything is written: :func:`check_methods`).
+    methods: Callable[[ml_collections.ConfigDict], Sequence[str]] | None = None
 
 
 def train_phase(ctx: StudyContext, spec: RunSpec, needs: Sequence[str] = ()) -> Phase:
@@ -90,11 +94,18 @@ def method_spec(config: ml_collections.ConfigDict, method: str) -> tuple[str, di
     return parse_method(method, config.method_kwargs.get(method.partition(":")[0]))
 
 
-def check_methods(config: ml_collections.ConfigDict, methods: Sequence[str]) -> None:
-    """Builds every method once: unknown names and hyper-parameters raise, listing valid ones."""
+def check_methods(
+    config: ml_collections.ConfigDict, methods: Sequence[str], num_tasks: int | None = None
+) -> None:
+    """Checks every method: without ``num_tasks``, its name and hyper-parameters (config
+    validation, before the data is built: unknown ones raise, listing the valid ones); with it,
+    by building it for K tasks (a K the method cannot take raises, e.g. TrimmedMean's)."""
     for method in methods:
         name, kwargs = method_spec(config, method)
-        get_method(name, kwargs, num_tasks=2)
+        if num_tasks is None:
+            mtl.methods.resolve_method(name, **kwargs)
+        else:
+            get_method(name, kwargs, num_tasks=num_tasks)
 
 
 def single_task_runs(data, seed: int, epochs: int | None = None) -> list[RunSpec]:

@@ -46,8 +46,12 @@ def phases(ctx: StudyContext) -> list[Phase]:
     return [train_phase(ctx, spec) for spec in runs(ctx.config, ctx.data)]
 
 
+def methods(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    return tuple(config.methods)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    check_methods(config, config.methods)
+    check_methods(config, methods(config))
 
 
 def report(records, tasks, config, workdir: str) -> str:
@@ -83,4 +87,5 @@ STUDY = Study(
     phases=phases,
     validate=validate,
     report=report,
+    methods=methods,
 )

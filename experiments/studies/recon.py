@@ -158,9 +158,13 @@ def runs_and_phases(ctx: StudyContext) -> list[Phase]:
     return phases
 
 
+def methods(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    return (*config.recon.methods, config.recon.search_method)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     check_keys(config.recon, defaults().keys(), "config.recon")
-    check_methods(config, (*config.recon.methods, config.recon.search_method))
+    check_methods(config, methods(config))
     if config.conflict.granularity != "module":
         raise ValueError(
             "The recon study scores layers: set conflict.granularity='module' (got "
@@ -477,4 +481,5 @@ STUDY = Study(
     validate=validate,
     report=report,
     check_inputs=check_inputs,
+    methods=methods,
 )

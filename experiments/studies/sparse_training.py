@@ -205,9 +205,13 @@ def phases(ctx: StudyContext) -> list[Phase]:
     return [train_phase(ctx, spec) for spec in runs(ctx.config, ctx.data)]
 
 
+def methods(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    return tuple(config.sparse.methods)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     check_keys(config.sparse, defaults().keys(), "config.sparse")
-    check_methods(config, config.sparse.methods)
+    check_methods(config, methods(config))
     bad = sorted(set(config.sparse.controls) - set(SELECTIONS))
     if bad:
         raise ValueError(f"Unknown sparse.controls {bad}; valid selections: {list(SELECTIONS)}.")
@@ -227,4 +231,5 @@ STUDY = Study(
     defaults=defaults,
     validate=validate,
     report=report,
+    methods=methods,
 )
