@@ -1,5 +1,5 @@
-"""The command line in a subprocess, for the CLI tests: run a command, check its one error line,
-snapshot a work dir, make a directory read-only."""
+"""The command line, for the CLI tests: run a command in a subprocess, check its one error line,
+snapshot a work dir, make a directory read-only, apply ``--config.*`` overrides in-process."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+
+from experiments import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,3 +86,29 @@ def read_only(path: str) -> Iterator[None]:
             subprocess.run(["chattr", "-i", path], check=True)
         return
     pytest.skip("cannot make a directory read-only here (root without mount or chattr)")
+
+
+def coerce(text: str, default):
+    """``text`` parsed as ml_collections parses an override of a key holding ``default``."""
+    value = config_lib._parse_value(text)
+    if isinstance(default, bool) or default is None:
+        return value
+    if isinstance(default, int | float) and isinstance(value, int | float):
+        return type(default)(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        return text
+    return value
+
+
+def apply_overrides(config, args) -> None:
+    """Applies the ``--config.a.b=value`` arguments of ``args`` to ``config`` in place, typed as
+    the command line would type them (other arguments are ignored)."""
+    for arg in args:
+        if arg.startswith("--config.") and "=" in arg:
+            key, text = arg[len("--config.") :].split("=", 1)
+            *sections, leaf = key.split(".")
+            node = config
+            for section in sections:
+                node = node[section]
+            with node.ignore_type():
+                node[leaf] = coerce(text, node[leaf])

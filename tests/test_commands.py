@@ -40,6 +40,7 @@ import pytest
 from experiments import config as config_lib
 from experiments import run as run_lib
 from experiments import studies
+from tests._cli import apply_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC_FILES = [
@@ -330,18 +331,6 @@ def _flat(config, prefix: str = "") -> dict:
     return out
 
 
-def _coerce(text: str, default):
-    """``text`` parsed as ml_collections parses an override of a key holding ``default``."""
-    value = config_lib._parse_value(text)
-    if isinstance(default, bool) or default is None:
-        return value
-    if isinstance(default, int | float) and isinstance(value, int | float):
-        return type(default)(value)
-    if isinstance(default, str) and not isinstance(value, str):
-        return text
-    return value
-
-
 def resolved_config(argv: tuple[str, ...]):
     """The config ``python -m experiments.run <argv>`` trains (its config argument applied; study
     section defaults added), its config path resolved from the repository root."""
@@ -351,15 +340,7 @@ def resolved_config(argv: tuple[str, ...]):
         path = os.path.join(ROOT, path)
     config = config_lib.load_config(path)
     studies.with_study_section(config)
-    for arg in args:  # the command's own overrides (types as ml_collections would parse them)
-        if arg.startswith("--config.") and "=" in arg:
-            key, text = arg[len("--config.") :].split("=", 1)
-            *sections, leaf = key.split(".")
-            node = config
-            for section in sections:
-                node = node[section]
-            with node.ignore_type():
-                node[leaf] = _coerce(text, node[leaf])
+    apply_overrides(config, args)  # the command's own overrides, typed as on the command line
     return config
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from experiments import config as config_lib
 from experiments import workdir as workdir_lib
-from tests._cli import assert_one_error, read_only, run_command, snapshot
+from tests._cli import apply_overrides, assert_one_error, read_only, run_command, snapshot
 
 DEFAULT_CONFIG = "experiments/configs/default.py"
 TINY = (
@@ -71,14 +71,7 @@ def prepared_workdir(tmp, *args: str) -> str:
     it holds first), made by running the command's own config preparation."""
     workdir = workdir_in(tmp)
     config = config_lib.load_config(DEFAULT_CONFIG)
-    for arg in args:
-        key, value = arg[len("--config.") :].split("=", 1)
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        with node.ignore_type():
-            node[leaf] = eval(value, {})  # the rows' literals
+    apply_overrides(config, args)
     workdir_lib.prepare_workdir(config, workdir)
     return workdir
 

@@ -8,7 +8,9 @@ any optax optimizer, inside :func:`shared_rows` for models with task-specific le
 
 One concept per module: :mod:`.gramspace` (the Gram-space adapter), :mod:`.table` (the Gram-space
 methods as data, the registry), :mod:`.graddrop`, :mod:`.excess_mtl`, :mod:`.trimmed_mean`,
-:mod:`.db_mtl` and :mod:`.moco` (the methods that work on the Jacobian's rows or coordinates), :mod:`.representation` (MGDA-UB weights), :mod:`.rows` (the adapter for a gradient
+:mod:`.db_mtl` and :mod:`.moco` (the methods that work on the Jacobian's rows or coordinates;
+the last three share :mod:`.tracked_rows`, the transform around a row-tracking step),
+:mod:`.representation` (MGDA-UB weights), :mod:`.rows` (the adapter for a gradient
 tree), :mod:`.state` (reading the last weights and Gram matrices), :mod:`.finite` (skipping
 non-finite steps). The long story: ``docs/methods.md``, "Aggregators as optax transforms".
 """

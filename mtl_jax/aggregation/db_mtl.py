@@ -23,22 +23,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtl_jax import _tree
-from mtl_jax.gramian import GLOBAL, combine, group_gramians
-from mtl_jax.weighting.base import require_num_tasks
+from .tracked_rows import decayed_rate, scale_rows, tracked_rows_transform, zero_rows
 
-from ._checks import float_dtype, leaves_finite, map_unmasked, validate_jacobian
-from .gramspace import AggregatorState, cast_like, empty_logs
-
-__all__ = [
-    "DBMTLState",
-    "db_mtl",
-    "db_mtl_step",
-    "decayed_rate",
-    "require_task_losses",
-    "row_norms",
-    "zero_rows",
-]
+__all__ = ["DBMTLState", "db_mtl", "db_mtl_step", "row_norms"]
 
 PyTree = Any
 Transform = optax.GradientTransformationExtraArgs
@@ -57,46 +44,10 @@ class DBMTLState(NamedTuple):
     step: jax.Array
 
 
-def zero_rows(params: PyTree, num_tasks: int) -> list[jax.Array]:
-    """``[K, *leaf.shape]`` zeros for every (non-masked) leaf of ``params``."""
-    dtype = float_dtype()
-    return [
-        jnp.zeros((num_tasks, *jnp.shape(leaf)), dtype)
-        for _, leaf in _tree.leaves_with_paths(params)
-    ]
-
-
 def row_norms(rows: Sequence[jax.Array]) -> jax.Array:
     """``[K]``: the norm of every task's row over all leaves."""
     total = sum(jnp.sum(jnp.reshape(jnp.square(r), (r.shape[0], -1)), axis=1) for r in rows)
     return jnp.sqrt(total)
-
-
-def decayed_rate(rate: float, sigma: float, step: jax.Array, dtype: Any) -> jax.Array:
-    """LibMTL's decayed step size ``rate / t^sigma`` at step ``t`` (from 1)."""
-    return rate / step.astype(dtype) ** sigma
-
-
-def require_task_losses(task_losses: Any, name: str) -> jax.Array:
-    """``task_losses`` as an array, or a clear error when the update was not given them."""
-    if task_losses is None:
-        raise ValueError(
-            f"{name} reads the task losses: pass task_losses=losses to the aggregator's update "
-            "(mtl.value_and_grads returns them)."
-        )
-    return jnp.asarray(task_losses)
-
-
-def check_state_leaves(leaves: Sequence[jax.Array], rows: Sequence[jax.Array], name: str) -> None:
-    """The Jacobian and the state (made by ``init``) must have the same leaves."""
-    if len(leaves) != len(rows) or any(
-        jnp.shape(a) != jnp.shape(b) for a, b in zip(leaves, rows, strict=False)
-    ):
-        raise ValueError(
-            f"{name}: the Jacobian's leaves {[jnp.shape(x) for x in leaves]} do not match the "
-            f"state's rows {[jnp.shape(x) for x in rows]} (made by init); call init with "
-            "parameters of the same structure and num_tasks=K."
-        )
 
 
 def db_mtl_step(
@@ -112,7 +63,7 @@ def db_mtl_step(
     scale = 1.0 / (losses.astype(rate.dtype) + EPS)  # d log(L + eps) = g / (L + eps)
     buffer = []
     for leaf, old in zip(leaves, state.buffer, strict=True):
-        h = leaf.astype(old.dtype) * jnp.reshape(scale, (-1,) + (1,) * (leaf.ndim - 1))
+        h = scale_rows(leaf, scale, old.dtype)
         buffer.append(h + rate * (old - h))
     norms = row_norms(buffer)
     alpha = jnp.max(norms) / (norms + EPS)
@@ -130,34 +81,20 @@ def db_mtl(
     if beta_sigma < 0:
         raise ValueError(f"db_mtl's beta_sigma must be >= 0; got {beta_sigma}.")
 
-    def init(params: PyTree) -> AggregatorState:
-        k = require_num_tasks(num_tasks, "db_mtl", "an EMA of the task gradients")
-        inner = DBMTLState(zero_rows(params, k), jnp.zeros((), jnp.int32))
-        weights, gram = empty_logs([GLOBAL], k)
-        return AggregatorState(jax.random.key(0), weights, gram, {GLOBAL: inner})
+    def init_inner(params: PyTree, k: int) -> DBMTLState:
+        return DBMTLState(zero_rows(params, k), jnp.zeros((), jnp.int32))
 
-    def update(jac, state, params=None, *, task_losses=None, **extra_args):
-        del extra_args
-        validate_jacobian(jac, params, task_losses, num_tasks, "db_mtl")
-        losses = require_task_losses(task_losses, "db_mtl")
-        leaves = [leaf for _, leaf in _tree.leaves_with_paths(jac)]
-        inner = state.inner[GLOBAL]
-        check_state_leaves(leaves, inner.buffer, "db_mtl")
+    def step(leaves, losses, gram, inner):
+        del gram
         alpha, new_inner = db_mtl_step(leaves, losses, inner, beta, beta_sigma)
-        finite = leaves_finite(leaves, task_losses)
-        alpha = jnp.where(finite, alpha, jnp.nan)
-        new_inner = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_inner, inner)
-        flat_out = [
-            jnp.where(finite, combine(alpha, b), jnp.nan).astype(leaf.dtype)
-            for leaf, b in zip(leaves, new_inner.buffer, strict=True)
-        ]
-        updates = map_unmasked(jac, lambda i, leaf: flat_out[i])
-        new_state = AggregatorState(
-            state.key,
-            cast_like({GLOBAL: alpha}, state.weights),
-            cast_like(group_gramians(jac, GLOBAL), state.gram),
-            {GLOBAL: new_inner},
-        )
-        return updates, new_state
+        return alpha, new_inner.buffer, new_inner
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    return tracked_rows_transform(
+        "db_mtl",
+        "an EMA of the task gradients",
+        num_tasks,
+        init_inner,
+        lambda inner: inner.buffer,
+        step,
+        reads_losses=True,
+    )

@@ -12,17 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import optax
 
-from mtl_jax import _tree
-from mtl_jax.gramian import GLOBAL, combine, group_gramians
-from mtl_jax.weighting.base import require_num_tasks
 from mtl_jax.weighting.excess_mtl import ExcessMTLState, excess_mtl_step
 
-from ._checks import float_dtype, leaves_finite, map_unmasked, validate_jacobian
-from .gramspace import AggregatorState, cast_like, empty_logs
+from ._checks import float_dtype
+from .tracked_rows import tracked_rows_transform, zero_rows
 
 __all__ = ["excess_mtl"]
 
@@ -45,42 +41,27 @@ def excess_mtl(
         raise ValueError(f"excess_mtl's warmup_steps must be an integer >= 0; got {warmup_steps}.")
     warmup = int(warmup_steps)
 
-    def init(params: PyTree) -> AggregatorState:
-        k = require_num_tasks(num_tasks, "excess_mtl", "squared task gradients per coordinate")
+    def init_inner(params: PyTree, k: int) -> ExcessMTLState:
         dtype = float_dtype()
-        leaves = [leaf for _, leaf in _tree.leaves_with_paths(params)]
-        inner = ExcessMTLState(
-            sq_sums=[jnp.zeros((k, *jnp.shape(leaf)), dtype) for leaf in leaves],
+        return ExcessMTLState(
+            sq_sums=zero_rows(params, k),
             weights=jnp.full((k,), 1.0 / k, dtype),
             baseline=jnp.zeros((k,), dtype),
             warmup_sum=jnp.zeros((k,), dtype),
             step=jnp.zeros((), jnp.int32),
         )
-        weights, gram = empty_logs([GLOBAL], k)
-        return AggregatorState(jax.random.key(0), weights, gram, {GLOBAL: inner})
 
-    def update(jac, state, params=None, *, task_losses=None, **extra_args):
-        del extra_args
-        validate_jacobian(jac, params, task_losses, num_tasks, "excess_mtl")
-        leaves = [leaf for _, leaf in _tree.leaves_with_paths(jac)]
-        inner = state.inner[GLOBAL]
-        if len(leaves) != len(inner.sq_sums):
-            raise ValueError(
-                f"excess_mtl: the Jacobian has {len(leaves)} leaves but the state (made by init) "
-                f"has {len(inner.sq_sums)}; call init with parameters of the same structure."
-            )
+    def step(leaves, losses, gram, inner):
+        del losses, gram
         w, new_inner = excess_mtl_step(leaves, inner, robust_step_size, warmup)
-        finite = leaves_finite(leaves, task_losses)
-        w = jnp.where(finite, w, jnp.nan)
-        new_inner = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_inner, inner)
-        gram = group_gramians(jac, GLOBAL)
-        updates = map_unmasked(jac, lambda i, leaf: combine(w, leaf))
-        new_state = AggregatorState(
-            state.key,
-            cast_like({GLOBAL: w}, state.weights),
-            cast_like(gram, state.gram),
-            {GLOBAL: new_inner},
-        )
-        return updates, new_state
+        return w, leaves, new_inner
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    return tracked_rows_transform(
+        "excess_mtl",
+        "squared task gradients per coordinate",
+        num_tasks,
+        init_inner,
+        lambda inner: inner.sq_sums,
+        step,
+        reads_losses=False,
+    )

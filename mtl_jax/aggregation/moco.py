@@ -26,13 +26,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtl_jax import _tree
-from mtl_jax.gramian import GLOBAL, combine, group_gramians
-from mtl_jax.weighting.base import require_num_tasks
+from mtl_jax.gramian import GLOBAL, group_gramians
 
-from ._checks import leaves_finite, map_unmasked, validate_jacobian
-from .db_mtl import check_state_leaves, decayed_rate, require_task_losses, zero_rows
-from .gramspace import AggregatorState, cast_like, empty_logs
+from .tracked_rows import decayed_rate, scale_rows, tracked_rows_transform, zero_rows
 
 __all__ = ["WEIGHT_MAPS", "MoCoState", "moco", "moco_step", "project_to_simplex"]
 
@@ -91,7 +87,7 @@ def moco_step(
     scale = losses.astype(dtype) / (norms.astype(dtype) + EPS)  # h_k = L_k g_k / (|g_k| + eps)
     y = []
     for leaf, old in zip(leaves, state.y, strict=True):
-        h = leaf.astype(old.dtype) * jnp.reshape(scale, (-1,) + (1,) * (leaf.ndim - 1))
+        h = scale_rows(leaf, scale, old.dtype)
         y.append(old - beta_t * (old - h))
     yy = group_gramians(y, GLOBAL)[GLOBAL]
     k = yy.shape[0]
@@ -125,38 +121,22 @@ def moco(
         raise ValueError(f"Unknown moco weight_map {weight_map!r}; choose from {WEIGHT_MAPS}.")
     hyper = (beta, beta_sigma, gamma, gamma_sigma, rho)
 
-    def init(params: PyTree) -> AggregatorState:
-        k = require_num_tasks(num_tasks, "moco", "a tracked Jacobian and its weights")
+    def init_inner(params: PyTree, k: int) -> MoCoState:
         rows = zero_rows(params, k)
         dtype = rows[0].dtype if rows else jnp.zeros(()).dtype
-        inner = MoCoState(rows, jnp.full((k,), 1.0 / k, dtype), jnp.zeros((), jnp.int32))
-        weights, gram = empty_logs([GLOBAL], k)
-        return AggregatorState(jax.random.key(0), weights, gram, {GLOBAL: inner})
+        return MoCoState(rows, jnp.full((k,), 1.0 / k, dtype), jnp.zeros((), jnp.int32))
 
-    def update(jac, state, params=None, *, task_losses=None, **extra_args):
-        del extra_args
-        validate_jacobian(jac, params, task_losses, num_tasks, "moco")
-        losses = require_task_losses(task_losses, "moco")
-        leaves = [leaf for _, leaf in _tree.leaves_with_paths(jac)]
-        inner = state.inner[GLOBAL]
-        check_state_leaves(leaves, inner.y, "moco")
-        gram = group_gramians(jac, GLOBAL)[GLOBAL]
+    def step(leaves, losses, gram, inner):
         norms = jnp.sqrt(jnp.clip(jnp.diagonal(gram), 0.0))
         new_inner = moco_step(leaves, losses, norms, inner, hyper, weight_map)
-        finite = leaves_finite(leaves, task_losses)
-        lambd = jnp.where(finite, new_inner.lambd, jnp.nan)
-        new_inner = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_inner, inner)
-        flat_out = [
-            combine(lambd, y).astype(leaf.dtype)
-            for leaf, y in zip(leaves, new_inner.y, strict=True)
-        ]
-        updates = map_unmasked(jac, lambda i, leaf: flat_out[i])
-        new_state = AggregatorState(
-            state.key,
-            cast_like({GLOBAL: lambd}, state.weights),
-            cast_like({GLOBAL: gram}, state.gram),
-            {GLOBAL: new_inner},
-        )
-        return updates, new_state
+        return new_inner.lambd, new_inner.y, new_inner
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    return tracked_rows_transform(
+        "moco",
+        "a tracked Jacobian and its weights",
+        num_tasks,
+        init_inner,
+        lambda inner: inner.y,
+        step,
+        reads_losses=True,
+    )

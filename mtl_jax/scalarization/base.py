@@ -11,11 +11,13 @@ learnable weights: ``docs/methods.md`` ("Loss-only methods").
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
 __all__ = [
     "PyTree",
@@ -24,8 +26,11 @@ __all__ = [
     "check_losses",
     "check_num_tasks",
     "float_dtype",
+    "from_value",
     "keep_if_finite",
     "no_post_step",
+    "preference",
+    "safe_norm",
     "weighted_sum",
 ]
 
@@ -80,3 +85,44 @@ def keep_if_finite(losses: jax.Array, new: PyTree, old: PyTree) -> PyTree:
 def weighted_sum(losses: jax.Array, weights: jax.Array) -> jax.Array:
     """``sum_k w_k L_k`` with ``w: [K]`` a constant of the backward pass."""
     return jnp.sum(jax.lax.stop_gradient(weights).astype(losses.dtype) * losses)
+
+
+def preference(pref_vector: Sequence[float] | None, k: int, dtype: Any, method: str) -> jax.Array:
+    """The preference vector ``[K]`` of a preference-based method: ``pref_vector`` (checked:
+    length K, non-negative, not all zero) or the uniform ``1/K``."""
+    if pref_vector is None:
+        return jnp.full(k, 1.0 / k, dtype)
+    pref = np.asarray(pref_vector, dtype=float)
+    if pref.shape != (k,):
+        raise ValueError(f"{method}: pref_vector has shape {pref.shape}; expected ({k},).")
+    if np.any(pref < 0) or not np.any(pref > 0):
+        raise ValueError(
+            f"{method}: pref_vector must be non-negative and not all zero; got {pref.tolist()}."
+        )
+    return jnp.asarray(pref, dtype)
+
+
+def safe_norm(x: jax.Array) -> jax.Array:
+    """``|x|`` with gradient 0 at ``x = 0`` (``jnp.linalg.norm``'s is NaN there)."""
+    sq = jnp.sum(x * x)
+    positive = sq > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
+def from_value(
+    method: str, value: Callable[[jax.Array], jax.Array], check_k: Callable[[int], None]
+) -> Scalarizer:
+    """A stateless scalarisation ``loss = value(L)`` whose weights are ``d value / d L``
+    (``jax.grad``, exact); ``check_k(K)`` checks the method's per-task settings at ``init``."""
+
+    def init(num_tasks: int) -> optax.EmptyState:
+        check_k(check_num_tasks(num_tasks, method))
+        return optax.EmptyState()
+
+    def scalarize(losses, state, *, grad_norms=None):
+        del grad_norms
+        losses = check_losses(losses, None, method)
+        weights = jax.grad(value)(jax.lax.stop_gradient(losses))
+        return value(losses), weights, state
+
+    return Scalarizer(init, scalarize, no_post_step)

@@ -14,10 +14,8 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from .base import Scalarizer, check_losses, check_num_tasks, no_post_step
-from .pbi import preference, safe_norm
+from .base import Scalarizer, from_value, preference, safe_norm
 
 __all__ = ["cosmos"]
 
@@ -28,22 +26,10 @@ def cosmos(lam: float = 1.0, pref_vector: Sequence[float] | None = None) -> Scal
     if not lam >= 0:
         raise ValueError(f"COSMOS's lam must be >= 0; got {lam}.")
 
-    def init(num_tasks: int) -> optax.EmptyState:
-        preference(pref_vector, check_num_tasks(num_tasks, "cosmos"), "cosmos")
-        return optax.EmptyState()
-
     def value(losses: jax.Array) -> jax.Array:
-        k = losses.shape[0]
-        pref = preference(pref_vector, k, "cosmos")
-        r = jnp.full(k, 1.0 / k, losses.dtype) if pref is None else jnp.asarray(pref, losses.dtype)
+        r = preference(pref_vector, losses.shape[0], losses.dtype, "cosmos")
         norm = safe_norm(losses)
         cos = jnp.dot(r, losses) / (jnp.linalg.norm(r) * jnp.where(norm > 0, norm, 1.0))
         return jnp.dot(r, losses) - lam * jnp.where(norm > 0, cos, 0.0)
 
-    def scalarize(losses, state, *, grad_norms=None):
-        del grad_norms
-        losses = check_losses(losses, None, "cosmos")
-        weights = jax.grad(value)(jax.lax.stop_gradient(losses))
-        return value(losses), weights, state
-
-    return Scalarizer(init, scalarize, no_post_step)
+    return from_value("cosmos", value, lambda k: preference(pref_vector, k, float, "cosmos"))

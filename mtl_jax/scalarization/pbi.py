@@ -14,32 +14,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from .base import Scalarizer, check_losses, check_num_tasks, no_post_step
+from .base import Scalarizer, from_value, preference, safe_norm
 
-__all__ = ["pbi", "preference", "safe_norm"]
-
-
-def preference(pref_vector: Sequence[float] | None, k: int, method: str) -> np.ndarray | None:
-    """The checked preference vector ``[K]`` (``None``: uniform ``1/K`` at trace time)."""
-    if pref_vector is None:
-        return None
-    pref = np.asarray(pref_vector, dtype=float)
-    if pref.shape != (k,):
-        raise ValueError(f"{method}: pref_vector has shape {pref.shape}; expected ({k},).")
-    if np.any(pref < 0) or not np.any(pref > 0):
-        raise ValueError(
-            f"{method}: pref_vector must be non-negative and not all zero; got {pref.tolist()}."
-        )
-    return pref
-
-
-def safe_norm(x: jax.Array) -> jax.Array:
-    """``|x|`` with gradient 0 at ``x = 0`` (``jnp.linalg.norm``'s is NaN there)."""
-    sq = jnp.sum(x * x)
-    positive = sq > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+__all__ = ["pbi"]
 
 
 def pbi(
@@ -54,29 +32,17 @@ def pbi(
         raise ValueError(f"PBI's theta must be >= 0; got {theta}.")
     ref = None if reference is None else np.asarray(reference, dtype=float)
 
-    def init(num_tasks: int) -> optax.EmptyState:
-        k = check_num_tasks(num_tasks, "pbi")
-        preference(pref_vector, k, "pbi")
+    def check_k(k: int) -> None:
+        preference(pref_vector, k, float, "pbi")
         if ref is not None and ref.shape != (k,):
             raise ValueError(f"pbi: reference has shape {ref.shape}; expected ({k},).")
-        return optax.EmptyState()
 
     def value(losses: jax.Array) -> jax.Array:
-        k = losses.shape[0]
-        pref = preference(pref_vector, k, "pbi")
-        lam = (
-            jnp.full(k, 1.0 / k, losses.dtype) if pref is None else jnp.asarray(pref, losses.dtype)
-        )
+        lam = preference(pref_vector, losses.shape[0], losses.dtype, "pbi")
         unit = lam / jnp.linalg.norm(lam)
         shifted = losses - (0.0 if ref is None else jnp.asarray(ref, losses.dtype))
         d1 = jnp.dot(shifted, unit)
         d2 = safe_norm(shifted - d1 * unit)
         return d1 + theta * d2
 
-    def scalarize(losses, state, *, grad_norms=None):
-        del grad_norms
-        losses = check_losses(losses, None, "pbi")
-        weights = jax.grad(value)(jax.lax.stop_gradient(losses))
-        return value(losses), weights, state
-
-    return Scalarizer(init, scalarize, no_post_step)
+    return from_value("pbi", value, check_k)
