@@ -8,7 +8,8 @@ channels, 28x28x1 input) at K = 2. Every variant is one jitted step including th
 * ``naive+pcgrad``: K separate ``jax.grad`` calls, one per task loss, in one jit, stacked and
   given to PCGrad (compare with ``jac+pcgrad``).
 * ``jac_all+mean``: ``mtl.value_and_grads`` of the loss vector over *all* parameters (heads
-  included: rows for every leaf), mean.
+  included: rows for every leaf), mean. (Against TorchJD, and the loss-vector path with
+  ``task_specific`` vs ``TrunkAndHeads``: ``benchmarks/vs_torchjd.py``.)
 * ``jac+<method>``: ``mtl.TrunkAndHeads`` (Jacobian rows for the trunk only, heads get their
   own gradient), then the aggregator on the trunk rows.
 * ``jac+mean+tracker``: ``jac+mean`` plus a ``ConflictTracker`` update from the same Jacobian.

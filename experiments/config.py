@@ -17,7 +17,11 @@ keys:
 * ``dataset``, ``model``: their ``name`` and builder keys (``experiments.data`` / ``experiments.models``).
 * ``train``: optimizer and loop settings (:func:`train_defaults`).
 * ``conflict``: the tracker's ``granularity`` (``global`` | ``module`` | ``leaf``), Recon's
-  ``severity`` S and the incidence ``threshold``.
+  ``severity`` S, the incidence ``threshold`` and ``every``: the conflict probe (a program of its
+  own that forms the encoder Jacobian, :func:`experiments.train.make_conflict_probe`) runs before
+  every ``every``-th step, on that step's batch; ``1`` measures every step; ``0`` (the default)
+  picks the largest period that still probes 2,500 steps of the run
+  (:func:`experiments.train.probe_period`: a standard error of at most 1 point on p%).
 * ``eval``: evaluation options (:func:`eval_defaults`): ``recompute_bn_batches`` (int >= 0;
   0 = off): before the final evaluation, recompute the BatchNorm statistics on that many
   training batches per task stream (:func:`mtl_jax.batchnorm.recompute_statistics`).
@@ -84,12 +88,26 @@ def train_defaults() -> ml_collections.ConfigDict:
             "checkpoint_every_epochs": 1,
             "eval_every_epochs": 1,
             "task_map": "vmap",  # or "unroll" (faster for conv nets on CPU) / "scan"
+            # a method whose weights need no Jacobian runs one backward pass of its weighted
+            # loss; False: every method combines the Jacobian rows (the runs before issue 22)
+            "weights_first": True,
         }
     )
 
 
 def conflict_defaults() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({"granularity": "global", "severity": 0.0, "threshold": 0.0})
+    return ml_collections.ConfigDict(
+        {
+            "granularity": "global",
+            "severity": 0.0,
+            "threshold": 0.0,
+            "every": DEFAULT_PROBE_EVERY,
+        }
+    )
+
+
+#: The conflict probe's default period: 0 = from the run's length (BUILD.md, "Conflict probe").
+DEFAULT_PROBE_EVERY = 0
 
 
 def parallel_defaults() -> ml_collections.ConfigDict:
@@ -317,6 +335,12 @@ def validate_base(config: ml_collections.ConfigDict, study_sections: tuple[str, 
     if config.conflict.granularity not in GRANULARITIES:
         raise ValueError(
             f"Unknown conflict.granularity {config.conflict.granularity!r}; valid: {GRANULARITIES}."
+        )
+    every = config.conflict.every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(
+            f"config.conflict.every={every!r}; the conflict probe's period is an integer >= 1 "
+            "(1: every step), or 0 to pick it from the run's length."
         )
     if not config.seeds:
         raise ValueError("config.seeds is empty; give at least one seed.")

@@ -5,7 +5,8 @@ carries as arguments, so a study with its own step (CoNAL's alternating two-opti
 also reads a held-out split) reuses the loop, its checkpointing and its exact resume::
 
     manager = checkpoint_manager(os.path.join(run_dir, "checkpoints"))
-    state = restore_or(manager, template)          # the latest checkpoint, or ``template``
+    restored = restore_checkpoint(manager, template)  # the latest checkpoint, or None
+    state = fresh_buffers(template if restored is None else restored)
     result = run_loop(
         step_fn=jax.jit(step, donate_argnums=0),   # (state, batch) -> (state, outputs)
         state=state,
@@ -15,6 +16,10 @@ also reads a held-out split) reuses the loop, its checkpointing and its exact re
         manager=manager,
         hooks=LoopHooks(on_log=..., on_epoch_end=...),
     )
+
+The runs of the suite call it through :func:`experiments.lifecycle.run_lifecycle` (restore,
+stale records, start and summary records, the ``final`` artifact, completion), which passes the
+step, the state template and the hooks through.
 
 Contract:
 

@@ -8,9 +8,11 @@ learned architecture -- as **artifacts** under the work dir, by name:
 * small readable facts as JSON: ``phases/<phase>/<name>.json``.
 
 A later phase reads them by ``(phase name, artifact name)`` through :class:`Artifacts`. A phase
-is finished when its ``done.json`` exists (written last, atomically); :func:`run_phases` skips
-finished phases, and re-runs an unfinished one, which resumes from its own checkpoints when it
-trains (``Artifacts.phase_dir(name)/checkpoints``). So a killed study, rerun with the same command,
+that records its own completion (``Phase.finished``: a training run, whose completion is its
+summary record, :mod:`experiments.lifecycle`) is finished when that record exists; any other
+phase when its ``done.json`` exists (written last, atomically). :func:`run_phases` skips finished
+phases, and re-runs an unfinished one, which resumes from its own checkpoints when it trains
+(``Artifacts.phase_dir(name)/checkpoints``). So a killed study, rerun with the same command,
 continues inside the phase it was in and ends as if it had never stopped.
 """
 
@@ -118,12 +120,17 @@ class Phase:
         JSON-able result (kept in ``done.json``). It may resume from its own checkpoints.
       needs: names of earlier phases whose artifacts it reads (checked before it starts).
       info: free-form facts for listings and reports.
+      finished: ``artifacts -> result or None``, for a phase that records its own completion (a
+        training run: its summary record, :func:`experiments.lifecycle.run_lifecycle`); no
+        ``done.json`` is written for it. ``None``: the phase is finished when its ``done.json``
+        exists.
     """
 
     name: str
     run: Callable[[Artifacts], Any]
     needs: tuple[str, ...] = ()
     info: dict = dataclasses.field(default_factory=dict)
+    finished: Callable[[Artifacts], Any] | None = None
 
 
 def check_phases(phases: Sequence[Phase]) -> None:
@@ -150,12 +157,23 @@ def run_phases(
     check_phases(phases)
     results = {}
     for phase in phases:
-        if artifacts.is_done(phase.name):
-            results[phase.name] = artifacts.load_json(phase.name, "done")["result"]
-            continue
-        if on_start is not None:
-            on_start(phase)
-        result = phase.run(artifacts)
-        artifacts.mark_done(phase.name, result)
+        done, result = phase_result(phase, artifacts)
+        if not done:
+            if on_start is not None:
+                on_start(phase)
+            result = phase.run(artifacts)
+            if phase.finished is None:
+                artifacts.mark_done(phase.name, result)
         results[phase.name] = result
     return results
+
+
+def phase_result(phase: Phase, artifacts: Artifacts) -> tuple[bool, Any]:
+    """``(finished, result)``: from the phase's own completion record (``Phase.finished``), else
+    from its ``done.json``; ``(False, None)`` for a phase that has not finished."""
+    if phase.finished is not None:
+        result = phase.finished(artifacts)
+        return result is not None, result
+    if artifacts.is_done(phase.name):
+        return True, artifacts.load_json(phase.name, "done")["result"]
+    return False, None

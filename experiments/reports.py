@@ -127,7 +127,7 @@ def comparison_table(records: Sequence[dict], tasks: Sequence[TaskSpec]) -> str:
         header += [f"{t.name} {display_name(m)}" for m in REPORTED_METRICS[t.kind]]
     if have_ref:
         header += ["Δm% per-task", "Δm% flat"] if both_dm else ["Δm%"]
-    header += ["p% all", "p% last half", "mean cos", "ms/step", "wall s"]
+    header += ["p% all", "p% last half", "mean cos", "ms/step", "probe ms", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label in run_order(records):
         runs = summaries.get(label)
@@ -164,14 +164,17 @@ def comparison_table(records: Sequence[dict], tasks: Sequence[TaskSpec]) -> str:
             ]
             row.append(_mean_std(cos, digits=4))
         row.append(_mean_std([1e3 * r["seconds_per_step"] for r in runs]))
+        row.append(_mean_std([1e3 * r.get("probe_seconds", math.nan) for r in runs]))
         row.append(_mean_std([r.get("wall_seconds", math.nan) for r in runs]))
         lines.append("| " + " | ".join(row) + " |")
     notes = [
         "",
         "Test metrics at the end of training. p%: share of task pairs with negative cosine between "
         "their gradients on the shared parameters, over all steps and over the last half of the "
-        "epochs. mean cos: mean pairwise cosine over the logged steps. ms/step: median over the "
-        "logging windows (compilation, evaluation and checkpoints excluded); wall s: the run's "
+        "epochs, as measured by the conflict probe (every conflict.every steps). mean cos: mean "
+        "pairwise cosine over the logged steps (the last probe's). ms/step: median of the "
+        "method's own step (compilation, evaluation and checkpoints excluded); probe ms: median "
+        "of one conflict probe (the encoder Jacobian and the tracker), apart; wall s: the run's "
         "wall time from its start to its last epoch (all processes of a resumed run).",
     ]
     if have_ref:

@@ -71,6 +71,10 @@ FRONT_TOLERANCE = 0.01
 NOT_APPLICABLE: dict[str, str] = {
     "linear": "constant weights, which it needs as an argument; equal weights are `mean`",
     "sum": "2 x `mean`: Adam's update does not change with a constant scale of the gradient",
+    "sdmgrad": "cross-batch: its weights need the rows on two independent mini-batches, and the "
+    "toy's losses have no batch",
+    "modo": "cross-batch: its weights need the rows on two independent mini-batches, and the "
+    "toy's losses have no batch",
 }
 
 

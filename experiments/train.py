@@ -1,13 +1,19 @@
-"""The train loop: one jitted step from per-task Jacobian to optimizer, evaluation, checkpoints.
+"""The train loop: one jitted step per method at its own cost, a conflict probe beside it,
+evaluation, checkpoints.
 
 Step (``make_train_step``), for a shared encoder and per-task heads::
 
     losses[K], encoder Jacobian, head gradients  <- mtl.value_and_grads(mtl.TrunkAndHeads(...))
-    conflict statistics                          <- mtl.ConflictTracker on the encoder Jacobian
-                                                    (masked by the sparse-training mask, if any)
+      (a weights-first method -- loss-only, <weighting>_ub, mean/sum -- instead: the weights
+       from Method.weigh, then ONE backward pass of the weighted loss, WeightedBackward)
     encoder update   <- aggregator -> [mask] -> optimizer -> [mask again, so frozen weights stay
                                                                bit-identical]
     head updates     <- optimizer on each head's own gradient
+
+Probe (``make_conflict_probe``, a second jitted program run before every ``conflict.every``-th
+step on that step's batch, :class:`ProbedStep`)::
+
+    encoder Jacobian -> mtl.ConflictTracker (masked by the sparse-training mask, if any)
 
 With a sharing spec (``RunSpec.sharing_fn``: per-task copies such as modulation scales, per-task
 masks such as LaSS's; ``RunSpec.branch_fn``: Recon's branched layers, BatchNorm statistics
@@ -24,9 +30,8 @@ With ``config.eval.recompute_bn_batches = N > 0`` a finished run recomputes its 
 statistics on N training batches per stream (:func:`mtl_jax.batchnorm.recompute_statistics`,
 precise BN) before its final evaluation and its ``final`` artifact (:func:`recompute_bn`).
 
-The Gram matrices the tracker and the aggregator compute from the same Jacobian are the same XLA
-computation inside the one jitted step, so the conflict metrics cost almost nothing
-(``benchmarks/step_time.py``: ``jac+mean+tracker``).
+The run's summary gives the method's median step (``seconds_per_step``) and the probe's
+(``probe_seconds``) apart (``benchmarks/runner_cost.py``).
 
 Runs are resumable: the whole :class:`TrainState` (parameters, BatchNorm statistics, optimizer
 and aggregator state, conflict counters, step) is checkpointed with orbax, which writes to a
@@ -49,7 +54,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -62,18 +66,11 @@ import optax
 
 import mtl_jax as mtl
 from experiments import data as data_lib
+from experiments import lifecycle, optim
 from experiments import losses as losses_lib
 from experiments import metrics as metrics_lib
-from experiments import optim
 from experiments import parallel as parallel_lib
 from experiments.logs import JsonlLog
-from experiments.loop import (
-    LoopHooks,
-    checkpoint_manager,
-    fresh_buffers,
-    restore_checkpoint,
-    run_loop,
-)
 from experiments.phases import Artifacts
 from experiments.tasks import TaskSpec
 from mtl_jax import lass as lass_lib
@@ -112,6 +109,8 @@ class RunSpec:
         run; called once, when the run starts (it may read an earlier phase's artifact).
       branch_init: ``"copy"`` (every copy starts from the layer's initial value; the paper) or
         ``"fresh"`` (copy t from the model initialised with another key; the official code).
+      conflict_every: the conflict probe's period for this run (``None``: ``config.conflict.every``);
+        Recon's search sets 1, since its S-conflict scores select the layers.
       init_from: the ``run_id`` (phase name) of a finished run of the same work dir whose final
         parameters (and BatchNorm statistics), its ``final`` artifact, this run starts from; its
         optimizer starts fresh.
@@ -134,6 +133,7 @@ class RunSpec:
     epochs: int | None = None
     model: Any = None
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    conflict_every: int | None = None
 
     @property
     def run_id(self) -> str:
@@ -167,6 +167,19 @@ class Problem:
     state_sharing: PyTree | None = None  # spec of the encoder's state (Recon: branched BN stats)
     measure_mask: PyTree | None = None  # conflicts measured on the Jacobian masked by it (ST)
     layout: parallel_lib.Layout | None = None  # mesh and parameter sharding (None: one device)
+    # encoder_tx without its first transform (the method's): the optimizer chain a
+    # weights-first method's one gradient goes through (its state: opt_state[0][1:])
+    encoder_rest_tx: optax.GradientTransformation | None = None
+    conflict_every: int = 1  # the conflict probe runs every this many steps
+    allow_weights_first: bool = True  # config.train.weights_first
+    lookahead_lr: float = 0.0  # the model's learning rate: Auto-Lambda's virtual step
+
+    @property
+    def weights_first(self) -> bool:
+        """The method's weights need no Jacobian (``Method.weigh``), the encoder is one shared
+        trunk and ``config.train.weights_first`` allows it: the step runs ONE backward pass of
+        the weighted loss."""
+        return self.allow_weights_first and self.method.weigh is not None and self.sharing is None
 
 
 class StepMasks(NamedTuple):
@@ -369,10 +382,22 @@ def _encoder_forward(
 # The jitted step and prediction.
 
 
-def _structured_grads(problem: Problem, state: TrainState, x, targets, sharing_masks=None):
+def _structured_grads(
+    problem: Problem,
+    state: TrainState,
+    x,
+    targets,
+    sharing_masks=None,
+    representation: bool | mtl.gradients.WeightedBackward | None = None,
+):
     """Encoder + heads: :class:`mtl.TrunkAndHeads` (encoder rows, heads' own gradients, and
-    ``d loss_k / d z`` for a representation method)."""
+    ``d loss_k / d z`` for a representation method). ``representation``: the option of
+    :func:`mtl.value_and_grads` (default: ``d loss_k / d z`` when the method reads them); a
+    :class:`mtl.gradients.WeightedBackward` gives the encoder ONE gradient (weights-first
+    methods), its ``aux["weigh"]`` returned last instead of the representation gradients."""
     model, head_states = problem.model, state.model_state["heads"]
+    if representation is None:
+        representation = "rep_grads" in problem.method.inputs
 
     def head_loss_fn(task: TaskSpec) -> Callable:
         def fn(hp, z, y):
@@ -390,13 +415,14 @@ def _structured_grads(problem: Problem, state: TrainState, x, targets, sharing_m
         ),
         has_aux=True,
         task_map=problem.task_map,
-        representation="rep_grads" in problem.method.inputs,
+        representation=representation,
     )
     heads = {t.name: state.params["heads"][t.name] for t in problem.tasks}
     (losses, aux), grads = grad_fn({"trunk": state.params["encoder"], "heads": heads}, x, targets)
     head_grads = {**jax.tree.map(jnp.zeros_like, state.params["heads"]), **grads["heads"]}
     new_heads = {**head_states, **aux["heads"]}
-    return losses, grads["trunk"], head_grads, aux["trunk"], new_heads, aux.get("rep_grads")
+    last = aux["weigh"] if "weigh" in aux else aux.get("rep_grads")
+    return losses, grads["trunk"], head_grads, aux["trunk"], new_heads, last
 
 
 def _per_task_losses_grads(problem: Problem, state: TrainState, x, targets, sharing_masks=None):
@@ -458,58 +484,172 @@ def _scale_head_grads(problem: Problem, head_grads: dict, weights: jax.Array) ->
     }
 
 
+def loss_vector_fn(problem: Problem, state: TrainState, sharing_masks=None) -> Callable:
+    """``fn(params, x, targets) -> losses [K]``: the trained tasks' losses at any parameters
+    (train mode; the model state is ``state``'s and is not updated), differentiable: FAMO's
+    post-step losses, Auto-Lambda's look-ahead."""
+    model, head_states = problem.model, state.model_state["heads"]
+    stream = {t.name: i for i, t in enumerate(problem.streams)}
+    forward = _encoder_forward(problem, state.model_state["encoder"], True, sharing_masks)
+
+    def fn(params, x, targets) -> jax.Array:
+        z, _ = forward(params["encoder"], x)
+        losses = []
+        for task in problem.tasks:
+            z_t = z
+            if problem.sharing is not None:
+                z_t = jax.tree.map(lambda a, i=stream[task.name]: a[i], z)
+            pred, _ = apply_module(
+                model.heads[task.name],
+                params["heads"][task.name],
+                head_states[task.name],
+                z_t,
+                True,
+            )
+            losses.append(losses_lib.task_loss(task, pred, targets[task.name]))
+        return jnp.stack(losses)
+
+    return fn
+
+
 def grads_fn_losses(
     problem: Problem, state: TrainState, x, targets, sharing_masks=None
 ) -> jax.Array:
     """The task losses at ``state.params`` (train mode, statistics not updated), for FAMO."""
-    model, head_states = problem.model, state.model_state["heads"]
-    stream = {t.name: i for i, t in enumerate(problem.streams)}
-    forward = _encoder_forward(problem, state.model_state["encoder"], True, sharing_masks)
-    z, _ = forward(state.params["encoder"], x)
-    losses = []
-    for task in problem.tasks:
-        z_t = z if problem.sharing is None else jax.tree.map(lambda a, i=stream[task.name]: a[i], z)
-        pred, _ = apply_module(
-            model.heads[task.name],
-            state.params["heads"][task.name],
-            head_states[task.name],
-            z_t,
-            True,
+    losses = loss_vector_fn(problem, state, sharing_masks)(state.params, x, targets)
+    return jax.lax.stop_gradient(losses)
+
+
+def _lambda_grad(problem: Problem, state: TrainState, x, targets, masks: StepMasks) -> jax.Array:
+    """Auto-Lambda's hypergradient (:func:`mtl.scalarization.auto_lambda_grad`) at the current
+    weights, with the model's learning rate as the look-ahead's: the virtual step on the first
+    half of the batch, the validation loss on the second (the runner has no validation loader;
+    the paper draws a validation batch from a held-out part of the training set)."""
+    both = mtl.aggregation.split_in_halves((x, targets), 0)  # leaves [2, B/2, ...]
+    train, val = (jax.tree.map(lambda v, i=i: v[i], both) for i in (0, 1))
+    weights = mtl.scalarization.auto_lambda_weights(state.opt_state[0])
+    return mtl.scalarization.auto_lambda_grad(
+        loss_vector_fn(problem, state, masks.sharing),
+        state.params,
+        weights,
+        train,
+        val,
+        lookahead_lr=problem.lookahead_lr,
+    )
+
+
+def _encoder_jacobian(
+    problem: Problem, state: TrainState, x, targets, masks: StepMasks, paired: bool = False
+):
+    """``(losses, encoder Jacobian rows, head gradients, encoder state, head states,
+    rep_grads)`` at ``state``: the K-row path of the run's model shape.
+
+    ``paired`` (a cross-batch method, ``Method.batches == 2``): the batch is cut in two halves
+    (:func:`mtl.aggregation.split_in_halves`), the same path runs on both under one ``vmap``
+    (one forward over the batch, the same backward work), and the last entry is the encoder's
+    ``paired_rows`` (leaves ``[2, K, ...]``) instead of ``rep_grads``; everything else is the
+    mean over the halves. With BatchNorm each half is normalised with its own statistics, as two
+    independent mini-batches are; the running statistics are the mean of the two updates."""
+    grads_fn = _structured_grads if problem.sharing is None else _per_task_losses_grads
+    if paired:
+        halves = lambda tree: mtl.aggregation.split_in_halves(tree, 0)
+        out = jax.vmap(lambda xh, th: grads_fn(problem, state, xh, th, masks.sharing)[:5])(
+            halves(x), halves(targets)
         )
-        losses.append(losses_lib.task_loss(task, pred, targets[task.name]))
-    return jax.lax.stop_gradient(jnp.stack(losses))
+        mean = lambda t: jax.tree.map(lambda v: jnp.mean(v, axis=0).astype(v.dtype), t)
+        losses, enc_jac, head_grads, enc_state, head_states = map(mean, out)
+        last = out[1]
+    else:
+        losses, enc_jac, head_grads, enc_state, head_states, last = grads_fn(
+            problem, state, x, targets, masks.sharing
+        )
+    # FSDP: the Jacobian's rows follow their parameter's sharding (no-op otherwise)
+    enc_jac = parallel_lib.constrain_jacobian(enc_jac, state.params["encoder"], problem.layout)
+    return losses, enc_jac, head_grads, enc_state, head_states, last
+
+
+def make_conflict_probe(problem: Problem) -> Callable[..., mtl.conflict.ConflictState]:
+    """``(state, batch, masks=None) -> conflict state``: the conflict probe, a program of its
+    own run every ``conflict.every`` steps on the step's batch and parameters before the step.
+
+    It forms the encoder Jacobian (whatever the method needs) and updates the tracker with it:
+    on the Jacobian restricted to the sparse-training mask's trainable coordinates (the ST
+    paper's Fig. 2 subspace; ``RunSpec.measure_masked``) or on all of it, on the shared leaves
+    only (a sharing spec's copies are not compared). Nothing else of the state changes: the
+    BatchNorm statistics are those the step then updates."""
+    names = [t.name for t in problem.tasks]
+
+    def probe(
+        state: TrainState, batch: dict[str, jax.Array], masks: StepMasks | None = None
+    ) -> mtl.conflict.ConflictState:
+        masks = _masks_or_constants(problem, masks)
+        targets = {n: batch[n] for n in names}
+        enc_jac = _encoder_jacobian(problem, state, batch["image"], targets, masks)[1]
+        measured = enc_jac if masks.measure is None else _mask_rows(enc_jac, masks.measure)
+        return problem.tracker.update(state.conflict, shared_view(measured, problem.sharing))
+
+    return probe
+
+
+def _weights_first_grads(
+    problem: Problem, state: TrainState, x, targets, masks: StepMasks, lambda_grad=None
+):
+    """ONE backward pass of ``sum_k w_k L_k``: the method's ``weigh`` runs on the losses (and
+    ``d L_k / d z`` for a representation method) before the trunk's single backward pass and
+    updates the method's own state (the first of the encoder chain's states)."""
+    method = problem.method
+    method_state = state.opt_state[0][0]
+    known = {} if lambda_grad is None else {"lambda_grad": lambda_grad}
+
+    def weigh(losses, rep_grads):
+        inputs = {"rep_grads": rep_grads} if "rep_grads" in method.inputs else {}
+        return method.weigh(method_state, losses, **inputs, **known)
+
+    option = mtl.gradients.WeightedBackward(weigh, scale_heads=method.scales_heads)
+    return _structured_grads(problem, state, x, targets, masks.sharing, representation=option)
 
 
 def make_train_step(problem: Problem) -> Callable[..., tuple[TrainState, dict]]:
-    """``(state, batch, masks=None) -> (state, outputs)``; outputs: losses, incidence, mean cos,
-    weights. ``masks``: the run's :class:`StepMasks` (needed when ``problem.sharing`` has mask
-    slots; without them the Problem's own masks are constants of the program)."""
+    """``(state, batch, masks=None) -> (state, outputs)``; outputs: losses, the last probe's
+    incidence and mean cosine, weights. ``masks``: the run's :class:`StepMasks` (needed when
+    ``problem.sharing`` has mask slots; without them the Problem's own masks are constants of
+    the program).
+
+    The step runs the method at its own cost: a weights-first method (``Problem.weights_first``:
+    loss-only methods, ``<weighting>_ub``, ``mean``/``sum``) one backward pass of the weighted
+    loss; every other method the encoder's K-row Jacobian. Conflicts are not measured here
+    (:func:`make_conflict_probe`)."""
     names = [t.name for t in problem.tasks]
-    grads_fn = _structured_grads if problem.sharing is None else _per_task_losses_grads
 
     def step(
         state: TrainState, batch: dict[str, jax.Array], masks: StepMasks | None = None
     ) -> tuple[TrainState, dict]:
         masks = _masks_or_constants(problem, masks)
         targets = {n: batch[n] for n in names}
-        losses, enc_jac, head_grads, enc_state, head_states, rep_grads = grads_fn(
-            problem, state, batch["image"], targets, masks.sharing
-        )
-        # FSDP: the Jacobian's rows follow their parameter's sharding (no-op otherwise)
-        enc_jac = parallel_lib.constrain_jacobian(enc_jac, state.params["encoder"], problem.layout)
-        enc_opt, head_opt = state.opt_state
-        # Conflicts on the shared encoder: on the Jacobian restricted to the ST mask's trainable
-        # coordinates (the paper's Fig. 2 subspace; RunSpec.measure_masked) or on all of it. The
-        # aggregator always sees the full Jacobian (the mask acts on the combined update).
-        measured = enc_jac if masks.measure is None else _mask_rows(enc_jac, masks.measure)
-        conflict = problem.tracker.update(state.conflict, shared_view(measured, problem.sharing))
         method = problem.method
-        extra = {"rep_grads": rep_grads} if "rep_grads" in method.inputs else {}
-        enc_updates, enc_opt = problem.encoder_tx.update(
-            enc_jac, enc_opt, state.params["encoder"], task_losses=losses, **extra
-        )
+        enc_opt, head_opt = state.opt_state
+        inputs = {}  # the method's inputs known before its gradients
+        if "lambda_grad" in method.inputs:  # Auto-Lambda: the look-ahead's hypergradient
+            inputs["lambda_grad"] = _lambda_grad(problem, state, batch["image"], targets, masks)
+        if problem.weights_first:
+            losses, enc_grad, head_grads, enc_state, head_states, method_state = (
+                _weights_first_grads(problem, state, batch["image"], targets, masks, **inputs)
+            )
+            enc_updates, rest = problem.encoder_rest_tx.update(
+                enc_grad, tuple(enc_opt[1:]), state.params["encoder"]
+            )
+            enc_opt = (method_state, *rest)
+        else:
+            losses, enc_jac, head_grads, enc_state, head_states, last = _encoder_jacobian(
+                problem, state, batch["image"], targets, masks, paired=method.batches == 2
+            )
+            extra = {name: last for name in ("rep_grads", "paired_rows") if name in method.inputs}
+            extra.update(inputs)
+            enc_updates, enc_opt = problem.encoder_tx.update(
+                enc_jac, enc_opt, state.params["encoder"], task_losses=losses, **extra
+            )
         weights = mtl.aggregation.weights(enc_opt)
-        if method.scales_heads:  # the gradient of the weighted loss scales every head too
+        if method.scales_heads and not problem.weights_first:
             head_grads = _scale_head_grads(problem, head_grads, weights)
         head_updates, head_opt = problem.heads_tx.update(
             head_grads, head_opt, state.params["heads"]
@@ -529,8 +669,8 @@ def make_train_step(problem: Problem) -> Callable[..., tuple[TrainState, dict]]:
         )
         outputs = {
             "losses": losses,
-            "incidence": conflict.last_incidence["global"],
-            "mean_cos": conflict.last_mean_cos["global"],
+            "incidence": state.conflict.last_incidence["global"],
+            "mean_cos": state.conflict.last_mean_cos["global"],
             "weights": weights if weights is not None else jnp.zeros((0,)),
         }
         new_state = TrainState(
@@ -538,12 +678,54 @@ def make_train_step(problem: Problem) -> Callable[..., tuple[TrainState, dict]]:
             params=params,
             model_state={"encoder": enc_state, "heads": dict(head_states)},
             opt_state=(enc_opt, head_opt),
-            conflict=conflict,
+            conflict=state.conflict,
             first_nonfinite=first_nonfinite,
         )
         return new_state, outputs
 
     return step
+
+
+@dataclasses.dataclass
+class ProbedStep:
+    """The ``step_fn`` of :func:`experiments.loop.run_loop`: the method's jitted step, preceded
+    every ``every`` steps by the jitted conflict probe on the same batch and parameters, the two
+    timed apart (wall seconds per call, blocking on each result: compile calls included; the
+    medians drop them).
+
+    ``next_step`` is the state's step at the first call (a resumed run's restored step): the
+    probe runs before steps 0, every, 2 every, ... wherever the run resumes."""
+
+    step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    probe: Callable[[TrainState, dict], mtl.conflict.ConflictState]
+    every: int
+    next_step: int
+    step_seconds: list[float] = dataclasses.field(default_factory=list)
+    probe_seconds: list[float] = dataclasses.field(default_factory=list)
+
+    def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        if self.next_step % self.every == 0:
+            jax.block_until_ready(state)
+            began = time.perf_counter()
+            conflict = jax.block_until_ready(self.probe(state, batch))
+            self.probe_seconds.append(time.perf_counter() - began)
+            state = state._replace(conflict=conflict)
+        began = time.perf_counter()
+        state, outputs = self.step(state, batch)
+        jax.block_until_ready(outputs)
+        self.step_seconds.append(time.perf_counter() - began)
+        self.next_step += 1
+        return state, outputs
+
+    def medians(self) -> dict[str, float]:
+        """Median seconds of a step and of a probe (each program's first call, its compile,
+        left out when there are more)."""
+        median = lambda xs: float(np.median(xs[1:] if len(xs) > 1 else xs)) if xs else math.nan
+        return {
+            "seconds_per_step": median(self.step_seconds),
+            "probe_seconds": median(self.probe_seconds),
+            "probe_every": self.every,
+        }
 
 
 def make_predict(problem: Problem, train: bool = False) -> Callable[..., dict[str, jax.Array]]:
@@ -697,6 +879,7 @@ def build_problem(
     granularity = {"global": "global", "module": mtl.gramian.by_module, "leaf": "leaf"}[
         config.conflict.granularity
     ]
+    after = (*masks, opt, *masks)  # the chain after the method's transform
     tracker = mtl.ConflictTracker(
         num_tasks=num_tasks,
         granularity=granularity,
@@ -710,7 +893,14 @@ def build_problem(
         # Sparse training: theta <- theta - lr * M * d -- the mask on the combined update (after
         # the aggregator, so the gradient manipulation sees the full task gradients, as in the ST
         # paper), and again after the optimizer so frozen weights stay bit-identical.
-        encoder_tx=optax.chain(aggregator, *masks, opt, *masks),
+        encoder_tx=optax.chain(aggregator, *after),
+        encoder_rest_tx=optax.chain(*after),
+        allow_weights_first=bool(config.train.weights_first),
+        lookahead_lr=float(config.train.lr),
+        conflict_every=probe_period(
+            int(config.conflict.every if spec.conflict_every is None else spec.conflict_every),
+            steps_per_epoch * int(spec.epochs if spec.epochs is not None else config.train.epochs),
+        ),
         heads_tx=heads_tx,
         tracker=tracker,
         method=method,
@@ -720,6 +910,21 @@ def build_problem(
         measure_mask=mask if spec.measure_masked else None,
         layout=layout,
     )
+
+
+#: Probes per run of ``conflict.every = 0``: p% is a share of (step, pair) events, so its
+#: standard error over n probed steps is at most 50 / sqrt(n) points (p = 50%, independent
+#: steps); 2,500 probes keep it at or under 1 point.
+PROBES_PER_RUN = 2500
+
+
+def probe_period(every: int, total_steps: int) -> int:
+    """The conflict probe's period: ``every`` if >= 1, else the largest period that still
+    probes :data:`PROBES_PER_RUN` steps of a ``total_steps`` run (1 for runs under 5,000
+    steps: every embedded CPU config measures every step)."""
+    if every >= 1:
+        return every
+    return max(1, total_steps // PROBES_PER_RUN)
 
 
 def get_method(
@@ -919,14 +1124,6 @@ def _frozen_unchanged(mask: PyTree, before: PyTree, after: PyTree) -> bool:
     return all(jax.tree.leaves(same))
 
 
-def _run_records(log: JsonlLog, kind: str, spec: RunSpec) -> list[dict]:
-    return [
-        r
-        for r in log.records()
-        if r.get("kind") == kind and r.get("run") == spec.label and r.get("seed") == spec.seed
-    ]
-
-
 def run_tasks(data: Any, spec: RunSpec) -> tuple[tuple[TaskSpec, ...], tuple[TaskSpec, ...]]:
     """``(trained tasks, all task streams)`` of a run."""
     streams = tuple(data.tasks)
@@ -999,7 +1196,8 @@ def train_run(
     stop_after_steps: int | None = None,
 ) -> dict[str, Any]:
     """Trains one run (the phase ``spec.run_id``), resuming from its latest checkpoint; returns
-    the summary record.
+    the summary record (:func:`experiments.lifecycle.run_lifecycle`: a finished run -- one with a
+    summary record -- is returned as is).
 
     The run's checkpoints live in its phase directory; when it finishes it saves its final
     parameters and model state as the artifact ``final`` (and its sparse-training mask as
@@ -1011,9 +1209,34 @@ def train_run(
     FSDP-sharded, everything else replicated; its ``start`` record names the mesh.
     """
     artifacts = Artifacts(workdir)
-    finished = _run_records(log, "summary", spec)
-    if finished and artifacts.has(spec.run_id, FINAL):
-        return finished[-1]  # finished earlier in this work dir
+    key = run_key(spec)
+    return lifecycle.run_lifecycle(
+        key,
+        log,
+        artifacts,
+        lambda: _standard_run(config, data, model, spec, key, artifacts, log, progress),
+        stop_after_steps=stop_after_steps,
+    )
+
+
+def run_key(spec: RunSpec) -> lifecycle.RunKey:
+    """The run's records (``run``, ``seed``) and phase directory."""
+    return lifecycle.RunKey(spec.label, spec.seed, spec.run_id)
+
+
+def _standard_run(
+    config: ml_collections.ConfigDict,
+    data: Any,
+    model: Any,
+    spec: RunSpec,
+    key: lifecycle.RunKey,
+    artifacts: Artifacts,
+    log: JsonlLog,
+    progress: bool,
+) -> lifecycle.RunParts:
+    """The standard run's parts of the lifecycle: its initial parameters (the seed's or a
+    finished run's; mask, sharing spec, Recon branches), the jitted step with the conflict probe
+    beside it (:class:`ProbedStep`), its records and its summary."""
     model = spec.model if spec.model is not None else model
     tasks, streams = run_tasks(data, spec)
     batch_size = int(config.train.batch_size)
@@ -1066,44 +1289,10 @@ def train_run(
     template = init_state(problem, params, model_state)
     shardings = train_state_shardings(template, layout)
     template = parallel_lib.place(template, shardings)  # restored into the same layout
-    manager = checkpoint_manager(os.path.join(artifacts.phase_dir(spec.run_id), "checkpoints"))
-    restored = restore_checkpoint(manager, template)
-    state = fresh_buffers(template if restored is None else restored)
-    start = int(state.step)
-    log.drop(
-        lambda r: (
-            r.get("run") == spec.label and r.get("seed") == spec.seed and r.get("step", -1) > start
-        )
-    )
-    # wall time of earlier processes of this run, up to the restored step
-    earlier = [r for r in _run_records(log, "conflict", spec) if r["step"] <= start]
-    wall_before = float(earlier[-1].get("wall_seconds", 0.0)) if earlier else 0.0
-    began = time.perf_counter()
     info = {**dict(spec.info), **_sharing_info(sharing_masks, mask), **branch_info}
     bn_batches = recompute_bn_batches(config) if has_model_state(model_state) else 0
     if bn_batches:
         info["recompute_bn_batches"] = bn_batches
-    if restored is None:
-        log.write(
-            {
-                "kind": "start",
-                "run": spec.label,
-                "seed": spec.seed,
-                "step": 0,
-                "method": spec.method,
-                "method_kwargs": dict(spec.method_kwargs),
-                "tasks": [t.name for t in tasks],
-                "init_from": spec.init_from,
-                "encoder_params": count_params(state.params["encoder"]),
-                "head_params": count_params(state.params["heads"]),
-                "steps_per_epoch": steps_per_epoch,
-                "total_steps": total_steps,
-                "mesh": parallel_lib.mesh_record(
-                    layout, parallel_lib.count_sharded((shardings.params, shardings.opt_state))
-                ),
-                "info": info,
-            }
-        )
     if mask is not None:
         artifacts.save_arrays(
             spec.run_id,
@@ -1112,7 +1301,7 @@ def train_run(
         )
 
     step_masks = StepMasks(sharing_masks, problem.measure_mask)
-    mask_shardings = step_mask_shardings(step_masks, state.params["encoder"], layout)
+    mask_shardings = step_mask_shardings(step_masks, template.params["encoder"], layout)
     step_masks = parallel_lib.place(step_masks, mask_shardings)
     jitted_predict = jax.jit(make_predict(problem), out_shardings=layout.replicated)
 
@@ -1125,9 +1314,20 @@ def train_run(
         in_shardings=(shardings, layout.batch, mask_shardings),
         out_shardings=(shardings, layout.replicated),
     )
+    jitted_probe = jax.jit(
+        make_conflict_probe(problem),
+        in_shardings=(shardings, layout.batch, mask_shardings),
+        out_shardings=shardings.conflict,
+    )
+    probed_step = ProbedStep(
+        step=lambda state, batch: jitted_step(state, batch, step_masks),
+        probe=lambda state, batch: jitted_probe(state, batch, step_masks),
+        every=problem.conflict_every,
+        next_step=0,  # the restored step: on_restore
+    )
 
     columns = ["image", *[t.name for t in tasks]]
-    eval_every = max(1, int(config.train.eval_every_epochs))
+    eval_batch_size = int(config.train.eval_batch_size)
 
     def batches(epoch: int, start_batch: int):
         for batch in data_lib.batches(
@@ -1140,56 +1340,41 @@ def train_run(
         ):
             yield parallel_lib.shard_batch({k: batch[k] for k in columns}, layout)
 
-    def check(state: TrainState, outputs: dict) -> None:
-        _check_finite(state, problem, outputs, manager.latest_step() is not None)
+    def start_fields(state: TrainState) -> dict:
+        return {
+            "method": spec.method,
+            "method_kwargs": dict(spec.method_kwargs),
+            "tasks": [t.name for t in tasks],
+            "init_from": spec.init_from,
+            "encoder_params": count_params(state.params["encoder"]),
+            "head_params": count_params(state.params["heads"]),
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps,
+            "mesh": parallel_lib.mesh_record(
+                layout, parallel_lib.count_sharded((shardings.params, shardings.opt_state))
+            ),
+            "info": info,
+        }
+
+    def on_restore(step: int) -> None:
+        probed_step.next_step = step
+
+    def check(state: TrainState, outputs: dict, has_checkpoint: bool) -> None:
+        _check_finite(state, problem, outputs, has_checkpoint)
 
     def on_log(state: TrainState, step: int, epoch: int, outputs: dict) -> None:
         log.write(_train_record(spec, problem, step, epoch, outputs))
 
-    def on_epoch_end(state: TrainState, epoch: int) -> None:
-        step = int(state.step)
-        wall = wall_before + time.perf_counter() - began
+    def on_epoch_end(state: TrainState, epoch: int, wall: float) -> None:
         log.write(_conflict_record(spec, state, epoch + 1, wall))
-        if (epoch + 1) % eval_every == 0 or step == total_steps:
-            results = evaluate(
-                problem, predict_fn, state, data.test, int(config.train.eval_batch_size)
-            )
-            log.write(
-                {
-                    "kind": "eval",
-                    "run": spec.label,
-                    "seed": spec.seed,
-                    "step": step,
-                    "epoch": epoch + 1,
-                    "split": "test",
-                    "metrics": results,
-                }
-            )
 
-    result = run_loop(
-        step_fn=lambda state, batch: jitted_step(state, batch, step_masks),
-        state=state,
-        batches=batches,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        manager=manager,
-        hooks=LoopHooks(on_log=on_log, on_epoch_end=on_epoch_end, check=check),
-        log_every=int(config.train.log_every_steps),
-        checkpoint_every_steps=int(config.train.checkpoint_every_steps),
-        checkpoint_every_epochs=int(config.train.checkpoint_every_epochs),
-        progress=progress,
-        desc=spec.run_id,
-        stop_after_steps=stop_after_steps,
-    )
-    state = result.state
-    if not result.finished:
-        return {
-            "kind": "interrupted",
-            "run": spec.label,
-            "seed": spec.seed,
-            "step": int(state.step),
-        }
-    if bn_batches:  # precise BN before the final evaluation and the final artifact
+    def evaluate_test(state: TrainState) -> dict:
+        return evaluate(problem, predict_fn, state, data.test, eval_batch_size)
+
+    def finalize(state: TrainState) -> TrainState:
+        """Precise BN (``eval.recompute_bn_batches``) before the final evaluation and artifact."""
+        if not bn_batches:
+            return state
         images = (
             parallel_lib.shard_batch(x, layout)
             for x in training_images(data, batch_size, spec.seed, 0, bn_batches)
@@ -1198,49 +1383,52 @@ def train_run(
             problem, state.params, state.model_state, images, step_masks.sharing
         )
         state = state._replace(model_state=model_state)
-        results = evaluate(problem, predict_fn, state, data.test, int(config.train.eval_batch_size))
+        metrics = evaluate_test(state)
         log.write(
-            {
-                "kind": "eval",
-                "run": spec.label,
-                "seed": spec.seed,
-                "step": total_steps,
-                "epoch": epochs,
-                "split": "test",
-                "metrics": results,
-                "recompute_bn_batches": bn_batches,
-            }
+            lifecycle.eval_record(
+                key, total_steps, epochs, metrics, recompute_bn_batches=bn_batches
+            )
         )
-    save_final_params(artifacts, spec.run_id, state)
+        return state
 
-    evals = _run_records(log, "eval", spec)
-    tracker = problem.tracker
-    if mask is not None:
-        info["frozen_unchanged"] = _frozen_unchanged(
-            mask, initial_encoder, parallel_lib.to_host(state.params["encoder"])
+    def on_finish(finish: lifecycle.Finish) -> dict:
+        state, tracker = finish.state, problem.tracker
+        summary_info = dict(info)
+        if mask is not None:
+            summary_info["frozen_unchanged"] = _frozen_unchanged(
+                mask, initial_encoder, parallel_lib.to_host(state.params["encoder"])
+            )
+        epoch_records = finish.records("conflict")
+        return lifecycle.summary_record(
+            finish,
+            method=spec.method,
+            tasks=[t.name for t in tasks],
+            incidence_all={g: float(v) for g, v in tracker.mean_incidence(state.conflict).items()},
+            incidence_last_half=_last_half_incidence(epoch_records, tracker.num_pairs, epochs),
+            s_scores=tracker.s_scores(state.conflict),
+            encoder_params=count_params(state.params["encoder"]),
+            head_params=count_params(state.params["heads"]),
+            info=summary_info,
         )
-    epoch_records = _run_records(log, "conflict", spec)
-    summary = {
-        "kind": "summary",
-        "run": spec.label,
-        "seed": spec.seed,
-        "step": total_steps,
-        "method": spec.method,
-        "tasks": [t.name for t in tasks],
-        "test": evals[-1]["metrics"] if evals else {},
-        "incidence_all": {g: float(v) for g, v in tracker.mean_incidence(state.conflict).items()},
-        "incidence_last_half": _last_half_incidence(epoch_records, tracker.num_pairs, epochs),
-        "s_scores": tracker.s_scores(state.conflict),
-        "encoder_params": count_params(state.params["encoder"]),
-        "head_params": count_params(state.params["heads"]),
-        "seconds_per_step": float(np.median(result.step_seconds))
-        if result.step_seconds
-        else math.nan,
-        "wall_seconds": epoch_records[-1]["wall_seconds"] if epoch_records else math.nan,
-        "info": info,
-    }
-    log.write(summary)
-    return summary
+
+    return lifecycle.RunParts(
+        step_fn=probed_step,
+        template=template,
+        batches=batches,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        on_finish=on_finish,
+        loop=lifecycle.loop_settings(config.train, progress=progress, desc=spec.run_id),
+        start_fields=start_fields,
+        on_log=on_log,
+        check=check,
+        on_epoch_end=on_epoch_end,
+        evaluate=evaluate_test,
+        eval_every_epochs=int(config.train.eval_every_epochs),
+        on_restore=on_restore,
+        finalize=finalize,
+        timer=probed_step,
+    )
 
 
 def _last_half_incidence(

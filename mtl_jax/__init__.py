@@ -7,11 +7,12 @@ Everything else lives in its sub-package: :mod:`~mtl_jax.aggregation`,
 :mod:`~mtl_jax.weighting`, :mod:`~mtl_jax.scalarization`, :mod:`~mtl_jax.conflict`,
 :mod:`~mtl_jax.gramian`, :mod:`~mtl_jax.sharing`, :mod:`~mtl_jax.sparse`, :mod:`~mtl_jax.lass`,
 :mod:`~mtl_jax.recon`, :mod:`~mtl_jax.conal`, :mod:`~mtl_jax.modules`, :mod:`~mtl_jax.batchnorm`,
-:mod:`~mtl_jax.nnx`. The API map: ``docs/api.rst``; what changed: ``CHANGELOG.md``.
+:mod:`~mtl_jax.nnx`, :mod:`~mtl_jax.autogram` (the Gramian engine). The API map: ``docs/api.rst``; what changed: ``CHANGELOG.md``.
 """
 
 from mtl_jax import (
     aggregation,
+    autogram,
     batchnorm,
     conal,
     conflict,
@@ -27,6 +28,7 @@ from mtl_jax import (
     weighting,
 )
 from mtl_jax.aggregation import shared_rows
+from mtl_jax.autogram import GramianWeighting
 from mtl_jax.conflict import ConflictTracker
 from mtl_jax.gradients import PerTaskLosses, RepresentationWeighting, TrunkAndHeads, value_and_grads
 from mtl_jax.methods import METHODS, Method, get_method, parse_method
@@ -39,11 +41,13 @@ __all__ = [
     "METHODS",
     "SHARED",
     "ConflictTracker",
+    "GramianWeighting",
     "Method",
     "PerTaskLosses",
     "RepresentationWeighting",
     "TrunkAndHeads",
     "aggregation",
+    "autogram",
     "batchnorm",
     "conal",
     "conflict",

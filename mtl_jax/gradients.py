@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax import _tree
+from mtl_jax.autogram import GramianWeighting, engine_value_and_grads
+from mtl_jax.cut import loss_vector_grads
 from mtl_jax.gramian import GLOBAL, combine, group_gramians
 from mtl_jax.sharing import task_specific_leaves
 from mtl_jax.sharing.grads import per_task_grads
@@ -32,6 +34,7 @@ __all__ = [
     "PerTaskLosses",
     "RepresentationWeighting",
     "TrunkAndHeads",
+    "WeightedBackward",
     "value_and_grads",
 ]
 
@@ -98,6 +101,25 @@ class RepresentationWeighting:
     scale_heads: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class WeightedBackward:
+    """ONE backward pass of ``sum_k w_k L_k`` with weights chosen from the forward pass.
+
+    ``weigh(losses[K], rep_grads) -> (w[K], out)`` runs between the forward pass (and each
+    head's own backward pass, which gives ``rep_grads = d L_k / d z``, leaves ``[K, *z.shape]``)
+    and the trunk's single backward pass of ``sum_k w_k d L_k / d z``: a loss-only method's
+    weights (from the losses and its state), a representation method's (from ``rep_grads``),
+    or constant ones. ``out`` is returned as ``aux["weigh"]`` (e.g. the method's new state).
+    ``scale_heads``: head k's gradient times ``w_k``, the gradient of the weighted loss (a
+    loss-only method); ``False`` keeps each head's own gradient (MGDA-UB, ``mean`` as an
+    aggregator). Build it inside the jitted step, closing over the state ``weigh`` needs
+    (:attr:`mtl_jax.methods.Method.weigh`; ``docs/custom_loop.md``).
+    """
+
+    weigh: Callable[[jax.Array, PyTree], tuple[jax.Array, Any]]
+    scale_heads: bool = True
+
+
 Model = Callable[..., Any] | TrunkAndHeads | PerTaskLosses
 
 
@@ -154,10 +176,12 @@ def _loss_vector_grads(
     task_map: str,
     chunk_size: int | None,
 ) -> Callable[..., Any]:
-    """One forward (``jax.vjp``); K pullbacks of the one-hot cotangents for the shared leaves,
-    one pullback of the all-ones cotangent for the task-specific ones. Only task t's loss
-    reaches a task-specific leaf, so that gradient IS its own task's. Under ``jax.jit`` XLA
-    drops the unused task-specific outputs of the K pullbacks (tests/test_grads_tree.py)."""
+    """The loss vector differentiated at its cut (:mod:`mtl_jax.cut`, issue 25): one forward,
+    ONE backward of the all-ones cotangent through everything after the cut (every
+    task-specific leaf's gradient: only task t's loss reaches its leaves), ``d loss_k / d cut``
+    from the entry equations, and K pullbacks of the trunk alone for the shared leaves' rows.
+    With stacked heads under one ``vmap`` nothing is ``[K, K, ...]``; where the analysis finds
+    no cut the K pullbacks cover the whole program (the plain Jacobian's cost)."""
 
     def fn(params: PyTree, *args: Any, **kwargs: Any) -> Any:
         _check_params(params, "value_and_grads")
@@ -166,34 +190,22 @@ def _loss_vector_grads(
             specific = [False] * len(leaves)
         else:
             specific = jax.tree.leaves(task_specific_leaves(task_specific, params))
-        shared_idx = [i for i, s in enumerate(specific) if not s]
-        specific_idx = [i for i, s in enumerate(specific) if s]
 
-        def split_loss(shared: list[Any], own: list[Any]) -> Any:
-            full = list(leaves)
-            for i, x in zip(shared_idx, shared, strict=True):
-                full[i] = x
-            for i, x in zip(specific_idx, own, strict=True):
-                full[i] = x
-            return loss_fn(treedef.unflatten(full), *args, **kwargs)
+        def split_loss(flat: list[Any]) -> Any:
+            return loss_fn(treedef.unflatten(flat), *args, **kwargs)
 
-        primals = ([leaves[i] for i in shared_idx], [leaves[i] for i in specific_idx])
-        if has_aux:
-            losses, pullback, aux = jax.vjp(split_loss, *primals, has_aux=True)
-        else:
-            losses, pullback = jax.vjp(split_loss, *primals)
-        _tree.check_loss_vector(losses, "value_and_grads: loss_fn")
-        out = list(leaves)
-        if shared_idx:
-            basis = jnp.eye(losses.shape[0], dtype=losses.dtype)
-            rows = map_pullback(lambda c: pullback(c)[0], basis, chunk_size, task_map)
-            for i, g in zip(shared_idx, rows, strict=True):
-                out[i] = g
-        if specific_idx:
-            own = pullback(jnp.ones_like(losses))[1]
-            for i, g in zip(specific_idx, own, strict=True):
-                out[i] = g
-        grads = treedef.unflatten(out)
+        def check(losses: Any) -> None:
+            _tree.check_loss_vector(losses, "value_and_grads: loss_fn")
+
+        losses, grads, aux = loss_vector_grads(
+            split_loss,
+            leaves,
+            specific,
+            has_aux,
+            lambda pullback, cts: map_pullback(pullback, cts, chunk_size, task_map),
+            check,
+        )
+        grads = treedef.unflatten(grads)
         return ((losses, aux), grads) if has_aux else (losses, grads)
 
     return fn
@@ -359,6 +371,8 @@ def _trunk_and_heads_grads(
     gradient; or, with a :class:`RepresentationWeighting`, ONE trunk pullback of the weighted
     representation gradients."""
     heads = _heads_value_and_grads(model.head_loss_fns, has_aux)
+    if isinstance(representation, WeightedBackward):
+        return _weighted_backward_grads(model, heads, has_aux, representation)
     weighted = isinstance(representation, RepresentationWeighting)
     weighting = None
     if weighted:
@@ -378,47 +392,121 @@ def _trunk_and_heads_grads(
         weighting_state: PyTree = None,
         key: jax.Array | None = None,
     ) -> Any:
-        _check_trunk_params(params)
-        _tree.check_float_leaves(params, "value_and_grads(TrunkAndHeads)")
-        encode = lambda p: model.trunk_fn(p, x)
-        if has_aux:
-            z, pullback, trunk_aux = jax.vjp(encode, params["trunk"], has_aux=True)
-        else:
-            (z, pullback), trunk_aux = jax.vjp(encode, params["trunk"]), None
-        losses, head_aux, head_grads, rep_grads = heads(params["heads"], z, targets)
-        aux: dict[str, Any] = {"trunk": trunk_aux, "heads": head_aux} if has_aux else {}
-        if not weighted:
-            (trunk_rows,) = map_pullback(pullback, rep_grads, chunk_size, task_map)
-            if representation:
-                aux["rep_grads"] = rep_grads
-            grads = {"trunk": trunk_rows, "heads": head_grads}
-            return ((losses, aux), grads) if aux else (losses, grads)
-        from mtl_jax.aggregation.gramspace import guarded_weigh  # the aggregators' NaN guard
-
-        if weighting_state is None:  # a stateless weighting's state; a stateful one needs it
-            weighting_state = weighting.init(losses.shape[0])
-            if jax.tree.leaves(weighting_state):
-                raise ValueError(
-                    "This weighting keeps state across steps: pass weighting_state=... (its "
-                    "fn.weighting.init(K) at the start, then aux['weighting_state'])."
-                )
-        gram = representation_gram(rep_grads, representation.sum_over_batch)
-        finite = jnp.all(jnp.isfinite(gram)) & jnp.all(jnp.isfinite(losses))
-        step_key = jax.random.key(0) if key is None else key
-        weights, new_state = guarded_weigh(
-            weighting, gram, weighting_state, step_key, losses, finite
+        if weighted:  # MGDA-UB's one backward: the weights from the representation Gram matrix
+            option = WeightedBackward(
+                _representation_weigh(weighting, representation, weighting_state, key),
+                scale_heads=representation.scale_heads,
+            )
+            (losses, aux), grads = _weighted_backward_grads(model, heads, has_aux, option)(
+                params, x, targets
+            )
+            gram, new_state = aux.pop("weigh")
+            aux.update(gram=gram, weighting_state=new_state)
+            return (losses, aux), grads
+        losses, aux, head_grads, rep_grads, pullback = _forward(
+            model, heads, has_aux, params, x, targets
         )
-        weights = jnp.where(finite & jnp.all(jnp.isfinite(weights)), weights, jnp.nan)
-        cotangent = jax.tree.map(lambda r: combine(weights, r), rep_grads)  # float32 sums
-        (trunk_grad,) = pullback(cotangent)
-        if representation.scale_heads:
-            head_grads = _scale_heads(head_grads, weights, model.head_loss_fns)
-        aux.update(weights=weights, gram=gram, weighting_state=new_state)
-        return (losses, aux), {"trunk": trunk_grad, "heads": head_grads}
+        (trunk_rows,) = map_pullback(pullback, rep_grads, chunk_size, task_map)
+        if representation:
+            aux["rep_grads"] = rep_grads
+        grads = {"trunk": trunk_rows, "heads": head_grads}
+        return ((losses, aux), grads) if aux else (losses, grads)
 
     if weighted:
         fn.weighting = weighting  # type: ignore[attr-defined]
     return fn
+
+
+def _forward(
+    model: TrunkAndHeads, heads: Callable, has_aux: bool, params: Any, x: Any, targets: Any
+) -> tuple[jax.Array, dict[str, Any], Any, PyTree, Callable]:
+    """The trunk's forward (``jax.vjp``) and each head's value and gradients:
+    ``(losses, aux, head_grads, rep_grads, trunk_pullback)``; ``aux`` holds the trunk's and the
+    heads' auxiliary outputs with ``has_aux`` (else it is empty)."""
+    _check_trunk_params(params)
+    _tree.check_float_leaves(params, "value_and_grads(TrunkAndHeads)")
+    encode = lambda p: model.trunk_fn(p, x)
+    if has_aux:
+        z, pullback, trunk_aux = jax.vjp(encode, params["trunk"], has_aux=True)
+    else:
+        (z, pullback), trunk_aux = jax.vjp(encode, params["trunk"]), None
+    losses, head_aux, head_grads, rep_grads = heads(params["heads"], z, targets)
+    aux: dict[str, Any] = {"trunk": trunk_aux, "heads": head_aux} if has_aux else {}
+    return losses, aux, head_grads, rep_grads, pullback
+
+
+def _representation_weigh(
+    weighting: Weighting,
+    option: RepresentationWeighting,
+    weighting_state: PyTree,
+    key: jax.Array | None,
+) -> Callable[[jax.Array, PyTree], tuple[jax.Array, Any]]:
+    """MGDA-UB's ``weigh`` for :class:`WeightedBackward`: the weighting on the Gram matrix of
+    the representation gradients, behind the aggregators' NaN guard; returns ``(w, (G,
+    new_state))``."""
+    from mtl_jax.aggregation.gramspace import guarded_weigh  # the aggregators' NaN guard
+
+    def weigh(losses: jax.Array, rep_grads: PyTree) -> tuple[jax.Array, Any]:
+        state = weighting_state
+        if state is None:  # a stateless weighting's state; a stateful one needs it
+            state = weighting.init(losses.shape[0])
+            if jax.tree.leaves(state):
+                raise ValueError(
+                    "This weighting keeps state across steps: pass weighting_state=... (its "
+                    "fn.weighting.init(K) at the start, then aux['weighting_state'])."
+                )
+        gram = representation_gram(rep_grads, option.sum_over_batch)
+        finite = jnp.all(jnp.isfinite(gram)) & jnp.all(jnp.isfinite(losses))
+        step_key = jax.random.key(0) if key is None else key
+        weights, new_state = guarded_weigh(weighting, gram, state, step_key, losses, finite)
+        weights = jnp.where(finite & jnp.all(jnp.isfinite(weights)), weights, jnp.nan)
+        return weights, (gram, new_state)
+
+    return weigh
+
+
+def _weighted_backward_grads(
+    model: TrunkAndHeads, heads: Callable, has_aux: bool, option: WeightedBackward
+) -> Callable[..., Any]:
+    """One trunk forward, each head's own value and gradient, ``option.weigh``, ONE trunk
+    backward of the weighted representation gradients: the cost of a joint step."""
+
+    def fn(params: Mapping[str, Any], x: Any, targets: Any) -> Any:
+        losses, aux, head_grads, rep_grads, pullback = _forward(
+            model, heads, has_aux, params, x, targets
+        )
+        weights, out = option.weigh(losses, rep_grads)
+        cotangent = jax.tree.map(lambda r: combine(weights, r), rep_grads)  # float32 sums
+        (trunk_grad,) = pullback(cotangent)
+        if option.scale_heads:
+            head_grads = _scale_heads(head_grads, weights, model.head_loss_fns)
+        aux.update(weights=weights, weigh=out)
+        return (losses, aux), {"trunk": trunk_grad, "heads": head_grads}
+
+    return fn
+
+
+def _gramian_grads(
+    model: Any,
+    gramian: GramianWeighting,
+    task_specific: Any,
+    has_aux: bool,
+    task_map: str,
+    chunk_size: int | None,
+    representation: Any,
+) -> Callable[..., Any]:
+    """The Gramian engine's step (:mod:`mtl_jax.autogram`): G without the Jacobian."""
+    if isinstance(model, TrunkAndHeads | PerTaskLosses) or not callable(model):
+        raise ValueError(
+            "gramian= takes a loss function (params, *args) -> losses[K] (per sample with "
+            f"GramianWeighting(..., instance_wise=True)); got {type(model).__name__}."
+        )
+    if task_map != "vmap" or chunk_size is not None or representation is not False:
+        raise ValueError(
+            "gramian= computes G without K backward passes of the parameters: drop task_map, "
+            "chunk_size and representation."
+        )
+    return engine_value_and_grads(model, gramian, task_specific, has_aux=has_aux)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,7 +520,8 @@ def value_and_grads(
     has_aux: bool = False,
     task_map: str = "vmap",
     chunk_size: int | None = None,
-    representation: bool | RepresentationWeighting = False,
+    representation: bool | RepresentationWeighting | WeightedBackward = False,
+    gramian: GramianWeighting | None = None,
 ) -> Callable[..., Any]:
     """Task losses and ONE gradient tree: Jacobian rows for shared leaves, own gradients elsewhere.
 
@@ -469,7 +558,16 @@ def value_and_grads(
         :class:`RepresentationWeighting`: the one-backward path: the trunk gets the weighted
         gradient ``[*shape]`` (no rows) and the function takes ``weighting_state=`` (and
         ``key=``), returning ``aux["weights"]``, ``aux["gram"]``, ``aux["weighting_state"]``.
+        A :class:`WeightedBackward`: ONE backward of ``sum_k w_k L_k`` with ``w`` from its
+        ``weigh`` (a method at its own cost); returns ``aux["weights"]``, ``aux["weigh"]``.
 
+      gramian: a :class:`mtl_jax.autogram.GramianWeighting`: the Gramian engine (a
+        loss-vector model only): G from per-layer activations and cotangents, never the
+        Jacobian, then the weighting and the update ``sum_k w_k g_k`` (task-specific leaves:
+        their own gradient); ``fn(params, *args, weighting_state=None, key=None)`` returns
+        ``((losses, aux), grads)`` with ``aux["weights"]``, ``aux["gram"]``,
+        ``aux["weighting_state"]``; ``fn.plan(params, *args)`` is the per-leaf report
+        (``docs/autogram.md``).
     Returns:
       ``fn(params, *args, **kwargs) -> (losses, grads)`` or ``((losses, aux), grads)``; for a
       :class:`PerTaskLosses` with ``has_state``: ``fn(params, state, ...) -> ((losses,
@@ -485,6 +583,10 @@ def value_and_grads(
       updates, opt_state = tx.update(grads, opt_state, params, task_losses=losses)
     """
     _check_task_map(task_map, chunk_size)
+    if gramian is not None:
+        return _gramian_grads(
+            model, gramian, task_specific, has_aux, task_map, chunk_size, representation
+        )
     if representation is not False and not isinstance(model, TrunkAndHeads):
         raise ValueError(
             "representation= needs a TrunkAndHeads model (the representation is the trunk's "

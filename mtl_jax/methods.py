@@ -16,10 +16,25 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from mtl_jax.aggregation import AGGREGATORS, from_representation
-from mtl_jax.scalarization import SCALARIZERS, from_scalarizer, post_step_in_state
+from mtl_jax.aggregation import (
+    AGGREGATORS,
+    CROSS_BATCH_AGGREGATORS,
+    GRAM_METHODS,
+    PAIRED_ROWS,
+    from_representation,
+    representation_weigh,
+    weigh_first,
+)
+from mtl_jax.scalarization import (
+    SCALARIZERS,
+    from_scalarizer,
+    post_step_in_state,
+    scalarizer_weigh,
+)
+from mtl_jax.scalarization.auto_lambda import LAMBDA_GRAD, auto_lambda, auto_lambda_weigh
 from mtl_jax.weighting.registry import WEIGHTINGS, check_hyperparams
 
 PyTree = Any
@@ -42,7 +57,10 @@ __all__ = [
 COSTS = ("jacobian", "representation", "loss")
 
 #: The keyword inputs a transform's ``update`` may need besides the gradient tree.
-INPUTS = ("task_losses", "rep_grads")
+INPUTS = ("task_losses", "rep_grads", "paired_rows", "lambda_grad")
+# paired_rows: the shared rows on two independent halves of the batch, leaves [2, K, ...]
+# (mtl.aggregation.value_and_paired_grads; the cross-batch SDMGrad, MoDo: batches = 2).
+# lambda_grad: Auto-Lambda's hypergradient [K] (mtl.scalarization.auto_lambda_grad).
 
 UB_SUFFIX = "_ub"
 
@@ -65,8 +83,15 @@ class Method:
         multiplied by ``w_k`` (loss-only methods; ``mtl.aggregation.weights`` reads ``w``).
       post_step: ``(opt_state, new_losses) -> opt_state`` to call after the optimizer step with
         the losses at the new parameters on the same batch (FAMO), or ``None``.
-      batches: how many batches one update reads (1 for every method here; cross-batch methods
-        such as MoCo or SDMGrad's double sampling will say 2).
+      batches: how many independent batches one update reads: 2 for the cross-batch methods
+        (``sdmgrad``, ``modo``: their ``paired_rows`` input holds the rows on two halves of
+        the batch, :func:`mtl_jax.aggregation.value_and_paired_grads`), 1 otherwise.
+      weigh: for a method whose weights need no Jacobian (the loss-only methods but GradNorm,
+        the representation methods, ``mean``/``sum``/``linear``): ``weigh(transform_state,
+        task_losses, **inputs) -> (w[K], transform_state)``, the weights before the backward
+        pass, leaving the state as ``transform.update`` would (the logged Jacobian Gram matrix
+        aside). A loop then runs ONE backward pass with ``w`` as the losses' cotangent
+        (``docs/custom_loop.md``, "Each method at its own cost"); ``None`` otherwise.
     """
 
     name: str
@@ -77,6 +102,7 @@ class Method:
     scales_heads: bool = False
     post_step: Callable[[PyTree, jax.Array], PyTree] | None = None
     batches: int = 1
+    weigh: Callable[..., tuple[jax.Array, PyTree]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +111,12 @@ class MethodEntry:
 
     ``factory`` is the function whose signature lists the hyper-parameters (the aggregator,
     weighting or scalarizer factory); ``build(hyperparams, num_tasks, steps_per_epoch)``
-    returns ``(transform, post_step)``.
+    returns ``(transform, post_step, weigh)`` (:class:`Method`).
     """
 
     cost: str
     factory: Callable[..., Any]
-    build: Callable[[dict[str, Any], int | None, int], tuple[Any, Any]]
+    build: Callable[[dict[str, Any], int | None, int], tuple[Any, Any, Any]]
     inputs: tuple[str, ...] = ("task_losses",)
     scales_heads: bool = False
     required: tuple[str, ...] = ()
@@ -102,11 +128,35 @@ class MethodEntry:
 def _aggregator_entry(name: str) -> MethodEntry:
     factory = AGGREGATORS[name]
 
-    def build(kwargs: dict[str, Any], num_tasks: int, steps_per_epoch: int) -> tuple[Any, Any]:
+    def build(kwargs: dict[str, Any], num_tasks: int, steps_per_epoch: int) -> tuple[Any, ...]:
         del steps_per_epoch
-        return factory(**kwargs, num_tasks=num_tasks), None
+        weigh = None
+        if name in CONSTANT_WEIGHTS and num_tasks is not None:
+            weigh = _constant_weigh(name, kwargs, num_tasks)
+        return factory(**kwargs, num_tasks=num_tasks), None, weigh
 
-    return MethodEntry("jacobian", factory, build)
+    cross_batch = name in CROSS_BATCH_AGGREGATORS  # SDMGrad, MoDo: rows on two batches
+    inputs = ("task_losses", PAIRED_ROWS) if cross_batch else ("task_losses",)
+    return MethodEntry("jacobian", factory, build, inputs=inputs)
+
+
+#: Aggregators whose weights do not depend on the Jacobian (the gradient of a fixed weighted
+#: loss): a loop can run them as one backward pass (:attr:`Method.weigh`).
+CONSTANT_WEIGHTS = ("mean", "sum", "linear")
+
+
+def _constant_weigh(name: str, kwargs: dict[str, Any], num_tasks: int) -> Callable:
+    """``weigh`` of ``mean``/``sum``/``linear``: their weighting on a K x K placeholder (they read
+    only its size and dtype), through the same state step as every ``weigh``."""
+    method = next(m for m in GRAM_METHODS if m.name == name)
+    weighting = method.weighting(**{k: v for k, v in kwargs.items() if k != "seed"})
+
+    def weights_fn(jac, gram, inner, key, task_losses, extra_args):
+        del jac, gram, extra_args
+        placeholder = jnp.zeros((num_tasks, num_tasks), jnp.zeros(()).dtype)
+        return weighting.weigh(placeholder, inner, key, task_losses)
+
+    return weigh_first(weights_fn, name=name)
 
 
 def _with_keyword_params(
@@ -134,7 +184,7 @@ def _with_keyword_params(
 def _scalarizer_entry(name: str) -> MethodEntry:
     factory = SCALARIZERS[name]
 
-    def build(kwargs: dict[str, Any], num_tasks: int, steps_per_epoch: int) -> tuple[Any, Any]:
+    def build(kwargs: dict[str, Any], num_tasks: int, steps_per_epoch: int) -> tuple[Any, ...]:
         kwargs = dict(kwargs)
         layer = kwargs.pop("layer", None)
         if name == "dwa":
@@ -148,7 +198,9 @@ def _scalarizer_entry(name: str) -> MethodEntry:
             post_step = lambda opt_state, new_losses: post_step_in_state(
                 opt_state, scalarizer, new_losses
             )
-        return transform, post_step
+        # GradNorm's weights need the task-gradient norms of a layer: no weights-first path
+        weigh = None if layer is not None else scalarizer_weigh(scalarizer, name=name)
+        return transform, post_step, weigh
 
     # GradNorm balances the task-gradient norms of one shared layer: it needs layer=
     extra, required = ((("layer", None),), ("layer",)) if name == "gradnorm" else ((), ())
@@ -159,19 +211,17 @@ def _scalarizer_entry(name: str) -> MethodEntry:
 def _representation_entry(weighting_name: str) -> MethodEntry:
     factory = WEIGHTINGS[weighting_name]
 
-    def build(kwargs: dict[str, Any], num_tasks: int, steps_per_epoch: int) -> tuple[Any, Any]:
+    def build(kwargs: dict[str, Any], num_tasks: int, steps_per_epoch: int) -> tuple[Any, ...]:
         del steps_per_epoch
         kwargs = dict(kwargs)
         sum_over_batch = bool(kwargs.pop("sum_over_batch", False))
         seed = int(kwargs.pop("seed", 0))
+        weighting, name = factory(**kwargs), weighting_name + UB_SUFFIX
         transform = from_representation(
-            factory(**kwargs),
-            num_tasks=num_tasks,
-            sum_over_batch=sum_over_batch,
-            seed=seed,
-            name=weighting_name + UB_SUFFIX,
+            weighting, num_tasks=num_tasks, sum_over_batch=sum_over_batch, seed=seed, name=name
         )
-        return transform, None
+        weigh = representation_weigh(weighting, sum_over_batch=sum_over_batch, name=name)
+        return transform, None, weigh
 
     signature = _with_keyword_params(factory, (("sum_over_batch", False), ("seed", 0)))
     return MethodEntry("representation", signature, build, inputs=("task_losses", "rep_grads"))
@@ -184,6 +234,18 @@ def _catalogue() -> dict[str, MethodEntry]:
             table[name] = _scalarizer_entry(name)
     for name in WEIGHTINGS:
         table[name + UB_SUFFIX] = _representation_entry(name)
+    # Auto-Lambda: a loss method whose weights take a meta step on the hypergradient input
+    table["auto_lambda"] = MethodEntry(
+        "loss",
+        auto_lambda,
+        lambda kwargs, num_tasks, steps_per_epoch: (
+            auto_lambda(**kwargs, num_tasks=num_tasks),
+            None,
+            auto_lambda_weigh(kwargs.get("meta_lr", 1e-4)),
+        ),
+        inputs=("task_losses", LAMBDA_GRAD),
+        scales_heads=True,
+    )
     return table
 
 
@@ -333,7 +395,7 @@ def get_method(
         raise ValueError(f"{name} ({entry.cost} method) needs num_tasks=K.")
     if seed is not None and "seed" not in kwargs and entry.accepts("seed"):
         kwargs["seed"] = int(seed)
-    transform, post_step = entry.build(dict(kwargs), num_tasks, steps_per_epoch)
+    transform, post_step, weigh = entry.build(dict(kwargs), num_tasks, steps_per_epoch)
     return Method(
         name=name,
         hyperparams=kwargs,
@@ -342,4 +404,6 @@ def get_method(
         inputs=entry.inputs,
         scales_heads=entry.scales_heads,
         post_step=post_step,
+        batches=2 if PAIRED_ROWS in entry.inputs else 1,
+        weigh=weigh,
     )

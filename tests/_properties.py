@@ -17,10 +17,24 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from scipy.optimize import linprog
 
 import mtl_jax as mtl
 from tests import _matrices as M
+
+
+def same_batch_twice(tx):
+    """A cross-batch aggregator (SDMGrad, MoDo) fed the rows given as both of its row sets
+    (``paired_rows = [J, J]``, the single-batch method), so that the checks here, which pass one
+    row set, run it; tests/test_cross_batch.py tests two independent ones."""
+
+    def update(jac, state, params=None, **inputs):
+        inputs.setdefault("paired_rows", jax.tree.map(lambda x: jnp.stack([x, x]), jac))
+        return tx.update(jac, state, params, **inputs)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)
+
 
 FACTORIES: dict[str, Callable[[int], object]] = {
     "mean": lambda k: mtl.aggregation.mean(num_tasks=k),
@@ -56,6 +70,8 @@ FACTORIES: dict[str, Callable[[int], object]] = {
     "trimmed_mean": lambda k: mtl.aggregation.trimmed_mean(trim_number=1, num_tasks=k),
     "db_mtl": lambda k: mtl.aggregation.db_mtl(num_tasks=k),
     "moco": lambda k: mtl.aggregation.moco(num_tasks=k),
+    "sdmgrad": lambda k: same_batch_twice(mtl.aggregation.sdmgrad(num_tasks=k)),
+    "modo": lambda k: same_batch_twice(mtl.aggregation.modo(num_tasks=k)),
 }
 
 

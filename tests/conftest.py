@@ -37,6 +37,8 @@ QUICK_MODULES = frozenset(
         "test_optax_contract.py",  # init/update shapes, jit, chaining with optax
         "test_gradients.py",  # value_and_grads against per-task jax.grad
         "test_grads_tree.py",  # one gradient tree, O(K) task-specific leaves
+        "test_grads_cut.py",  # the loss vector differentiated at its cut, no [K, K, ...]
+        "test_cross_batch.py",  # SDMGrad and MoDo against their NumPy references
         "test_gramian.py",  # Gram matrices and groupings
         "test_conflict.py",  # conflict metrics against a NumPy recount
         "test_sharing.py",  # specs, masks, copies, shared_rows
@@ -51,6 +53,9 @@ QUICK_TESTS = frozenset(
     {
         "test_mistakes_cli.py::test_mistake[unknown config key]",  # one CLI error, exit 2
         "test_train.py::test_resume_after_interruption_is_bit_identical",  # tiny run, resumed
+        # a weights-first method's state and update equal the Jacobian path's
+        "test_weights_first.py::test_weigh_gives_the_weights_and_state_of_update[uw]",
+        "test_weights_first.py::test_weigh_gives_the_weights_and_state_of_update[mgda_ub]",
     }
 )
 

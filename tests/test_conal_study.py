@@ -21,6 +21,7 @@ from experiments import run as run_lib
 from experiments import runner as runner_lib
 from experiments.config import ConfigError
 from experiments.data.tfds_io import DataUnavailableError
+from experiments.logs import JsonlLog
 from experiments.models import default_model_config
 from experiments.models.base import ClassifierHead
 from experiments.phases import Artifacts
@@ -404,8 +405,13 @@ def test_conal_study_end_to_end_and_resume(tmp_path):
         "mean__seed0",
         "mean+private__seed0",
     ]
-    for phase in phases:
-        assert artifacts.is_done(phase), phase
+    assert artifacts.is_done("discretise__seed0")  # a phase that computes: its done.json
+    assert artifacts.has("search__seed0", "search")  # the search: its artifact
+    records = JsonlLog(os.path.join(workdir, "metrics.jsonl")).records()
+    finished = {(r["run"], r["seed"]) for r in records if r["kind"] == "summary"}
+    assert finished == {("mean+conal", 0), ("mean", 0), ("mean+private", 0)}  # runs: summaries
+    for phase in phases:  # completion is recorded once: no done.json beside a run's own record
+        assert artifacts.is_done(phase) == (phase == "discretise__seed0"), phase
 
     found = artifacts.load_json("search__seed0", "search")
     steps_per_epoch = 192 // 64  # 256 examples, 64 held out for the architecture
@@ -603,7 +609,6 @@ def test_segnet_blocks_chain_to_the_segnet_feature_shape():
 def _context(config, workdir):
     from experiments import data as data_lib
     from experiments import models as models_lib
-    from experiments.logs import JsonlLog
     from experiments.studies.base import StudyContext
 
     data = data_lib.make_dataset(config.dataset)

@@ -16,6 +16,7 @@ import pytest
 import mtl_jax as mtl
 from mtl_jax.sharing import COPIED, SHARED, copy_per_task, make_spec, per_task, spec_from_masks
 from tests._programs import has_task_by_task_value, temp_bytes, traced_shapes
+from tests.test_grads_cut import plain_loss_vector_grads
 
 K, B, D, H = 3, 5, 4, 16  # distinct sizes, so a task axis is recognisable in shapes
 
@@ -191,14 +192,13 @@ def test_task_specific_leaves_never_get_a_task_by_task_jacobian():
     assert out["body"]["branch"]["kernel"].shape == (K, H, H)
     assert out["heads"][0]["w"].shape == (H, 2)
     assert out["body"]["trunk"]["kernel"].shape == (K, D, H)
-    # the compiled program: no [K, K, W, W] buffer (XLA drops the copies' rows of the K
-    # pullbacks, which the jaxpr still computes), read from its scratch memory rather than its
-    # printed HLO. At W = 128 that buffer dominates (new: ~2.3 copies of [K, W, W]; the bound:
-    # K = 3 of them); today's full Jacobian holds one, so the check can see it.
+    # the compiled program: no [K, K, W, W] buffer, read from its scratch memory rather than its
+    # printed HLO. At W = 128 that buffer dominates (the bound: K = 3 of them); the
+    # pre-cut algorithm (K pullbacks of the whole loss vector) holds one, so the check can see it.
     width = 128
     params, x, ys, losses, task_specific = _linen_problem(width)
     task_by_task_bytes = K * K * width * width * 4  # f32[K, K, W, W]
-    assert temp_bytes(mtl.value_and_grads(losses), params, x, ys) >= task_by_task_bytes
+    assert temp_bytes(plain_loss_vector_grads(losses, False), params, x, ys) >= (task_by_task_bytes)
     assert temp_bytes(mtl.value_and_grads(losses, task_specific), params, x, ys) < (
         task_by_task_bytes
     )
@@ -297,10 +297,13 @@ def test_per_task_grads_equals_value_and_grads():
 
 def test_per_task_grads_has_no_task_by_task_buffer():
     stacked, spec, x, ys, task_loss, joint = _stacked_heads_problem()
-    # read from the traced program (before XLA): the joint loss's K pullbacks carry [K, K, B, H]
-    # activation cotangents; the gradient inside the task vmap carries none
-    joint_shapes = traced_shapes(mtl.value_and_grads(joint, spec), stacked, x, ys)
+    # read from the traced program (before XLA): K pullbacks of the whole joint loss vector carry
+    # [K, K, B, H] activation cotangents; the gradient inside the task vmap carries none, nor
+    # does the joint loss differentiated at its cut (tests/test_grads_cut.py)
+    joint_shapes = traced_shapes(plain_loss_vector_grads(joint, spec), stacked, x, ys)
     assert (K, K, B, H) in joint_shapes and has_task_by_task_value(joint_shapes, K)
+    cut_shapes = traced_shapes(mtl.value_and_grads(joint, spec), stacked, x, ys)
+    assert not has_task_by_task_value(cut_shapes, K)
     shapes = traced_shapes(
         mtl.value_and_grads(mtl.PerTaskLosses(task_loss, spec, K)), stacked, x, ys
     )

@@ -32,6 +32,7 @@ def test_the_catalogue_is_every_aggregator_scalarizer_and_representation_method(
         set(mtl.aggregation.AGGREGATORS)
         | set(mtl.scalarization.SCALARIZERS)
         | {f"{w}_ub" for w in mtl.weighting.WEIGHTINGS}
+        | {"auto_lambda"}  # a loss method with a hypergradient input, in neither registry
     )
     assert set(mtl.METHODS) == expected
     for name in mtl.aggregation.AGGREGATORS:  # "mean" and "sum" are the aggregators
@@ -42,12 +43,18 @@ def test_the_catalogue_is_every_aggregator_scalarizer_and_representation_method(
 @pytest.mark.parametrize("name", list(mtl.METHODS))
 def test_every_method_builds_and_updates_with_what_it_says_it_needs(name):
     method = mtl.get_method(name, num_tasks=K, seed=0, **REQUIRED.get(name, {}))
-    assert method.name == name and method.cost in mtl.methods.COSTS and method.batches == 1
+    assert method.name == name and method.cost in mtl.methods.COSTS
+    assert method.batches == (2 if "paired_rows" in method.inputs else 1)
+    assert set(method.inputs) <= set(mtl.methods.INPUTS)
     rows = _rows()
     params = jax.tree.map(lambda r: r[0], rows)
     inputs = {"task_losses": jnp.array([1.0, 0.5, 2.0])}
     if "rep_grads" in method.inputs:
         inputs["rep_grads"] = _rep_grads()
+    if "paired_rows" in method.inputs:  # the rows on two batches (SDMGrad, MoDo)
+        inputs["paired_rows"] = jax.tree.map(lambda a, b: jnp.stack([a, b]), rows, _rows(3))
+    if "lambda_grad" in method.inputs:  # Auto-Lambda's hypergradient
+        inputs["lambda_grad"] = jnp.array([0.1, -0.2, 0.05])
     state = method.transform.init(params)
     update, state = jax.jit(method.transform.update)(rows, state, params, **inputs)
     assert jax.tree.structure(update) == jax.tree.structure(params)

@@ -138,6 +138,11 @@ MISTAKES = [
     ),
     Mistake("zero epochs", lambda t: ["--config.train.epochs=0"], r"train\.epochs.*0"),
     Mistake(
+        "negative conflict probe period",
+        lambda t: ["--config.conflict.every=-1"],
+        r"config\.conflict\.every=-1; the conflict probe's period is an integer >= 1",
+    ),
+    Mistake(
         "zero batch size",
         lambda t: ["--config.train.batch_size=0"],
         r"config\.train\.batch_size=0; use a positive integer",

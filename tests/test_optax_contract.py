@@ -22,11 +22,12 @@ import pytest
 
 import mtl_jax as mtl
 from tests import _matrices as M
+from tests._properties import same_batch_twice
 
 K = 3
 
 # Aggregators whose own (not logging) state needs K: built with num_tasks=K.
-NEEDS_K = {"gradvac", "excess_mtl", "ema_weights", "db_mtl", "moco"}
+NEEDS_K = {"gradvac", "excess_mtl", "ema_weights", "db_mtl", "moco", "sdmgrad", "modo"}
 # Constructor arguments without a default.
 REQUIRED = {"linear": {"weights": [0.5, 1.0, 2.0]}}
 
@@ -50,11 +51,27 @@ def _losses(seed: int) -> jax.Array:
     return 1.0 + jax.random.uniform(jax.random.PRNGKey(100 + seed), (K,))
 
 
+def _fed(method: mtl.Method):
+    """The method's transform, given the inputs the steps here do not pass: ``paired_rows``
+    (the rows as both batches) and ``lambda_grad`` (a hypergradient made from the losses)."""
+    tx = method.transform
+    if "paired_rows" in method.inputs:
+        return same_batch_twice(tx)
+    if "lambda_grad" not in method.inputs:
+        return tx
+
+    def update(jac, state, params=None, *, task_losses=None, **inputs):
+        inputs.setdefault("lambda_grad", task_losses - 1.0)
+        return tx.update(jac, state, params, task_losses=task_losses, **inputs)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
 def _aggregator(name: str, with_k: bool):
     kwargs = dict(REQUIRED.get(name, {}))
     if with_k or name in NEEDS_K:
         kwargs["num_tasks"] = K
-    return mtl.get_method(name, **kwargs).transform
+    return _fed(mtl.get_method(name, **kwargs))
 
 
 def _scalarizer(name: str):
@@ -67,13 +84,15 @@ def _scalarizer(name: str):
 CASES = [(f"agg:{n}", n, False) for n in mtl.aggregation.AGGREGATORS] + [
     (f"agg:{n}[num_tasks]", n, True) for n in mtl.aggregation.AGGREGATORS
 ]
-SCALARIZER_CASES = [f"scal:{n}" for n in mtl.scalarization.SCALARIZERS]
+SCALARIZER_CASES = [f"scal:{n}" for n in mtl.scalarization.SCALARIZERS] + ["method:auto_lambda"]
 
 
 def _build(case: str):
     kind, _, rest = case.partition(":")
     if kind == "scal":
         return _scalarizer(rest)
+    if kind == "method":  # catalogue methods in neither registry (Auto-Lambda)
+        return _fed(mtl.get_method(rest, num_tasks=K))
     name = rest.removesuffix("[num_tasks]")
     return _aggregator(name, rest.endswith("[num_tasks]"))
 

@@ -19,6 +19,7 @@ import mtl_jax as mtl
 from mtl_jax import recon
 from mtl_jax.sharing import COPIED, SHARED, per_task, shared_view
 from tests._programs import has_task_by_task_value, temp_bytes, traced_shapes
+from tests.test_grads_cut import plain_loss_vector_grads
 
 K, B, D, H = 2, 8, 4, 16
 
@@ -234,7 +235,7 @@ def test_copied_leaf_gradients_are_o_k_in_the_compiled_program():
     branched, spec, x, ys, losses = _linen_training_problem(num_tasks, width)
     args = (branched["params"], branched["batch_stats"], x, ys)
     new = mtl.value_and_grads(losses, spec["params"], has_aux=True)
-    old = mtl.value_and_grads(losses, has_aux=True)
+    old = plain_loss_vector_grads(losses, False, has_aux=True)  # K pullbacks of the whole vector
     task_by_task_bytes = num_tasks * num_tasks * width * width * 4  # f32[K, K, W, W]
     assert temp_bytes(old, *args) >= task_by_task_bytes  # the check can see the buffer
     assert temp_bytes(new, *args) < task_by_task_bytes
@@ -530,10 +531,10 @@ def test_per_task_grads_on_the_branched_batchnorm_model():
     assert new_stats["bn1"]["mean"].shape == (k, H) and new_stats["bn0"]["mean"].shape == (k, H)
     rows = np.asarray(new_stats["bn0"]["var"])  # before the branch: bit-identical rows
     np.testing.assert_array_equal(rows, np.broadcast_to(rows[0], rows.shape))
-    joint = mtl.value_and_grads(
-        losses, spec["params"], has_aux=True
-    )  # its K pullbacks: [K, K, ...]
+    joint = plain_loss_vector_grads(losses, spec["params"], has_aux=True)  # [K, K, ...]
     assert has_task_by_task_value(traced_shapes(joint, params, stats, x, ys), k)
+    cut = mtl.value_and_grads(losses, spec["params"], has_aux=True)  # at the cut (issue 25): none
+    assert not has_task_by_task_value(traced_shapes(cut, params, stats, x, ys), k)
     assert not has_task_by_task_value(traced_shapes(fn, params, stats, x, ys), k)
     with pytest.raises(ValueError, match="batch_stats/bn1/mean.*copied per task"):
         mtl.value_and_grads(mtl.PerTaskLosses(task_loss, spec["params"], k, has_state=True))(

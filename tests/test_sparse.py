@@ -222,9 +222,10 @@ def _mlp_params():
     return MLPNet().init(jax.random.PRNGKey(0), jnp.zeros((1, 8)))
 
 
-def _train(tx, params, steps=10, task_specific=None):
+def _train(tx, params, steps=10, task_specific=None, paired=False):
     """``steps`` of ``tx``: on the full Jacobian, or with ``task_specific`` on the gradient tree
-    of ``mtl.value_and_grads`` (heads: their own gradient)."""
+    of ``mtl.value_and_grads`` (heads: their own gradient). ``paired``: a cross-batch method
+    also gets the rows as both of its two batches (``paired_rows``)."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
     y = jnp.asarray(rng.normal(size=(K_TASKS, 16)), jnp.float32)
@@ -240,7 +241,8 @@ def _train(tx, params, steps=10, task_specific=None):
     @jax.jit
     def step(p, s):
         value, grads = grad_fn(p)
-        updates, s = tx.update(grads, s, p, task_losses=value)
+        extra = {"paired_rows": jax.tree.map(lambda g: jnp.stack([g, g]), grads)} if paired else {}
+        updates, s = tx.update(grads, s, p, task_losses=value, **extra)
         return optax.apply_updates(p, updates), s
 
     state = tx.init(params)
@@ -263,7 +265,9 @@ def test_frozen_parameters_stay_bit_identical_with_adamw(name):
         optax.adamw(1e-2, weight_decay=0.1),  # momentum and weight decay
         apply_mask(mask),  # after the optimizer: frozen coordinates stay put
     )
-    _assert_frozen(params, _train(tx, params, task_specific=_is_head(params)), mask, name)
+    paired = name in mtl.aggregation.CROSS_BATCH_AGGREGATORS
+    trained = _train(tx, params, task_specific=_is_head(params), paired=paired)
+    _assert_frozen(params, trained, mask, name)
 
 
 def _assert_frozen(params, trained, mask, name=""):

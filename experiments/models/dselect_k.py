@@ -18,15 +18,28 @@ Interface: the encoder is :class:`~experiments.models.mmoe.MMoEEncoder` (the sha
 (``Dense(k * m)``), the selector weights ``w_logits`` (``Dense(k)``) and the tower, so the gate is a
 task-specific leaf. The gate reads the flattened input, as LibMTL (the paper's per-example gate).
 
-Departures from LibMTL (``LibMTL/architecture/DSelect_k.py``, itself from the official TensorFlow
-code): (1) LibMTL adds an entropy regulariser ``-1e-6 sum r log(r + 1e-6)`` and, when E is not a
-power of 2, a penalty ``sum 1 / sum_e r_i(x)_e`` by an extra ``backward()`` inside ``forward``;
-the suite's loss is the task losses only, so neither is applied. With E a power of 2 (the
-default, 4) every code is an expert and each ``r_i`` sums to 1; otherwise the codes ``>= E`` are
-dropped, as LibMTL, and the mass a selector puts on them is lost (no penalty pushes it back):
-prefer a power of 2. (2) Experts are MLPs on the flattened input (as ``mmoe``). Initialisation
-as LibMTL: ``z_logits`` weights and biases ``U(-gamma/100, gamma/100)``, ``w_logits``
-``U(-0.05, 0.05)``.
+Entropy regulariser (optional): LibMTL (``LibMTL/architecture/DSelect_k.py``) and the official
+TensorFlow code push every selector towards one-hot with the entropy of the selector outputs,
+summed over the batch, the k selectors and the E experts::
+
+    H(r) = - sum_{b, i, e} r_i(x_b)_e log(r_i(x_b)_e + 1e-6)        (:func:`selector_entropy`)
+
+LibMTL adds ``1e-6 H`` (:data:`LIBMTL_ENTROPY_REG`) by an extra ``backward()`` inside
+``forward``. Here it is the head option ``entropy_reg`` (default 0: off; :func:`build` reads
+``config.entropy_reg`` when the config has that key) and :meth:`DSelectKHead.aux_loss` returns
+``entropy_reg * H``, an auxiliary loss for a custom loop to add to task k's loss. ``H`` depends
+only on head k's ``z_logits`` (the gate reads the input, not the experts), so its gradient
+reaches no shared leaf: the Jacobian rows every aggregator sees are unchanged, as with LibMTL's
+separate ``backward()``. The runner's train step adds no auxiliary loss, so :data:`DEFAULTS` has no
+``entropy_reg`` and the runner refuses the key rather than ignore it.
+
+Departures from LibMTL (itself from the official TensorFlow code): (1) the entropy regulariser
+is off by default (above), and the penalty LibMTL adds when E is not a power of 2,
+``sum 1 / sum_e r_i(x)_e``, is not applied. With E a power of 2 (the default, 4) every code is
+an expert and each ``r_i`` sums to 1; otherwise the codes ``>= E`` are dropped, as LibMTL, and
+the mass a selector puts on them is lost (no penalty pushes it back): prefer a power of 2.
+(2) Experts are MLPs on the flattened input (as ``mmoe``). Initialisation as LibMTL:
+``z_logits`` weights and biases ``U(-gamma/100, gamma/100)``, ``w_logits`` ``U(-0.05, 0.05)``.
 """
 
 from __future__ import annotations
@@ -54,13 +67,21 @@ TASK_KINDS = ("classification",)
 
 __all__ = [
     "DEFAULTS",
+    "LIBMTL_ENTROPY_REG",
     "TASK_KINDS",
     "DSelectKHead",
     "binary_codes",
     "build",
     "expert_weights",
+    "selector_entropy",
+    "selector_outputs",
     "smooth_step",
 ]
+
+#: LibMTL's coefficient of the selector entropy (``_entropy_reg_loss``: ``... .sum() * 1e-6``).
+LIBMTL_ENTROPY_REG = 1e-6
+#: The ``eps`` inside the logarithm of LibMTL's and the TensorFlow code's entropy.
+ENTROPY_EPS = 1e-6
 
 
 def smooth_step(t: jax.Array, gamma: float) -> jax.Array:
@@ -75,6 +96,15 @@ def binary_codes(num_experts: int) -> np.ndarray:
     return np.array([[(e >> (m - 1 - b)) & 1 for b in range(m)] for e in range(num_experts)], bool)
 
 
+def selector_outputs(z_logits: jax.Array, codes: np.ndarray, gamma: float) -> jax.Array:
+    """The k single-expert selectors ``r [B, k, E]`` (paper Eq. 5) from ``z_logits [B, k, m]``.
+
+    ``r_i(x)_e = prod_l (S(z_il) if c_el else 1 - S(z_il))``; ``codes``: ``[E, m]`` bool.
+    """
+    s = smooth_step(z_logits, gamma)[:, :, None, :]  # [B, k, 1, m]
+    return jnp.prod(jnp.where(jnp.asarray(codes), s, 1.0 - s), axis=-1)
+
+
 def expert_weights(
     z_logits: jax.Array, w_logits: jax.Array, codes: np.ndarray, gamma: float
 ) -> jax.Array:
@@ -86,9 +116,24 @@ def expert_weights(
       codes: ``[E, m]`` bool, :func:`binary_codes`.
       gamma: the smooth-step's width.
     """
-    s = smooth_step(z_logits, gamma)[:, :, None, :]  # [B, k, 1, m]
-    selectors = jnp.prod(jnp.where(jnp.asarray(codes), s, 1.0 - s), axis=-1)  # r: [B, k, E]
+    selectors = selector_outputs(z_logits, codes, gamma)  # r: [B, k, E]
     return jnp.einsum("bk,bke->be", jax.nn.softmax(w_logits, axis=-1), selectors)
+
+
+def selector_entropy(selectors: jax.Array, eps: float = ENTROPY_EPS) -> jax.Array:
+    """``H(r) = -sum r log(r + eps)`` over every axis (batch, selectors, experts): LibMTL's
+    ``_entropy_reg_loss`` and the TensorFlow code's ``_entropy_reg_loss`` before the coefficient.
+
+    ``selectors``: ``[B, k, E]`` (:func:`selector_outputs`), each row in [0, 1]. The sum (not a
+    mean) over the batch is theirs: the penalty grows with the batch size. Zero when every
+    selector is one-hot; at most ``B k log E`` (uniform selectors).
+    """
+    if selectors.ndim != 3:
+        raise ValueError(
+            f"selector_entropy takes the selector outputs r [B, k, E]; got shape "
+            f"{selectors.shape}. Use selector_outputs(z_logits, codes, gamma)."
+        )
+    return -jnp.sum(selectors * jnp.log(selectors + eps))
 
 
 def _uniform(scale: float) -> jax.nn.initializers.Initializer:
@@ -110,6 +155,7 @@ class DSelectKHead(nn.Module):
     num_nonzeros: int
     gamma: float = 1.0
     tower_hidden: int = 0
+    entropy_reg: float = 0.0  # coefficient of the selector entropy in aux_loss (LibMTL: 1e-6)
 
     def setup(self):
         self.codes = binary_codes(self.num_experts)
@@ -121,10 +167,22 @@ class DSelectKHead(nn.Module):
         )
         self.tower = ClassifierHead(self.num_classes, self.tower_hidden)
 
+    def _z(self, x: jax.Array) -> jax.Array:  # [B, D_in] -> the selectors' logits [B, k, m]
+        return self.z_logits(x).reshape((x.shape[0], self.num_nonzeros, self.codes.shape[1]))
+
     def expert_weights(self, z: dict[str, jax.Array]) -> jax.Array:
         x = z["x"]  # [B, D_in]
-        logits = self.z_logits(x).reshape((x.shape[0], self.num_nonzeros, self.codes.shape[1]))
-        return expert_weights(logits, self.w_logits(x), self.codes, self.gamma)
+        return expert_weights(self._z(x), self.w_logits(x), self.codes, self.gamma)
+
+    def selector_outputs(self, z: dict[str, jax.Array]) -> jax.Array:
+        """The selectors ``r [B, k, E]`` (``head.apply(v, z, method="selector_outputs")``)."""
+        return selector_outputs(self._z(z["x"]), self.codes, self.gamma)
+
+    def aux_loss(self, z: dict[str, jax.Array]) -> jax.Array:
+        """``entropy_reg * selector_entropy(r)``: add it to this task's loss (0 when off)."""
+        if self.entropy_reg == 0:
+            return jnp.zeros((), jnp.float32)
+        return self.entropy_reg * selector_entropy(self.selector_outputs(z))
 
     def __call__(self, z: dict[str, jax.Array], train: bool = False) -> jax.Array:
         del train
@@ -147,7 +205,11 @@ def build(config, tasks: Sequence[TaskSpec], input_shape: tuple[int, ...]) -> Mu
         raise ValueError(f"dselect_k: num_nonzeros (k = {k}) must be <= num_experts ({e}).")
     if not gamma > 0:
         raise ValueError(f"dselect_k: gamma must be > 0; got {gamma}.")
-    heads = {
-        t.name: DSelectKHead(t.num_classes, e, k, gamma, int(config.tower_hidden)) for t in tasks
-    }
+    entropy_reg = float(config.get("entropy_reg", 0.0))
+    if not entropy_reg >= 0:
+        raise ValueError(
+            f"dselect_k: entropy_reg must be >= 0 (0 = off; LibMTL: 1e-6); got {entropy_reg}."
+        )
+    tower = int(config.tower_hidden)
+    heads = {t.name: DSelectKHead(t.num_classes, e, k, gamma, tower, entropy_reg) for t in tasks}
     return MultiTaskModel(MMoEEncoder(e, sizes), heads, tuple(tasks))

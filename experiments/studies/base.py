@@ -12,8 +12,9 @@ A :class:`Study` (one module per study under ``experiments/studies/``) owns:
 * its report section (``report(records, tasks, config, workdir) -> markdown``).
 
 :func:`train_phase` wraps one :class:`~experiments.train.RunSpec` as a phase named
-``spec.run_id``: it trains (resuming from the phase's checkpoints), and leaves the artifacts
-``final`` (parameters and model state) and ``summary`` (the summary record, JSON).
+``spec.run_id``: it trains (resuming from the phase's checkpoints), and leaves the artifact
+``final`` (parameters and model state) and the run's summary record in ``metrics.jsonl``, which
+is its completion (:mod:`experiments.lifecycle`).
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ import ml_collections
 import numpy as np
 
 import mtl_jax as mtl
-from experiments import reports
+from experiments import lifecycle, reports
 from experiments.config import parse_method
 from experiments.logs import JsonlLog
 from experiments.phases import Artifacts, Phase
-from experiments.train import RunSpec, get_method, train_run
+from experiments.train import RunSpec, get_method, run_key, train_run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,21 +72,21 @@ class Study:
 
 
 def train_phase(ctx: StudyContext, spec: RunSpec, needs: Sequence[str] = ()) -> Phase:
-    """The phase that trains ``spec`` (named ``spec.run_id``); its result is the summary."""
+    """The phase that trains ``spec`` (named ``spec.run_id``); its result, and its completion,
+    is the run's summary record (:mod:`experiments.lifecycle`)."""
     needs = tuple(needs) + ((spec.init_from,) if spec.init_from else ())
 
     def run(artifacts: Artifacts) -> dict:
-        summary = train_run(
+        return train_run(
             ctx.config, ctx.data, ctx.model, spec, ctx.workdir, ctx.log, progress=ctx.progress
         )
-        artifacts.save_json(spec.run_id, "summary", summary)
-        return {"run": spec.label, "seed": spec.seed}
 
     return Phase(
         name=spec.run_id,
         run=run,
         needs=tuple(dict.fromkeys(needs)),
         info={"label": spec.label, "seed": spec.seed, "method": spec.method},
+        finished=lifecycle.run_finished(ctx.log, run_key(spec)),
     )
 
 
@@ -104,8 +105,16 @@ def check_methods(
         name, kwargs = method_spec(config, method)
         if num_tasks is None:
             mtl.methods.resolve_method(name, **kwargs)
-        else:
-            get_method(name, kwargs, num_tasks=num_tasks)
+            continue
+        built = get_method(name, kwargs, num_tasks=num_tasks)
+        batch_size = int(config.train.batch_size)
+        halves = built.batches == 2 or "lambda_grad" in built.inputs
+        if halves and batch_size % 2:
+            raise ValueError(
+                f"{name} reads the two halves of the batch (two independent batches; "
+                f"Auto-Lambda's look-ahead and validation batches), but "
+                f"config.train.batch_size={batch_size} is odd; use an even batch size."
+            )
 
 
 def single_task_runs(data, seed: int, epochs: int | None = None) -> list[RunSpec]:

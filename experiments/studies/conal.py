@@ -9,15 +9,16 @@ flattening its input, the standard encoder exactly). Per seed, in phases:
 
 1. ``search__seed<s>``: the CoNAL search (:func:`mtl_jax.conal.make_search`: one jitted step,
    an architecture update on a held-out batch, then a weight update on a training batch, each with
-   its own optax optimizer; ``nocl`` on the shared blocks) through :func:`experiments.loop.run_loop`
-   (checkpointed in the phase directory, resumable to the step). The held-out split is carved from
+   its own optax optimizer; ``nocl`` on the shared blocks) through the one run lifecycle,
+   :func:`experiments.lifecycle.run_lifecycle` (checkpointed in the phase directory, resumable to
+   the step; the retrains below use it too). The held-out split is carved from
    the training set (``conal.val_fraction``, a fixed permutation drawn from
    ``dataset.split_seed``); the weights train on the rest. Every ``conal.alpha_every`` steps the
    per-task softmax over the branch points is logged (records ``kind="conal_alpha"``). With
    ``conal.pro`` the search is CoNAL-Pro (:func:`mtl_jax.conal.search_pro`, not resumable inside
-   the phase: a killed Pro search restarts). Artifact ``search`` (JSON): final alpha logits and
-   softmax, the share of steps in which each shared block's task gradients conflicted, the
-   trajectory; CoNAL-Pro adds the group labels.
+   the phase: a killed Pro search restarts). Artifact ``search`` (JSON; written last, it is the
+   search's completion): final alpha logits and softmax, the share of steps in which each shared
+   block's task gradients conflicted, the trajectory; CoNAL-Pro adds the group labels.
 2. ``discretise__seed<s>``: the argmax branch point per task (:func:`mtl_jax.conal.discretise`,
    ``conal.tie_break``); artifact ``architecture`` (JSON: branch points, groups, final softmax,
    block sizes, encoder parameter counts of the learned / all-shared / all-private models, the
@@ -103,18 +104,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from experiments import conal_report, optim, reports
+from experiments import conal_report, lifecycle, optim, reports
 from experiments import data as data_lib
 from experiments import losses as losses_lib
 from experiments.config import ConfigError, check_keys
 from experiments.logs import atomic_write_text
-from experiments.loop import (
-    LoopHooks,
-    checkpoint_manager,
-    fresh_buffers,
-    restore_checkpoint,
-    run_loop,
-)
 from experiments.models import small_resnet
 from experiments.models.base import torch_default_init
 from experiments.models.segnet import ConvBNReLU, _convs_per_level
@@ -355,136 +349,180 @@ def _alpha_records(log, seed: int) -> list[dict]:
 
 
 def _search_phase(ctx: StudyContext, seed: int) -> Phase:
+    """The CoNAL search of ``seed`` (:func:`experiments.lifecycle.run_lifecycle`; CoNAL-Pro: its
+    own stages, not resumable); its completion is its ``search`` artifact."""
     name = f"search__seed{seed}"
-    config, c = ctx.config, ctx.config.conal
-    names = [t.name for t in ctx.data.tasks]
+    key = lifecycle.RunKey(SEARCH_RUN, seed, name)
+
+    def completion(artifacts: Artifacts) -> lifecycle.ArtifactRecord:
+        return lifecycle.ArtifactRecord(artifacts, name, "search")
 
     def run(artifacts: Artifacts) -> dict:
-        blocks, _ = _blocks_for(ctx)
-        supernet = conal.Supernet(
-            blocks, len(names), mixing=str(c.mixing), task_map=str(c.task_map)
+        if ctx.config.conal.pro:
+            return _search_pro(ctx, seed, completion(artifacts))
+        return lifecycle.run_lifecycle(
+            key,
+            ctx.log,
+            artifacts,
+            lambda: _search_parts(ctx, key),
+            completion=completion(artifacts),
         )
-        search = conal.make_search(
-            supernet, make_loss_fn(ctx.model, ctx.data.tasks), search_config(config, seed)
+
+    return Phase(
+        name=name,
+        run=run,
+        info={"seed": seed, "conal": "search"},
+        finished=lambda artifacts: completion(artifacts).read(),
+    )
+
+
+class _Search(NamedTuple):
+    """What the search and CoNAL-Pro share: the blocks, the search, its initial state and its
+    ``(train batch, held-out batch)`` stream."""
+
+    blocks: list
+    supernet: conal.Supernet
+    search: conal.Search
+    template: conal.SearchState
+    batches: Callable[[int, int], Any]
+    steps_per_epoch: int
+    total_steps: int
+
+
+def _search_setup(ctx: StudyContext, seed: int) -> _Search:
+    config, c = ctx.config, ctx.config.conal
+    names = [t.name for t in ctx.data.tasks]
+    blocks, _ = _blocks_for(ctx)
+    supernet = conal.Supernet(blocks, len(names), mixing=str(c.mixing), task_map=str(c.task_map))
+    search = conal.make_search(
+        supernet, make_loss_fn(ctx.model, ctx.data.tasks), search_config(config, seed)
+    )
+    train_part, val_part = search_splits(config, ctx.data)
+    batch_size = int(config.train.batch_size)
+    steps_per_epoch = data_lib.num_batches(train_part, batch_size, drop_remainder=True)
+    heads, _ = _head_params(ctx, seed)
+    x0 = np.zeros((2, *ctx.data.input_shape), np.float32)
+    template = search.init(jax.random.key(seed), x0, heads["heads"])
+
+    def batches(epoch: int, start: int):
+        for i, batch in enumerate(
+            data_lib.batches(train_part, batch_size, seed=seed, epoch=epoch, start_batch=start)
+        ):
+            index = epoch * steps_per_epoch + start + i
+            val = _val_batch(val_part, batch_size, 7_919 * (seed + 1), index)
+            yield _to_jax(batch, names), _to_jax(val, names)
+
+    total = _search_epochs(config) * steps_per_epoch
+    return _Search(blocks, supernet, search, template, batches, steps_per_epoch, total)
+
+
+def _search_artifact(
+    ctx: StudyContext, seed: int, blocks: list, state: conal.SearchState, seconds: float, **extra
+) -> dict:
+    """The ``search`` artifact (see the module docstring)."""
+    records = _alpha_records(ctx.log, seed)
+    return {
+        "alpha": np.asarray(state.params["alpha"]).tolist(),
+        "alpha_softmax": np.asarray(
+            conal.branch_weights(state.params["alpha"], state.candidates)
+        ).tolist(),
+        "steps": int(state.step),
+        "block_sizes": conal.block_param_counts(state.params),
+        "block_names": _block_names(blocks),
+        "conflict_share": np.mean([r["shared_conflict"] for r in records], axis=0).tolist()
+        if records
+        else [],
+        "trajectory": {
+            "steps": [r["step"] for r in records],
+            "alpha_softmax": [r["alpha_softmax"] for r in records],
+        },
+        "seconds": seconds,
+        **extra,
+    }
+
+
+def _search_parts(ctx: StudyContext, key: lifecycle.RunKey) -> lifecycle.RunParts:
+    """The search's parts of the lifecycle: one jitted step (architecture then weights), a
+    ``conal_alpha`` record every ``conal.alpha_every`` steps, no start, eval or final record."""
+    seed, log = key.seed, ctx.log
+    s = _search_setup(ctx, seed)
+
+    def step_fn(state, batch):
+        state, metrics = s.search.step(state, batch[0], batch[1])
+        return state, {**metrics, "losses": metrics["train_losses"]}
+
+    def on_log(state, step: int, epoch: int, out: dict) -> None:
+        log.write(
+            key.record(
+                "conal_alpha",
+                step,
+                epoch=epoch,
+                alpha_softmax=np.asarray(out["alpha_softmax"]).tolist(),
+                train_losses=np.asarray(out["train_losses"]).tolist(),
+                val_losses=np.asarray(out["val_losses"]).tolist(),
+                shared_conflict=np.asarray(out["shared_conflict"]).tolist(),
+            )
         )
-        train_part, val_part = search_splits(config, ctx.data)
-        batch_size = int(config.train.batch_size)
-        steps_per_epoch = data_lib.num_batches(train_part, batch_size, drop_remainder=True)
-        total = _search_epochs(config) * steps_per_epoch
-        heads, _ = _head_params(ctx, seed)
-        x0 = np.zeros((2, *ctx.data.input_shape), np.float32)
-        template = search.init(jax.random.key(seed), x0, heads["heads"])
 
-        def batches(epoch: int, start: int):
-            for i, batch in enumerate(
-                data_lib.batches(train_part, batch_size, seed=seed, epoch=epoch, start_batch=start)
-            ):
-                index = epoch * steps_per_epoch + start + i
-                val = _val_batch(val_part, batch_size, 7_919 * (seed + 1), index)
-                yield _to_jax(batch, names), _to_jax(val, names)
-
-        began = time.perf_counter()
-        if c.pro:
-            stages = supernet.num_branch_points
-            per_stage = int(c.pro_steps_per_stage) or max(1, total // stages)
-
-            def stream():
-                epoch = 0
-                while True:
-                    yield from batches(epoch, 0)
-                    epoch += 1
-
-            arch, state, history = conal.search_pro(
-                search, template, stream(), per_stage, tie_break=str(c.tie_break)
-            )
-            extra = {
-                "branch_points": list(arch.branch_points),
-                "group_labels": list(arch.group_labels or ()),
-                "stages": [
-                    {"depth": h["depth"], "decided": [list(g) for g in h["decided"]]}
-                    for h in history
-                ],
-            }
-        else:
-            manager = checkpoint_manager(os.path.join(artifacts.phase_dir(name), "checkpoints"))
-            restored = restore_checkpoint(manager, template)
-            state = fresh_buffers(template if restored is None else restored)
-            start = int(state.step)
-            ctx.log.drop(
-                lambda r: (
-                    r.get("run") == SEARCH_RUN
-                    and r.get("seed") == seed
-                    and r.get("step", -1) > start
-                )
+    def check(state, out: dict, has_checkpoint: bool) -> None:
+        losses = np.asarray(out["train_losses"])
+        if not np.all(np.isfinite(losses)):
+            raise FloatingPointError(
+                f"CoNAL search (seed {seed}): non-finite task loss {losses.tolist()} at "
+                f"step {int(state.step)}; lower conal.weight_lr or conal.arch_lr."
             )
 
-            def step_fn(state, batch):
-                state, metrics = search.step(state, batch[0], batch[1])
-                return state, {**metrics, "losses": metrics["train_losses"]}
+    def on_finish(finish: lifecycle.Finish) -> dict:
+        return _search_artifact(ctx, seed, s.blocks, finish.state, finish.wall_seconds)
 
-            def on_log(state, step: int, epoch: int, out: dict) -> None:
-                ctx.log.write(
-                    {
-                        "kind": "conal_alpha",
-                        "run": SEARCH_RUN,
-                        "seed": seed,
-                        "step": step,
-                        "epoch": epoch,
-                        "alpha_softmax": np.asarray(out["alpha_softmax"]).tolist(),
-                        "train_losses": np.asarray(out["train_losses"]).tolist(),
-                        "val_losses": np.asarray(out["val_losses"]).tolist(),
-                        "shared_conflict": np.asarray(out["shared_conflict"]).tolist(),
-                    }
-                )
+    return lifecycle.RunParts(
+        step_fn=jax.jit(step_fn, donate_argnums=0),
+        template=s.template,
+        batches=s.batches,
+        steps_per_epoch=s.steps_per_epoch,
+        total_steps=s.total_steps,
+        on_finish=on_finish,
+        loop=lifecycle.loop_settings(
+            ctx.config.train,
+            progress=ctx.progress,
+            desc=key.phase,
+            log_every=int(ctx.config.conal.alpha_every),
+        ),
+        on_log=on_log,
+        check=check,
+        final_arrays=None,  # the search keeps its artifact, not its weights
+    )
 
-            def check(state, out: dict) -> None:
-                losses = np.asarray(out["train_losses"])
-                if not np.all(np.isfinite(losses)):
-                    raise FloatingPointError(
-                        f"CoNAL search (seed {seed}): non-finite task loss {losses.tolist()} at "
-                        f"step {int(state.step)}; lower conal.weight_lr or conal.arch_lr."
-                    )
 
-            result = run_loop(
-                step_fn=jax.jit(step_fn, donate_argnums=0),
-                state=state,
-                batches=batches,
-                steps_per_epoch=steps_per_epoch,
-                total_steps=total,
-                manager=manager,
-                hooks=LoopHooks(on_log=on_log, check=check),
-                log_every=int(c.alpha_every),
-                checkpoint_every_steps=int(config.train.checkpoint_every_steps),
-                checkpoint_every_epochs=int(config.train.checkpoint_every_epochs),
-                progress=ctx.progress,
-                desc=name,
-            )
-            state = result.state
-            extra = {}
-        records = _alpha_records(ctx.log, seed)
-        alpha = np.asarray(state.params["alpha"])
-        out = {
-            "alpha": alpha.tolist(),
-            "alpha_softmax": np.asarray(
-                conal.branch_weights(state.params["alpha"], state.candidates)
-            ).tolist(),
-            "steps": int(state.step),
-            "block_sizes": conal.block_param_counts(state.params),
-            "block_names": _block_names(blocks),
-            "conflict_share": np.mean([r["shared_conflict"] for r in records], axis=0).tolist()
-            if records
-            else [],
-            "trajectory": {
-                "steps": [r["step"] for r in records],
-                "alpha_softmax": [r["alpha_softmax"] for r in records],
-            },
-            "seconds": time.perf_counter() - began,
-            **extra,
-        }
-        artifacts.save_json(name, "search", out)
-        return {"steps": out["steps"]}
+def _search_pro(ctx: StudyContext, seed: int, completion: lifecycle.ArtifactRecord) -> dict:
+    """CoNAL-Pro's progressive search (:func:`mtl_jax.conal.search_pro`: its own stages, not
+    the loop; a killed Pro search restarts); writes the ``search`` artifact."""
+    c = ctx.config.conal
+    s = _search_setup(ctx, seed)
+    began = time.perf_counter()
+    per_stage = int(c.pro_steps_per_stage) or max(1, s.total_steps // s.supernet.num_branch_points)
 
-    return Phase(name=name, run=run, info={"seed": seed, "conal": "search"})
+    def stream():
+        epoch = 0
+        while True:
+            yield from s.batches(epoch, 0)
+            epoch += 1
+
+    arch, state, history = conal.search_pro(
+        s.search, s.template, stream(), per_stage, tie_break=str(c.tie_break)
+    )
+    out = _search_artifact(
+        ctx,
+        seed,
+        s.blocks,
+        state,
+        time.perf_counter() - began,
+        branch_points=list(arch.branch_points),
+        group_labels=list(arch.group_labels or ()),
+        stages=[{"depth": h["depth"], "decided": [list(g) for g in h["decided"]]} for h in history],
+    )
+    completion.write(out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -752,16 +790,31 @@ def retrain_run(
     info: dict,
 ) -> dict:
     """Trains the tree architecture ``arch`` (the phase ``run_id``), resumable; returns the
-    summary record (same fields as ``train_run``'s, so the base report lists the run)."""
-    config = ctx.config
-    log = ctx.log
+    summary record (same fields as ``train_run``'s, so the base report lists the run), through
+    the one run lifecycle (:func:`experiments.lifecycle.run_lifecycle`)."""
+    key = lifecycle.RunKey(label, seed, run_id)
+    return lifecycle.run_lifecycle(
+        key, ctx.log, artifacts, lambda: _retrain_parts(ctx, key, method, arch, artifacts, info)
+    )
+
+
+def _retrain_parts(
+    ctx: StudyContext,
+    key: lifecycle.RunKey,
+    method: str,
+    arch: conal.Architecture,
+    artifacts: Artifacts,
+    info: dict,
+) -> lifecycle.RunParts:
+    """The retrain's parts of the lifecycle: the tree model's step, its records, precise BN and
+    the A/B/C BatchNorm evaluation at the end, its summary."""
+    config, log, seed = ctx.config, ctx.log, key.seed
     blocks, exact = _blocks_for(ctx)
     tree = tree_model(blocks, arch, ctx.model, ctx.data.tasks)
     name, kwargs = method_spec(config, method)
     batch_size = int(config.train.batch_size)
     steps_per_epoch = data_lib.num_batches(ctx.data.train, batch_size, drop_remainder=True)
-    epochs = int(config.train.epochs)
-    total = epochs * steps_per_epoch
+    total = int(config.train.epochs) * steps_per_epoch
     opt = optim.optimizer(config.train, steps_per_epoch)
     init_fn, step = make_retrain(
         tree,
@@ -775,37 +828,13 @@ def retrain_run(
     )
     params, model_state = tree_init(ctx, tree, seed, exact, str(config.conal.init))
     template = jax.jit(init_fn)(params, model_state)
-    manager = checkpoint_manager(os.path.join(artifacts.phase_dir(run_id), "checkpoints"))
-    restored = restore_checkpoint(manager, template)
-    state = fresh_buffers(template if restored is None else restored)
-    start = int(state.step)
-    log.drop(
-        lambda r: r.get("run") == label and r.get("seed") == seed and r.get("step", -1) > start
-    )
     names = [t.name for t in ctx.data.tasks]
-    if restored is None:
-        log.write(
-            {
-                "kind": "start",
-                "run": label,
-                "seed": seed,
-                "step": 0,
-                "method": name,
-                "method_kwargs": dict(kwargs),
-                "tasks": names,
-                "encoder_params": count_params(_encoder_of(state.params)),
-                "head_params": count_params(state.params["heads"]),
-                "steps_per_epoch": steps_per_epoch,
-                "total_steps": total,
-                "info": info,
-            }
-        )
     predict = jax.jit(tree.predict)
     columns = ["image", *names]
-    began = time.perf_counter()
     recompute_n = int(config.eval.recompute_bn_batches)
     modes_n = int(config.conal.bn_modes_batches)
     stat_batches = statistics_batches(ctx.data.train, batch_size, seed, max(recompute_n, modes_n))
+    eval_batch_size = int(config.train.eval_batch_size)
 
     def evaluated(state: conal.RetrainState) -> conal.RetrainState:
         """The state evaluated and saved: with ``eval.recompute_bn_batches`` its running
@@ -823,108 +852,88 @@ def retrain_run(
         ):
             yield {k: jnp.asarray(batch[k]) for k in columns}
 
-    def check(state, out: dict) -> None:
+    def start_fields(state: conal.RetrainState) -> dict:
+        return {
+            "method": name,
+            "method_kwargs": dict(kwargs),
+            "tasks": names,
+            "encoder_params": count_params(_encoder_of(state.params)),
+            "head_params": count_params(state.params["heads"]),
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total,
+            "info": info,
+        }
+
+    def check(state, out: dict, has_checkpoint: bool) -> None:
         if int(state.first_nonfinite) >= 0:
             raise FloatingPointError(
-                f"Run {run_id}: non-finite task loss at step {int(state.first_nonfinite)}; lower "
-                "the learning rate."
+                f"Run {key.phase}: non-finite task loss at step {int(state.first_nonfinite)}; "
+                "lower the learning rate."
             )
 
     def on_log(state, step_: int, epoch: int, out: dict) -> None:
+        losses = np.asarray(out["losses"])
         log.write(
-            {
-                "kind": "train",
-                "run": label,
-                "seed": seed,
-                "step": step_,
-                "epoch": epoch,
-                "loss": {
-                    n: float(v) for n, v in zip(names, np.asarray(out["losses"]), strict=True)
-                },
-                "incidence": math.nan,
-                "mean_cos": math.nan,
-                "weights": [],
-            }
+            key.record(
+                "train",
+                step_,
+                epoch=epoch,
+                loss={n: float(v) for n, v in zip(names, losses, strict=True)},
+                incidence=math.nan,
+                mean_cos=math.nan,
+                weights=[],
+            )
         )
 
-    def on_epoch_end(state, epoch: int) -> None:
-        every = max(1, int(config.train.eval_every_epochs))
-        if (epoch + 1) % every == 0 or int(state.step) == total:
-            results = evaluate_split(
-                predict,
-                ctx.data.tasks,
-                evaluated(state),
-                ctx.data.test,
-                int(config.train.eval_batch_size),
-            )
-            log.write(
-                {
-                    "kind": "eval",
-                    "run": label,
-                    "seed": seed,
-                    "step": int(state.step),
-                    "epoch": epoch + 1,
-                    "split": "test",
-                    "metrics": results,
-                    "wall_seconds": time.perf_counter() - began,
-                }
-            )
+    def evaluate_test(state: conal.RetrainState) -> dict:
+        return evaluate_split(
+            predict, ctx.data.tasks, evaluated(state), ctx.data.test, eval_batch_size
+        )
 
-    result = run_loop(
+    def finalize(state: conal.RetrainState) -> conal.RetrainState:
+        """The A/B/C BatchNorm evaluation (artifact ``bn_modes``), then the state to save."""
+        if modes_n and jax.tree.leaves(state.model_state):  # a model without BatchNorm: skip
+            bn_modes = evaluate_bn_modes(
+                tree,
+                ctx.data.tasks,
+                state.params,
+                state.model_state,
+                ctx.data.test,
+                eval_batch_size,
+                stat_batches[:modes_n],
+            )
+            artifacts.save_json(key.phase, "bn_modes", bn_modes)
+        return evaluated(state)
+
+    def on_finish(finish: lifecycle.Finish) -> dict:
+        state = finish.state
+        return lifecycle.summary_record(
+            finish,
+            method=name,
+            tasks=names,
+            incidence_all={},
+            incidence_last_half={},
+            s_scores={},
+            encoder_params=count_params(_encoder_of(state.params)),
+            head_params=count_params(state.params["heads"]),
+            info={**info, "bn_statistics": "recomputed" if recompute_n else "running"},
+        )
+
+    return lifecycle.RunParts(
         step_fn=jax.jit(step, donate_argnums=0),
-        state=state,
+        template=template,
         batches=batches,
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
-        manager=manager,
-        hooks=LoopHooks(on_log=on_log, on_epoch_end=on_epoch_end, check=check),
-        log_every=int(config.train.log_every_steps),
-        checkpoint_every_steps=int(config.train.checkpoint_every_steps),
-        checkpoint_every_epochs=int(config.train.checkpoint_every_epochs),
-        progress=ctx.progress,
-        desc=run_id,
+        on_finish=on_finish,
+        loop=lifecycle.loop_settings(config.train, progress=ctx.progress, desc=key.phase),
+        start_fields=start_fields,
+        on_log=on_log,
+        check=check,
+        evaluate=evaluate_test,
+        eval_every_epochs=int(config.train.eval_every_epochs),
+        finalize=finalize,
     )
-    if modes_n and jax.tree.leaves(result.state.model_state):  # a model without BatchNorm: skip
-        bn_modes = evaluate_bn_modes(
-            tree,
-            ctx.data.tasks,
-            result.state.params,
-            result.state.model_state,
-            ctx.data.test,
-            int(config.train.eval_batch_size),
-            stat_batches[:modes_n],
-        )
-        artifacts.save_json(run_id, "bn_modes", bn_modes)
-    state = evaluated(result.state)
-    artifacts.save_arrays(
-        run_id, "final", {"params": state.params, "model_state": state.model_state}
-    )
-    evals = [
-        r
-        for r in log.records()
-        if r.get("kind") == "eval" and r.get("run") == label and r.get("seed") == seed
-    ]
-    summary = {
-        "kind": "summary",
-        "run": label,
-        "seed": seed,
-        "step": total,
-        "method": name,
-        "tasks": names,
-        "test": evals[-1]["metrics"] if evals else {},
-        "incidence_all": {},
-        "incidence_last_half": {},
-        "s_scores": {},
-        "encoder_params": count_params(_encoder_of(state.params)),
-        "head_params": count_params(state.params["heads"]),
-        "seconds_per_step": float(np.median(result.step_seconds))
-        if result.step_seconds
-        else math.nan,
-        "wall_seconds": result.wall_seconds,
-        "info": {**info, "bn_statistics": "recomputed" if recompute_n else "running"},
-    }
-    log.write(summary)
-    return summary
 
 
 def _retrain_phase(
@@ -933,6 +942,7 @@ def _retrain_phase(
     label = method if variant == "shared" else f"{method}+{variant}"
     run_id = f"{label}__seed{seed}"
     discretise_id = f"discretise__seed{seed}"
+    key = lifecycle.RunKey(label, seed, run_id)
 
     def run(artifacts: Artifacts) -> dict:
         if variant == "conal":
@@ -941,9 +951,7 @@ def _retrain_phase(
             p = num_blocks if variant == "shared" else 0
             arch = conal.Architecture((p,) * nb_tasks, num_blocks)
         info = {"conal": variant, "branch_points": list(arch.branch_points)}
-        summary = retrain_run(ctx, label, method, seed, arch, run_id, artifacts, info)
-        artifacts.save_json(run_id, "summary", summary)
-        return {"run": label, "seed": seed}
+        return retrain_run(ctx, label, method, seed, arch, run_id, artifacts, info)
 
     needs = (discretise_id,) if variant == "conal" else ()
     return Phase(
@@ -951,6 +959,7 @@ def _retrain_phase(
         run=run,
         needs=needs,
         info={"label": label, "seed": seed, "method": method, "conal": variant},
+        finished=lifecycle.run_finished(ctx.log, key),
     )
 
 

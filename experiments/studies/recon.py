@@ -4,7 +4,8 @@ Per seed, in phases (``mtl_jax.recon`` does the maths; this module orchestrates)
 
 1. ``search__seed<s>``: train the all-shared model jointly (``recon.search_method``) for
    ``recon.search_epochs`` (the paper: the first 25% of training) with a per-module conflict
-   tracker (``conflict.granularity="module"``): its summary holds every layer's S-conflict score,
+   tracker (``conflict.granularity="module"``, probed at every step whatever ``conflict.every``
+   says): its summary holds every layer's S-conflict score,
    the number of (step, pair) events with ``cos < S`` (strict), ``S = conflict.severity``.
 2. ``select__seed<s>``: Recon's layers (:func:`mtl_jax.recon.select_layers`: the top
    ``recon.k`` by score, or within ``recon.budget`` parameters), and the controls: RSL (as many
@@ -35,11 +36,11 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from experiments import reports
+from experiments import lifecycle, reports
 from experiments.config import ConfigError, check_keys
 from experiments.conflict_summary import mean_std, spearman
 from experiments.logs import atomic_write_text
-from experiments.phases import Artifacts, Phase
+from experiments.phases import Artifacts, MissingArtifactError, Phase
 from experiments.studies.base import (
     Study,
     StudyContext,
@@ -48,7 +49,13 @@ from experiments.studies.base import (
     single_task_runs,
     train_phase,
 )
-from experiments.train import RunSpec, bn_recompute_note, init_shapes, initial_params
+from experiments.train import (
+    RunSpec,
+    bn_recompute_note,
+    init_shapes,
+    initial_params,
+    run_key,
+)
 from mtl_jax import recon as recon_lib
 from mtl_jax.conflict import RECON_BINS
 
@@ -77,12 +84,17 @@ def _search_epochs(config) -> int:
     return int(config.recon.search_epochs) or max(1, int(config.train.epochs) // 4)
 
 
-def _select_phase(ctx: StudyContext, seed: int, search_id: str) -> Phase:
+def _select_phase(ctx: StudyContext, seed: int, search: RunSpec) -> Phase:
     name = f"select__seed{seed}"
     c = ctx.config.recon
 
     def run(artifacts: Artifacts) -> dict:
-        summary = artifacts.load_json(search_id, "summary")
+        summary = lifecycle.run_finished(ctx.log, run_key(search))(artifacts)
+        if summary is None:
+            raise MissingArtifactError(
+                f"Phase {name!r} needs the summary of the search run {search.run_id!r}; that "
+                "phase must finish first."
+            )
         scores = {g: int(v) for g, v in summary["s_scores"].items()}
         params, _ = initial_params(ctx.model, ctx.data.tasks, ctx.data.input_shape, seed)
         sizes = recon_lib.layer_sizes(params["encoder"])
@@ -114,7 +126,7 @@ def _select_phase(ctx: StudyContext, seed: int, search_id: str) -> Phase:
         artifacts.save_json(name, "layers", out)
         return {"recon": layers, "parameters": count}
 
-    return Phase(name=name, run=run, needs=(search_id,))
+    return Phase(name=name, run=run, needs=(search.run_id,))
 
 
 def _layers_fn(workdir: str, select_id: str, variant: str):
@@ -136,9 +148,10 @@ def runs_and_phases(ctx: StudyContext) -> list[Phase]:
             seed=seed,
             epochs=_search_epochs(config),
             info={"recon": "search"},
+            conflict_every=1,  # the S-conflict scores select the layers: every step, as the paper
         )
         phases.append(train_phase(ctx, search))
-        select = _select_phase(ctx, seed, search.run_id)
+        select = _select_phase(ctx, seed, search)
         phases.append(select)
         for i, method in enumerate(c.methods):
             name, kwargs = method_spec(config, method)

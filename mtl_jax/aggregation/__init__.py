@@ -10,11 +10,18 @@ One concept per module: :mod:`.gramspace` (the Gram-space adapter), :mod:`.table
 methods as data, the registry), :mod:`.graddrop`, :mod:`.excess_mtl`, :mod:`.trimmed_mean`,
 :mod:`.db_mtl` and :mod:`.moco` (the methods that work on the Jacobian's rows or coordinates;
 the last three share :mod:`.tracked_rows`, the transform around a row-tracking step),
+:mod:`.sdmgrad` and :mod:`.modo` (cross-batch methods: rows on two batches, :mod:`.cross_batch`),
 :mod:`.representation` (MGDA-UB weights), :mod:`.rows` (the adapter for a gradient
 tree), :mod:`.state` (reading the last weights and Gram matrices), :mod:`.finite` (skipping
 non-finite steps). The long story: ``docs/methods.md``, "Aggregators as optax transforms".
 """
 
+from .cross_batch import (
+    CROSS_BATCH_AGGREGATORS,
+    PAIRED_ROWS,
+    split_in_halves,
+    value_and_paired_grads,
+)
 from .db_mtl import DBMTLState, db_mtl
 from .excess_mtl import excess_mtl
 from .finite import skip_nonfinite
@@ -25,10 +32,13 @@ from .gramspace import (
     from_weighting,
     from_weights_fn,
     guarded_weigh,
+    weigh_first,
 )
 from .moco import MoCoState, moco
-from .representation import from_representation
+from .modo import MoDoState, modo
+from .representation import from_representation, representation_weigh
 from .rows import shared_rows
+from .sdmgrad import SDMGradState, sdmgrad
 from .state import aggregator_state, gram, weights
 from .table import (
     AGGREGATORS,
@@ -57,12 +67,16 @@ from .trimmed_mean import trimmed_mean
 
 __all__ = [
     "AGGREGATORS",
+    "CROSS_BATCH_AGGREGATORS",
     "GRAM_METHODS",
+    "PAIRED_ROWS",
     "AggregatorState",
     "DBMTLState",
     "GradDropState",
     "GramMethod",
     "MoCoState",
+    "MoDoState",
+    "SDMGradState",
     "aggregator_state",
     "aligned_mtl",
     "batched_weighting",
@@ -87,14 +101,20 @@ __all__ = [
     "mean",
     "mgda",
     "moco",
+    "modo",
     "nash_mtl",
     "nocl",
     "pcgrad",
     "random_weighting",
+    "representation_weigh",
+    "sdmgrad",
     "shared_rows",
     "skip_nonfinite",
+    "split_in_halves",
     "sum_",
     "trimmed_mean",
     "upgrad",
+    "value_and_paired_grads",
+    "weigh_first",
     "weights",
 ]

@@ -43,6 +43,7 @@ __all__ = [
     "from_weighting",
     "from_weights_fn",
     "guarded_weigh",
+    "weigh_first",
 ]
 
 PyTree = Any
@@ -285,20 +286,66 @@ def from_weights_fn(
         validate_jacobian(jac, params, task_losses, num_tasks, name)
         task_losses = compute_dtype_losses(task_losses)
         gram = group_gramians(jac, GLOBAL)[GLOBAL]
-        key, sub = jax.random.split(state.key)
-        w, inner = weights_fn(jac, gram, state.inner[inner_key], sub, task_losses, extra_args)
-        finite = finite_mask(gram, task_losses) & jnp.all(jnp.isfinite(w))
-        w = jnp.where(finite, w, jnp.nan)
-        # Non-finite input leaves the method's own state unchanged (the module's contract).
-        old_inner = state.inner[inner_key]
-        inner = jax.tree.map(lambda new, old: keep_unless(finite, new, old), inner, old_inner)
-        updates = map_unmasked(jac, lambda i, leaf: combine(w, leaf))
-        new_state = AggregatorState(
-            key,
-            cast_like({GLOBAL: w}, state.weights),
-            cast_like({GLOBAL: gram}, state.gram),
-            {inner_key: inner},
+        w, new_state = _weights_step(
+            weights_fn, inner_key, state, jac, gram, task_losses, extra_args
         )
+        updates = map_unmasked(jac, lambda i, leaf: combine(w, leaf))
         return updates, new_state
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _weights_step(
+    weights_fn: WeightsFn,
+    inner_key: str,
+    state: AggregatorState,
+    jac: PyTree | None,
+    gram: jax.Array | None,
+    task_losses: Any,
+    extra_args: dict[str, Any],
+) -> tuple[jax.Array, AggregatorState]:
+    """The weights of one step and the state after it, shared by :func:`from_weights_fn`'s
+    ``update`` and :func:`weigh_first` (``jac``/``gram`` ``None``: no Jacobian; the logged Gram
+    matrix is kept)."""
+    key, sub = jax.random.split(state.key)
+    w, inner = weights_fn(jac, gram, state.inner[inner_key], sub, task_losses, extra_args)
+    finite = jnp.all(jnp.isfinite(w))
+    finite &= finite_mask(jnp.zeros(()) if gram is None else gram, task_losses)
+    w = jnp.where(finite, w, jnp.nan)
+    # Non-finite input leaves the method's own state unchanged (the module's contract).
+    old_inner = state.inner[inner_key]
+    inner = jax.tree.map(lambda new, old: keep_unless(finite, new, old), inner, old_inner)
+    logged_gram = state.gram if gram is None else cast_like({GLOBAL: gram}, state.gram)
+    new_state = AggregatorState(
+        key, cast_like({GLOBAL: w}, state.weights), logged_gram, {inner_key: inner}
+    )
+    return w, new_state
+
+
+#: ``(state, task_losses, **inputs) -> (w[K], new_state)``: see :func:`weigh_first`.
+WeighFirst = Callable[..., tuple[jax.Array, AggregatorState]]
+
+
+def weigh_first(weights_fn: WeightsFn, *, inner_key: str = GLOBAL, name: str) -> WeighFirst:
+    """The weights of a :func:`from_weights_fn` aggregator BEFORE the backward pass.
+
+    A method whose weights do not need the Jacobian (a loss-only method: they come from the
+    losses; a representation method: from ``d L_k / d z``) runs at its own cost as
+    ``w, state = weigh(state, task_losses, **inputs)``, then ONE backward pass with ``w`` as the
+    cotangent of the losses, then the optimizer on that gradient. ``state`` is the aggregator's
+    own (``from_weights_fn(weights_fn, ...).init``) and ends exactly as its ``update`` would leave
+    it -- the weights, the weighting's state, the key -- except the logged Gram matrix of the
+    Jacobian, which this path never forms (it keeps its last value). ``weights_fn`` receives
+    ``jac=None`` and ``gram=None``.
+    """
+
+    def weigh(state: AggregatorState, task_losses: Any = None, **extra_args: Any) -> Any:
+        if not isinstance(state, AggregatorState):
+            raise TypeError(
+                f"{name}: weigh takes the aggregator's own state (its transform's init(params)); "
+                f"got {type(state).__name__}."
+            )
+        task_losses = compute_dtype_losses(task_losses)
+        return _weights_step(weights_fn, inner_key, state, None, None, task_losses, extra_args)
+
+    return weigh

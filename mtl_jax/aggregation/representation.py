@@ -12,6 +12,7 @@ the one-backward path (:class:`mtl_jax.RepresentationWeighting`), for a loop tha
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
@@ -20,9 +21,9 @@ from mtl_jax.gradients import representation_gram
 from mtl_jax.weighting.base import Weighting
 from mtl_jax.weighting.registry import get_weighting
 
-from .gramspace import from_weights_fn, guarded_weigh
+from .gramspace import WeighFirst, from_weights_fn, guarded_weigh, weigh_first
 
-__all__ = ["from_representation"]
+__all__ = ["from_representation", "representation_weigh"]
 
 
 def from_representation(
@@ -44,7 +45,16 @@ def from_representation(
     """
     if isinstance(weighting, str):
         weighting = get_weighting(weighting)
+    return from_weights_fn(
+        _weights_fn(weighting, sum_over_batch, name),
+        lambda: weighting.init(num_tasks),
+        num_tasks=num_tasks,
+        seed=seed,
+        name=name,
+    )
 
+
+def _weights_fn(weighting: Weighting, sum_over_batch: bool, name: str) -> Callable:
     def weights_fn(jac, gram, inner, key, task_losses, extra_args):
         del jac, gram
         rep_grads = extra_args.get("rep_grads")
@@ -58,6 +68,16 @@ def from_representation(
             finite &= jnp.all(jnp.isfinite(task_losses))
         return guarded_weigh(weighting, rep_gram, inner, key, task_losses, finite)
 
-    return from_weights_fn(
-        weights_fn, lambda: weighting.init(num_tasks), num_tasks=num_tasks, seed=seed, name=name
-    )
+    return weights_fn
+
+
+def representation_weigh(
+    weighting: Weighting | str, *, sum_over_batch: bool = False, name: str = "representation"
+) -> WeighFirst:
+    """``weigh(state, task_losses, rep_grads=...) -> (w, state)``: the weights of
+    :func:`from_representation`'s aggregator (``state`` is its state) before the backward pass,
+    for a loop that then pulls ``sum_k w_k d L_k / d z`` back through the trunk ONCE
+    (:func:`mtl_jax.aggregation.weigh_first`)."""
+    if isinstance(weighting, str):
+        weighting = get_weighting(weighting)
+    return weigh_first(_weights_fn(weighting, sum_over_batch, name), name=name)

@@ -43,6 +43,8 @@ from .excess_mtl import excess_mtl
 from .graddrop import graddrop
 from .gramspace import from_weighting
 from .moco import moco
+from .modo import modo
+from .sdmgrad import sdmgrad
 from .trimmed_mean import trimmed_mean
 
 __all__ = [
@@ -322,4 +324,6 @@ AGGREGATORS: dict[str, Callable[..., Transform]] = {
     "trimmed_mean": trimmed_mean,
     "db_mtl": db_mtl,
     "moco": moco,
+    "sdmgrad": sdmgrad,
+    "modo": modo,
 }

@@ -8,6 +8,15 @@ One file per method (:mod:`.equal`, :mod:`.rlw`, :mod:`.uw`, :mod:`.imtl_l`, :mo
 weights: ``docs/methods.md`` ("Loss-only methods").
 """
 
+from .auto_lambda import (
+    AutoLambdaState,
+    auto_lambda,
+    auto_lambda_grad,
+    auto_lambda_init,
+    auto_lambda_step,
+    auto_lambda_update,
+    auto_lambda_weights,
+)
 from .base import Scalarizer
 from .cosmos import cosmos
 from .dwa import DWAState, dwa
@@ -21,12 +30,18 @@ from .pbi import pbi
 from .registry import SCALARIZERS, get_scalarizer
 from .rlw import RLWState, rlw
 from .stch import STCHState, stch
-from .transform import SCALARIZER_STATE_KEY, from_scalarizer, post_step_in_state
+from .transform import (
+    SCALARIZER_STATE_KEY,
+    from_scalarizer,
+    post_step_in_state,
+    scalarizer_weigh,
+)
 from .uw import uw
 
 __all__ = [
     "SCALARIZERS",
     "SCALARIZER_STATE_KEY",
+    "AutoLambdaState",
     "DWAState",
     "FAMOState",
     "GradNormState",
@@ -34,6 +49,12 @@ __all__ = [
     "RLWState",
     "STCHState",
     "Scalarizer",
+    "auto_lambda",
+    "auto_lambda_grad",
+    "auto_lambda_init",
+    "auto_lambda_step",
+    "auto_lambda_update",
+    "auto_lambda_weights",
     "cosmos",
     "dwa",
     "famo",
@@ -47,6 +68,7 @@ __all__ = [
     "pbi",
     "post_step_in_state",
     "rlw",
+    "scalarizer_weigh",
     "stch",
     "sum_",
     "uw",

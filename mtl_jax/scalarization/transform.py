@@ -17,11 +17,12 @@ import optax
 from optax.tree_utils import NamedTupleKey
 
 from mtl_jax.aggregation import AggregatorState, from_weights_fn
+from mtl_jax.aggregation.gramspace import WeighFirst, weigh_first
 
 from .base import PyTree, Scalarizer
 from .gradnorm import layer_grad_norms
 
-__all__ = ["SCALARIZER_STATE_KEY", "from_scalarizer", "post_step_in_state"]
+__all__ = ["SCALARIZER_STATE_KEY", "from_scalarizer", "post_step_in_state", "scalarizer_weigh"]
 
 SCALARIZER_STATE_KEY = "scalarizer"
 
@@ -53,6 +54,18 @@ def from_scalarizer(
     the scalarized loss. FAMO: call :func:`post_step_in_state` after the optimizer step.
     """
 
+    return from_weights_fn(
+        _weights_fn(scalarizer, grad_norm_layer, name),
+        lambda: scalarizer.init(num_tasks),
+        num_tasks=num_tasks,
+        inner_key=SCALARIZER_STATE_KEY,
+        name=name,
+    )
+
+
+def _weights_fn(
+    scalarizer: Scalarizer, grad_norm_layer: str | Callable[[str], bool] | None, name: str
+) -> Callable:
     def weights_fn(jac, gram, inner, key, task_losses, extra_args):
         del gram, key, extra_args
         if task_losses is None:
@@ -61,12 +74,16 @@ def from_scalarizer(
         _, weights, inner = scalarizer.scalarize(task_losses, inner, grad_norms=norms)
         return weights, inner
 
-    return from_weights_fn(
-        weights_fn,
-        lambda: scalarizer.init(num_tasks),
-        num_tasks=num_tasks,
-        inner_key=SCALARIZER_STATE_KEY,
-        name=name,
+    return weights_fn
+
+
+def scalarizer_weigh(scalarizer: Scalarizer, *, name: str = "scalarizer") -> WeighFirst:
+    """``weigh(state, task_losses) -> (w, state)``: the weights of :func:`from_scalarizer`'s
+    aggregator (``state`` is its state) before the backward pass, for a loop that then runs ONE
+    backward of ``sum_k w_k L_k`` (:func:`mtl_jax.aggregation.weigh_first`). Not for GradNorm,
+    whose weights need the task-gradient norms of a layer."""
+    return weigh_first(
+        _weights_fn(scalarizer, None, name), inner_key=SCALARIZER_STATE_KEY, name=name
     )
 
 

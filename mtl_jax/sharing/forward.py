@@ -36,6 +36,53 @@ PyTree = Any
 __all__ = ["per_task"]
 
 
+def _task_view(
+    markers: list[Any],
+    shared: list[Any],
+    batched_t: list[Any],
+    treedef: Any,
+    own: list[Any] | None = None,
+) -> PyTree:
+    """Task t's view of the parameters (one implementation for :func:`per_task` and
+    ``value_and_grads(PerTaskLosses)``): shared leaves as they are, copied leaves' row t (or
+    ``own``'s entry, when the copies are differentiated separately), masked ``theta * M_t``."""
+    view = []
+    for i, (m, x, b) in enumerate(zip(markers, shared, batched_t, strict=True)):
+        if m is COPIED:
+            view.append(b if own is None else own[i])
+        elif isinstance(m, Masked):
+            view.append(_masked_value(x, b))
+        else:
+            view.append(x)
+    return treedef.unflatten(view)
+
+
+def _map_streams(
+    one: Callable[..., Any],
+    inputs: tuple[Any, ...],
+    num_tasks: int,
+    axis_name: str | None,
+    out_axes: Any,
+    where: str,
+    info: dict[str, Any],
+    shared_state_of_row: tuple[Callable[[Any], Any], Any] | None,
+) -> Any:
+    """``jax.vmap(one)`` over the K task streams. With state (``shared_state_of_row`` given:
+    a function of one stream's inputs returning its shared state, and task 0's inputs), a
+    shared state leaf that ``vmap`` cannot return unbatched is the error naming the leaves."""
+    mapped = jax.vmap(one, axis_size=num_tasks, axis_name=axis_name, out_axes=out_axes)
+    if shared_state_of_row is None:
+        return mapped(*inputs)
+    try:
+        return mapped(*inputs)
+    except ValueError as err:
+        if not _is_out_axes_error(err):
+            raise
+        fn, row = shared_state_of_row
+        dependent = _depends_on_stream(fn, row, axis_name, num_tasks)
+        raise _stream_dependent_error(where, _shared_paths(info, dependent)) from err
+
+
 def per_task(
     apply_fn: Callable[..., Any],
     spec: PyTree,
@@ -107,15 +154,7 @@ def per_task(
         info: dict[str, Any] = {}
 
         def one(batched_t: list[Any]) -> Any:
-            view = []
-            for m, x, b in zip(markers, leaves, batched_t, strict=True):
-                if m is COPIED:
-                    view.append(b)
-                elif isinstance(m, Masked):
-                    view.append(_masked_value(x, b))
-                else:
-                    view.append(x)
-            out = apply_fn(treedef.unflatten(view), *args, **kwargs)
+            out = apply_fn(_task_view(markers, leaves, batched_t, treedef), *args, **kwargs)
             if not has_state:
                 return out
             if not (isinstance(out, tuple) and len(out) == 2):
@@ -128,17 +167,18 @@ def per_task(
             return out[0], rows, shared
 
         if not has_state:
-            return jax.vmap(one, axis_size=num_tasks, axis_name=axis_name)(batched)
-        try:
-            outs, rows, shared = jax.vmap(
-                one, axis_size=num_tasks, axis_name=axis_name, out_axes=(0, 0, None)
-            )(batched)
-        except ValueError as err:
-            if not _is_out_axes_error(err):
-                raise
-            row = jax.tree.map(lambda x: x[0], batched)
-            dependent = _depends_on_stream(lambda b: one(b)[2], row, axis_name, num_tasks)
-            raise _stream_dependent_error("per_task", _shared_paths(info, dependent)) from err
+            return _map_streams(one, (batched,), num_tasks, axis_name, 0, "per_task", info, None)
+        row = jax.tree.map(lambda x: x[0], batched)
+        outs, rows, shared = _map_streams(
+            one,
+            (batched,),
+            num_tasks,
+            axis_name,
+            (0, 0, None),
+            "per_task",
+            info,
+            (lambda b: one(b)[2], row),
+        )
         return outs, _join_state(rows, shared, info, state_reduction)
 
     return fn

@@ -22,12 +22,12 @@ import jax.numpy as jnp
 from mtl_jax import _tree
 
 from .dependence import _depends_on_stream
-from .markers import COPIED, Masked
+from .forward import _map_streams, _task_view
+from .markers import COPIED
 from .masks import _masked_entries
 from .specs import task_specific_leaves
 from .state import (
     StateReduction,
-    _is_out_axes_error,
     _join_state,
     _reducer,
     _shared_paths,
@@ -35,7 +35,7 @@ from .state import (
     _state_markers,
     _stream_dependent_error,
 )
-from .views import _masked_value, _task_axis_inputs
+from .views import _task_axis_inputs
 
 PyTree = Any
 
@@ -165,15 +165,7 @@ def per_task_grads(
 
         def one(batched_t: list[Any], s_batched_t: list[Any] | None, t: Any) -> Any:
             def loss_of_view(own: list[Any], shared: list[Any]) -> Any:
-                view = []
-                for m, x, b, o in zip(markers, shared, batched_t, own, strict=True):
-                    if m is COPIED:
-                        view.append(o)
-                    elif isinstance(m, Masked):
-                        view.append(_masked_value(x, b))
-                    else:
-                        view.append(x)
-                view = treedef.unflatten(view)
+                view = _task_view(markers, shared, batched_t, treedef, own)
                 if not has_state:
                     return _checked_loss(task_loss_fn(view, t, *args, **kwargs), False)
                 state_t = s_treedef.unflatten(
@@ -221,23 +213,22 @@ def per_task_grads(
             if has_state:
                 value = (*value, shared_state)
         else:
-            out_axes = ((0, 0, None), 0) if has_state else 0
-            try:
-                value, grads = jax.vmap(
-                    one, axis_size=num_tasks, axis_name=axis_name, out_axes=out_axes
-                )(batched, s_batched, jnp.arange(num_tasks))
-            except ValueError as err:
-                if not (has_state and _is_out_axes_error(err)):
-                    raise
-                dependent = _depends_on_stream(
+            probe = None
+            if has_state:
+                probe = (
                     lambda r: one(r[0], r[1], r[2])[0][2],
                     (row(batched, 0), row(s_batched, 0), jnp.zeros((), jnp.int32)),
-                    axis_name,
-                    num_tasks,
                 )
-                raise _stream_dependent_error(
-                    "value_and_grads(PerTaskLosses)", _shared_paths(info, dependent)
-                ) from err
+            value, grads = _map_streams(
+                one,
+                (batched, s_batched, jnp.arange(num_tasks)),
+                num_tasks,
+                axis_name,
+                ((0, 0, None), 0) if has_state else 0,
+                "value_and_grads(PerTaskLosses)",
+                info,
+                probe,
+            )
         if task_specific is not None:
             labels = jax.tree.leaves(task_specific_leaves(task_specific, params))
             grads = [
