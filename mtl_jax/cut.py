@@ -51,6 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Literal
 
+from mtl_jax._jaxpr import call_jaxpr
+
 __all__ = ["MIXED", "Axis", "Task", "describe_cut", "loss_vector_grads"]
 
 
@@ -171,19 +173,9 @@ _CALLS = ("custom_jvp_call", "custom_vjp_call", "remat2", "checkpoint", *_INLINE
 
 
 def _sub_jaxpr(eqn: Any) -> Any:
-    """``(jaxpr, consts)`` of a call-like equation whose inputs and outputs are its own."""
-    if eqn.primitive.name not in _CALLS:
-        return None
-    for name in ("call_jaxpr", "jaxpr", "fun_jaxpr"):
-        sub = eqn.params.get(name)
-        inner = getattr(sub, "jaxpr", sub)
-        if (
-            hasattr(inner, "eqns")
-            and len(inner.invars) == len(eqn.invars)
-            and len(inner.outvars) == len(eqn.outvars)
-        ):
-            return inner, getattr(sub, "consts", [None] * len(inner.constvars))
-    return None
+    """``(jaxpr, consts)`` of a call-like equation (:data:`_CALLS`) whose inputs and outputs
+    are its own."""
+    return call_jaxpr(eqn) if eqn.primitive.name in _CALLS else None
 
 
 # ---------------------------------------------------------------------------------------------

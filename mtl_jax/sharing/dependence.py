@@ -17,26 +17,13 @@ from typing import Any
 import jax
 from jax.extend.core import Literal
 
+from mtl_jax._jaxpr import call_jaxpr
+
 __all__: list[str] = []
 
 
 # Collectives over the task axis whose result is the same in every stream.
 _POOLING_COLLECTIVES = ("psum", "pmax", "pmin", "all_gather")
-
-
-def _sub_jaxpr(eqn: Any) -> Any:
-    """The jaxpr of a call-like equation (jit, remat, custom_jvp/vjp) whose inputs and outputs
-    are the equation's own, or ``None``."""
-    for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        sub = eqn.params.get(name)
-        sub = getattr(sub, "jaxpr", sub)
-        if (
-            hasattr(sub, "eqns")
-            and len(sub.invars) == len(eqn.invars)
-            and len(sub.outvars) == len(eqn.outvars)
-        ):
-            return sub
-    return None
 
 
 def _dependent_outputs(jaxpr: Any, dependent_in: Sequence[bool], axis_name: Any) -> list[bool]:
@@ -55,8 +42,8 @@ def _dependent_outputs(jaxpr: Any, dependent_in: Sequence[bool], axis_name: Any)
         axes = axes if isinstance(axes, tuple | list) else (axes,)
         if eqn.primitive.name in _POOLING_COLLECTIVES and axis_name in axes:
             continue
-        sub = _sub_jaxpr(eqn)
-        outs = _dependent_outputs(sub, ins, axis_name) if sub is not None else None
+        sub = call_jaxpr(eqn)
+        outs = _dependent_outputs(sub[0], ins, axis_name) if sub is not None else None
         dep.update(v for i, v in enumerate(eqn.outvars) if outs is None or outs[i])
     return [is_var(v) and v in dep for v in jaxpr.outvars]
 
