@@ -8,6 +8,10 @@ cross-entropy, PCGrad + SGD, at ``--ks`` (default 2, 10, 40). Variants:
   "heads": True})`` with the K heads stacked under one ``vmap`` (differentiated at its cut,
   ``mtl_jax/cut.py``);
 * ``loss_vector[scan]``: the same with ``task_map="scan"`` (the K trunk pullbacks in a loop);
+* ``gramian`` / ``gramian[scan]``: the same loss vector through the Gramian engine below the
+  cut (``value_and_grads(..., gramian=mtl.autogram.GramianWeighting("pcgrad"))``,
+  ``mtl_jax/autogram/at_cut.py``): the heads by one backward, the trunk's G from per-layer
+  activations and cotangents, PCGrad's weights from G, ONE weighted backward; no K x P rows;
 * ``loss_vector_plain``: the same loss vector by the pre-cut algorithm (K pullbacks of the whole
   loss vector: ``[K, K, batch, 64]`` cotangents in the heads), the "before" of issue 25;
 * ``torchjd``: TorchJD ``mtl_backward(losses, features=z)`` + ``jac_to_grad(trunk params,
@@ -109,6 +113,25 @@ def jax_step(grads_fn, aggregator, lr: float = 1e-3):
     return tx.init, step
 
 
+def gramian_step(grads_fn, lr: float = 1e-3):
+    """``value_and_grads(..., gramian=...)``: the weighted gradient directly, then SGD; the key
+    of PCGrad's random order is split every step, as the transform's state does."""
+    tx = optax.sgd(lr)
+
+    def init(params):
+        return tx.init(params), jax.random.key(0)
+
+    @jax.jit
+    def step(params, state, x, y):
+        opt_state, key = state
+        key, sub = jax.random.split(key)
+        _, grads = grads_fn(params, x, y, key=sub)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), (opt_state, key)
+
+    return init, step
+
+
 def joint_step(summed_loss, lr: float = 1e-3):
     tx = optax.sgd(lr)
 
@@ -152,7 +175,14 @@ def interleave(jax_runs: dict, torch: TorchSide, torch_names: list[str], rounds,
 
 
 def mlp_table(torch: TorchSide, ks, rounds, inner) -> None:
-    names = ["trunk_and_heads", "loss_vector", "loss_vector[scan]", "loss_vector_plain"]
+    names = [
+        "trunk_and_heads",
+        "loss_vector",
+        "loss_vector[scan]",
+        "gramian",
+        "gramian[scan]",
+        "loss_vector_plain",
+    ]
     print(
         "| K | "
         + " | ".join(f"{n} ms" for n in names)
@@ -176,6 +206,14 @@ def mlp_table(torch: TorchSide, ks, rounds, inner) -> None:
             "loss_vector_plain": plain_loss_vector_grads(task_losses, HEADS),
         }
         runs = {n: runner(*jax_step(f, pcgrad), params, x, y) for n, f in fns.items()}
+        for task_map, name in (("vmap", "gramian"), ("scan", "gramian[scan]")):
+            engine = mtl.value_and_grads(
+                task_losses,
+                HEADS,
+                gramian=mtl.autogram.GramianWeighting("pcgrad"),
+                task_map=task_map,
+            )
+            runs[name] = runner(*gramian_step(engine), params, x, y)
         tname = f"torchjd-mlp-{k}"
         torch.ask(cmd="setup", name=tname, model="mlp", K=k, mode="jd", batch=256)
         med = interleave(runs, torch, [tname], rounds, inner)

@@ -15,7 +15,9 @@ keys:
   hyper-parameters from config files.
 * ``single_task``: also train one single-task model per task (references for Δm).
 * ``dataset``, ``model``: their ``name`` and builder keys (``experiments.data`` / ``experiments.models``).
-* ``train``: optimizer and loop settings (:func:`train_defaults`).
+* ``train``: optimizer and loop settings (:func:`train_defaults`); ``train.objectives``:
+  ``"tasks"`` (one objective per task) or ``"instances"`` (every (sample, task) pair of the batch,
+  IWRM / instance-wise MTL; :func:`check_objectives`).
 * ``conflict``: the tracker's ``granularity`` (``global`` | ``module`` | ``leaf``), Recon's
   ``severity`` S, the incidence ``threshold`` and ``every``: the conflict probe (a program of its
   own that forms the encoder Jacobian, :func:`experiments.train.make_conflict_probe`) runs before
@@ -91,6 +93,10 @@ def train_defaults() -> ml_collections.ConfigDict:
             # a method whose weights need no Jacobian runs one backward pass of its weighted
             # loss; False: every method combines the Jacobian rows (the runs before issue 22)
             "weights_first": True,
+            # "tasks": one objective per task (the loss vector); "instances": every (sample,
+            # task) pair of the batch is one (K = batch_size x tasks; IWRM with one task), run
+            # by the Gramian engine (check_objectives)
+            "objectives": "tasks",
         }
     )
 
@@ -140,6 +146,64 @@ def check_eval(section: ml_collections.ConfigDict) -> None:
             f"config.eval.recompute_bn_batches={value!r}; use a non-negative integer (0 = off, "
             "N > 0 = recompute the BatchNorm statistics on N training batches per stream)."
         )
+
+
+#: ``config.train.objectives``: one objective per task, or per (sample, task) pair of the batch.
+OBJECTIVES = ("tasks", "instances")
+
+#: Gram-space weightings with no per-objective hyper-parameter: what ``objectives="instances"``
+#: runs (``linear``'s weights are one per objective, B x T of them, tied to the batch size).
+INSTANCE_WISE_METHODS = tuple(
+    name for name in mtl.weighting.registry.WEIGHTINGS if name not in ("linear",)
+)
+
+
+def objectives(config: ml_collections.ConfigDict) -> str:
+    """``config.train.objectives`` (``"tasks"`` for a config written before the key existed)."""
+    return str(config.train.get("objectives", "tasks"))
+
+
+def check_objectives(config: ml_collections.ConfigDict) -> None:
+    """Checks ``config.train.objectives``; with ``"instances"`` (every (sample, task) pair of the
+    batch is an objective, run by the Gramian engine, ``experiments.train.InstanceWise``): the
+    ``compare`` study, and every method a Gram-space weighting (``mtl.weighting.get_weighting``
+    names) without ``granularity``. The model's BatchNorm is checked once it is built
+    (``experiments.train.check_objectives_with_model``).
+
+    Raises:
+      ValueError: naming the key, the method or study, and the fix.
+    """
+    value = config.train.get("objectives", "tasks")
+    if value not in OBJECTIVES:
+        raise ValueError(
+            f"config.train.objectives={value!r}; use 'tasks' (one objective per task) or "
+            "'instances' (every (sample, task) pair of the batch: IWRM, instance-wise MTL)."
+        )
+    if value != "instances":
+        return
+    if config.study != "compare":
+        raise ValueError(
+            f"config.train.objectives='instances' runs the 'compare' study only; study "
+            f"{config.study!r} changes the encoder per task (masks, copies, branches), which the "
+            "Gramian engine's per-sample objectives do not express. Use --config.study=compare "
+            "or config.train.objectives='tasks'."
+        )
+    for method in config.get("methods", ()):
+        name, kwargs = parse_method(method, config.method_kwargs.get(method.partition(":")[0]))
+        if name not in INSTANCE_WISE_METHODS:
+            raise ValueError(
+                f"config.methods has {method!r}, which config.train.objectives='instances' cannot "
+                "run: instance-wise objectives are weighed in Gram space by the Gramian engine, "
+                f"so the method must be one of {list(INSTANCE_WISE_METHODS)} (loss-only, "
+                "representation, cross-batch, GradDrop, <weighting>_ub and per-objective-weight "
+                "methods are not). Choose one of those, or config.train.objectives='tasks'."
+            )
+        if kwargs.get("granularity", "global") != "global":
+            raise ValueError(
+                f"config.methods has {method!r}: with config.train.objectives='instances' the "
+                "weighting runs on one global Gram matrix; drop granularity= (or use "
+                "config.train.objectives='tasks')."
+            )
 
 
 def report_defaults() -> ml_collections.ConfigDict:
@@ -332,6 +396,7 @@ def validate_base(config: ml_collections.ConfigDict, study_sections: tuple[str, 
         raise ValueError(
             f"Unknown task_map {config.train.task_map!r}; valid: {mtl.gradients.TASK_MAPS}."
         )
+    check_objectives(config)
     if config.conflict.granularity not in GRANULARITIES:
         raise ValueError(
             f"Unknown conflict.granularity {config.conflict.granularity!r}; valid: {GRANULARITIES}."

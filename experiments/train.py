@@ -10,6 +10,12 @@ Step (``make_train_step``), for a shared encoder and per-task heads::
                                                                bit-identical]
     head updates     <- optimizer on each head's own gradient
 
+With ``config.train.objectives = "instances"`` (:class:`InstanceWise`) every (sample, task) pair
+of the batch is an objective (IWRM with one task)::
+
+    losses[B, T], G [B T, B T], w, sum w_bt grad L_bt  <- the Gramian engine (instance_wise=True)
+    encoder and head updates <- optimizer (encoder chain after the method's place, heads_tx)
+
 Probe (``make_conflict_probe``, a second jitted program run before every ``conflict.every``-th
 step on that step's batch, :class:`ProbedStep`)::
 
@@ -73,6 +79,7 @@ from experiments import parallel as parallel_lib
 from experiments.logs import JsonlLog
 from experiments.phases import Artifacts
 from experiments.tasks import TaskSpec
+from mtl_jax import autogram
 from mtl_jax import lass as lass_lib
 from mtl_jax import recon as recon_lib
 from mtl_jax import sharing as sharing_lib
@@ -173,13 +180,37 @@ class Problem:
     conflict_every: int = 1  # the conflict probe runs every this many steps
     allow_weights_first: bool = True  # config.train.weights_first
     lookahead_lr: float = 0.0  # the model's learning rate: Auto-Lambda's virtual step
+    # config.train.objectives = "instances": the Gramian engine's (sample, task) objectives
+    instance_wise: InstanceWise | None = None
 
     @property
     def weights_first(self) -> bool:
         """The method's weights need no Jacobian (``Method.weigh``), the encoder is one shared
         trunk and ``config.train.weights_first`` allows it: the step runs ONE backward pass of
         the weighted loss."""
-        return self.allow_weights_first and self.method.weigh is not None and self.sharing is None
+        return (
+            self.allow_weights_first
+            and self.method.weigh is not None
+            and self.sharing is None
+            and self.instance_wise is None
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceWise:
+    """``config.train.objectives = "instances"``: every (sample, task) pair of the batch is an
+    objective, ``K = batch_size x T`` in the order ``b T + t`` (IWRM with one task; Quinton &
+    Rey, "Jacobian Descent for Multi-Objective Optimization", 2024, Section 5), weighed in Gram
+    space by the Gramian engine (:func:`mtl_jax.autogram.engine_value_and_grads`,
+    ``instance_wise=True``) and applied by ONE weighted backward pass (:func:`_instance_wise_grads`).
+
+    ``gramian``: the engine option holding the method's weighting; ``num_objectives``: K (the
+    size of a stateful weighting's state); ``seed``: the randomised weightings' key (folded with
+    the step)."""
+
+    gramian: autogram.GramianWeighting
+    num_objectives: int
+    seed: int
 
 
 class StepMasks(NamedTuple):
@@ -609,6 +640,119 @@ def _weights_first_grads(
     return _structured_grads(problem, state, x, targets, masks.sharing, representation=option)
 
 
+def _sample_losses_fn(problem: Problem, state: TrainState) -> Callable:
+    """``fn(params, x, targets) -> losses[T]`` for ONE sample (``x: [*input_shape]``, ``targets:
+    {task: [...]}`` without the batch axis): the model on a batch of one, each trained task's
+    loss on it (train mode; the model state is ``state``'s, which has no statistics here:
+    :func:`check_objectives_with_model`). ``params``: ``{"encoder": ..., "heads": {task: ...}}``
+    (the trained tasks' heads)."""
+    model, head_states = problem.model, state.model_state["heads"]
+    enc_state = state.model_state["encoder"]
+
+    def fn(params, x, targets) -> jax.Array:
+        z, _ = apply_module(model.encoder, params["encoder"], enc_state, x[None], True)
+        losses = []
+        for task in problem.tasks:
+            pred, _ = apply_module(
+                model.heads[task.name], params["heads"][task.name], head_states[task.name], z, True
+            )
+            losses.append(losses_lib.task_loss(task, pred, targets[task.name][None]))
+        return jnp.stack(losses)
+
+    return fn
+
+
+def _instance_wise_grads(problem: Problem, state: TrainState, x, targets):
+    """``(losses [T], encoder gradient, head gradients, per-task weight totals [T], weighting
+    state)``: the instance-wise step (``config.train.objectives = "instances"``).
+
+    The Gramian engine (``instance_wise=True``) runs the per-sample losses
+    (:func:`_sample_losses_fn`) over the batch, forms the ``[B T, B T]`` Gram matrix of the
+    (sample, task) objectives' gradients on ALL parameters, encoder and heads, without the
+    Jacobian, weighs it with the method's weighting, and returns ``sum_{b,t} w_{bt} grad
+    L_{bt}`` from one weighted backward pass: head t gets ``sum_b w_{bt} grad L_{bt}``.
+
+    Why the heads are in G with the pair weights (not their own gradient as in the task path):
+    in IWRM (Quinton & Rey 2024, Section 5) Jacobian descent runs on the whole parameter vector,
+    and UPGrad's guarantee -- no objective's loss increases to first order, ``<d, g_bt> >= 0``
+    -- holds for the update ``d`` of every parameter only if every parameter moves along the
+    aggregated direction; a head's own unweighted gradient would also scale with B (a sum over
+    the samples). With ``mean`` the whole update is the gradient of the mean of ``L_bt`` over
+    samples and tasks (tests/test_instance_wise_runner.py). Departure from the task path: there
+    the heads are task-specific and not in G.
+
+    ``losses``: each task's mean over the batch of the per-sample losses (the batch loss for a
+    loss that is a mean over samples). The weights are logged as their per-task totals
+    ``sum_b w_{bt}`` (a B T vector per step would not fit a log record)."""
+    inst = problem.instance_wise
+    engine = autogram.engine_value_and_grads(_sample_losses_fn(problem, state), inst.gramian)
+    params = {
+        "encoder": state.params["encoder"],
+        "heads": {t.name: state.params["heads"][t.name] for t in problem.tasks},
+    }
+    key = jax.random.fold_in(jax.random.key(inst.seed), state.step)
+    (losses, aux), grads = engine(
+        params, x, targets, weighting_state=state.opt_state[0][0], key=key
+    )  # losses [B, T]; aux["weights"] [B T], order b T + t
+    head_grads = {**jax.tree.map(jnp.zeros_like, state.params["heads"]), **grads["heads"]}
+    num_tasks = len(problem.tasks)
+    totals = jnp.sum(jnp.reshape(aux["weights"], (-1, num_tasks)), axis=0)
+    return (
+        jnp.mean(losses, axis=0),
+        grads["encoder"],
+        head_grads,
+        totals,
+        aux["weighting_state"],
+    )
+
+
+def _weighting_state_holder(weighting: mtl.weighting.Weighting, num_objectives: int):
+    """The first transform of an instance-wise run's encoder chain: it only holds the
+    weighting's state (sized for ``num_objectives``), which :func:`_instance_wise_grads` reads
+    and the step replaces; its update is the identity."""
+    return optax.GradientTransformation(
+        lambda params: weighting.init(num_objectives),
+        lambda updates, state, params=None: (updates, state),
+    )
+
+
+def instance_wise_option(
+    spec: RunSpec, num_tasks: int, batch_size: int
+) -> tuple[InstanceWise, mtl.weighting.Weighting]:
+    """The :class:`InstanceWise` option of a run's method (a Gram-space weighting name with its
+    hyper-parameters; ``seed`` becomes the key's seed) for ``batch_size x num_tasks``
+    objectives, and the weighting."""
+    kwargs = dict(spec.method_kwargs)
+    seed = int(kwargs.pop("seed", spec.seed))
+    kwargs.pop("granularity", None)  # "global" only (config.check_objectives)
+    weighting = mtl.weighting.get_weighting(spec.method, **kwargs)
+    gramian = autogram.GramianWeighting(weighting, instance_wise=True)
+    return InstanceWise(gramian, batch_size * num_tasks, seed), weighting
+
+
+def check_objectives_with_model(config: ml_collections.ConfigDict, data: Any, model: Any) -> None:
+    """With ``config.train.objectives = "instances"``, the model must treat samples
+    independently: no BatchNorm statistics (or any mutable state) in training mode, since the
+    engine runs the model per sample.
+
+    Raises:
+      ValueError: naming the key, the model's state collections and the fixes.
+    """
+    if config.train.get("objectives", "tasks") != "instances":
+        return
+    state = init_shapes(model, tuple(data.tasks), data.input_shape)[1]
+    parts = [state["encoder"], *state["heads"].values()]  # {collection: tree} each
+    collections = sorted({k for part in parts for k, v in part.items() if jax.tree.leaves(v)})
+    if collections:
+        raise ValueError(
+            f"config.train.objectives='instances' needs a model that treats every sample on its "
+            f"own, but model {config.model.name!r} keeps state {collections} (BatchNorm in "
+            "training mode mixes the samples of a batch, so a sample's loss is no objective of "
+            "its own). Use a model without BatchNorm (e.g. --config.model.batch_norm=False where "
+            "the model has that key, or model=mlp), or config.train.objectives='tasks'."
+        )
+
+
 def make_train_step(problem: Problem) -> Callable[..., tuple[TrainState, dict]]:
     """``(state, batch, masks=None) -> (state, outputs)``; outputs: losses, the last probe's
     incidence and mean cosine, weights. ``masks``: the run's :class:`StepMasks` (needed when
@@ -617,8 +761,11 @@ def make_train_step(problem: Problem) -> Callable[..., tuple[TrainState, dict]]:
 
     The step runs the method at its own cost: a weights-first method (``Problem.weights_first``:
     loss-only methods, ``<weighting>_ub``, ``mean``/``sum``) one backward pass of the weighted
-    loss; every other method the encoder's K-row Jacobian. Conflicts are not measured here
-    (:func:`make_conflict_probe`)."""
+    loss; every other method the encoder's K-row Jacobian; instance-wise objectives
+    (``Problem.instance_wise``) the Gramian engine on the (sample, task) pairs, one update of
+    encoder and heads (:func:`_instance_wise_grads`; ``outputs["weights"]``: the per-task totals
+    of the pair weights). Conflicts are not measured here (:func:`make_conflict_probe`: still
+    the task-level conflicts of the encoder)."""
     names = [t.name for t in problem.tasks]
 
     def step(
@@ -631,7 +778,17 @@ def make_train_step(problem: Problem) -> Callable[..., tuple[TrainState, dict]]:
         inputs = {}  # the method's inputs known before its gradients
         if "lambda_grad" in method.inputs:  # Auto-Lambda: the look-ahead's hypergradient
             inputs["lambda_grad"] = _lambda_grad(problem, state, batch["image"], targets, masks)
-        if problem.weights_first:
+        weights = None
+        if problem.instance_wise is not None:  # every (sample, task) pair an objective
+            losses, enc_grad, head_grads, weights, weighting_state = _instance_wise_grads(
+                problem, state, batch["image"], targets
+            )
+            enc_state, head_states = state.model_state["encoder"], state.model_state["heads"]
+            enc_updates, rest = problem.encoder_rest_tx.update(
+                enc_grad, tuple(enc_opt[1:]), state.params["encoder"]
+            )
+            enc_opt = (weighting_state, *rest)
+        elif problem.weights_first:
             losses, enc_grad, head_grads, enc_state, head_states, method_state = (
                 _weights_first_grads(problem, state, batch["image"], targets, masks, **inputs)
             )
@@ -648,8 +805,9 @@ def make_train_step(problem: Problem) -> Callable[..., tuple[TrainState, dict]]:
             enc_updates, enc_opt = problem.encoder_tx.update(
                 enc_jac, enc_opt, state.params["encoder"], task_losses=losses, **extra
             )
-        weights = mtl.aggregation.weights(enc_opt)
-        if method.scales_heads and not problem.weights_first:
+        if problem.instance_wise is None:
+            weights = mtl.aggregation.weights(enc_opt)
+        if method.scales_heads and not problem.weights_first and problem.instance_wise is None:
             head_grads = _scale_head_grads(problem, head_grads, weights)
         head_updates, head_opt = problem.heads_tx.update(
             head_grads, head_opt, state.params["heads"]
@@ -831,6 +989,20 @@ def training_images(data: Any, batch_size: int, seed: int, first_epoch: int, cou
         epoch += 1
 
 
+def objectives_note(config: ml_collections.ConfigDict, num_tasks: int) -> str:
+    """The report's line saying the runs were instance-wise (empty for ``"tasks"``)."""
+    if config.train.get("objectives", "tasks") != "instances":
+        return ""
+    batch = int(config.train.batch_size)
+    return (
+        f"Instance-wise objectives (`train.objectives = 'instances'`): every (sample, task) pair "
+        f"of a batch is an objective, {batch} x {num_tasks} = {batch * num_tasks} per step "
+        f"({batch} for a single-task run), weighed in Gram space by the Gramian engine; the "
+        "weights plotted are each task's total weight. p% and mean cos are the probe's "
+        "task-level conflicts on the encoder, as for task objectives."
+    )
+
+
 def bn_recompute_note(config: ml_collections.ConfigDict) -> str:
     """The report's line saying how evaluation used BatchNorm statistics (empty when off)."""
     n = recompute_bn_batches(config)
@@ -864,6 +1036,18 @@ def build_problem(
     num_tasks = len(tasks)
     method = get_method(spec.method, spec.method_kwargs, num_tasks, steps_per_epoch, spec.seed)
     aggregator = method.transform
+    instance_wise = None
+    if config.train.get("objectives", "tasks") == "instances":
+        if sharing is not None or mask is not None:
+            raise ValueError(
+                f"Run {spec.run_id}: config.train.objectives='instances' takes one shared "
+                "encoder without masks or per-task copies; use config.train.objectives='tasks'."
+            )
+        instance_wise, weighting = instance_wise_option(
+            spec, num_tasks, int(config.train.batch_size)
+        )
+        # the chain's first state is the weighting's (K = B T objectives), not the aggregator's
+        aggregator = _weighting_state_holder(weighting, instance_wise.num_objectives)
     if method.cost == "representation" and sharing is not None:
         raise ValueError(
             f"{spec.method}: representation-gradient methods need one shared representation; a "
@@ -909,6 +1093,7 @@ def build_problem(
         state_sharing=state_sharing,
         measure_mask=mask if spec.measure_masked else None,
         layout=layout,
+        instance_wise=instance_wise,
     )
 
 
@@ -1290,6 +1475,13 @@ def _standard_run(
     shardings = train_state_shardings(template, layout)
     template = parallel_lib.place(template, shardings)  # restored into the same layout
     info = {**dict(spec.info), **_sharing_info(sharing_masks, mask), **branch_info}
+    if problem.instance_wise is not None:  # start and summary records say so
+        info["objectives"] = {
+            "mode": "instances",
+            "count": problem.instance_wise.num_objectives,
+            "samples": batch_size,
+            "tasks": len(tasks),
+        }
     bn_batches = recompute_bn_batches(config) if has_model_state(model_state) else 0
     if bn_batches:
         info["recompute_bn_batches"] = bn_batches

@@ -67,6 +67,18 @@ def config_differences(previous: Any, current: Any, prefix: str = "") -> list[st
 
 _MISSING = object()
 
+#: Keys added after work dirs were written, with the value that reproduces the runs made before
+#: they existed: a previous config without one compares as if it held that value.
+BACKWARD_DEFAULTS = {("train", "objectives"): "tasks"}
+
+
+def _with_backward_defaults(config: dict) -> dict:
+    out = dict(config)
+    for (section, key), value in BACKWARD_DEFAULTS.items():
+        if isinstance(out.get(section), dict) and key not in out[section]:
+            out[section] = {**out[section], key: value}
+    return out
+
 
 def check_config_change(previous: dict, current: dict, workdir: str) -> list[int]:
     """The seeds ``current`` adds to a work dir made with ``previous`` (``[]``: the same config).
@@ -78,7 +90,7 @@ def check_config_change(previous: dict, current: dict, workdir: str) -> list[int
       ConfigMismatchError: a seed was removed, or a key other than ``seeds`` changed (names the
         keys and what to do).
     """
-    old, new = _comparable(previous), _comparable(current)
+    old, new = _with_backward_defaults(_comparable(previous)), _comparable(current)
     changed = config_differences(
         {k: v for k, v in old.items() if k != "seeds"},
         {k: v for k, v in new.items() if k != "seeds"},

@@ -53,7 +53,7 @@ from jax.extend.core import Literal
 
 from mtl_jax._jaxpr import call_jaxpr
 
-__all__ = ["MIXED", "Axis", "Task", "describe_cut", "loss_vector_grads"]
+__all__ = ["MIXED", "Axis", "Separated", "Task", "describe_cut", "loss_vector_grads", "separate"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -660,20 +660,66 @@ def loss_vector_grads(
     return _evaluate(plan, leaves, specific, has_aux, out_shape, map_rows)
 
 
-def _evaluate(plan: _Plan, leaves, specific, has_aux, out_shape, map_rows):
+@dataclasses.dataclass
+class Separated:
+    """A loss vector split at its cut, after the forward and the all-ones backward.
+
+    ``losses``: ``[K]``; ``aux``: the loss function's aux (or ``None``); ``trunk_leaves``:
+    positions of the leaves the K rows are needed for (labelled ``MIXED``); ``head_grads``:
+    ``{position: gradient}`` of every other leaf from the ONE all-ones backward (a leaf of one
+    task gets its task's gradient); ``head_labels``: their influence labels;
+    ``cotangents``: ``[K, *cut value]`` per cut value, row k = ``d loss_k / d cut``;
+    ``trunk(trunk_vals) -> cut values`` re-runs the trunk alone, so that
+    ``sum_c <cotangents[c][k], trunk(...)[c]>`` has row k of the trunk's Jacobian as its
+    gradient; ``pull_trunk`` is the trunk's VJP at the forward's point (``None`` when the
+    forward was not differentiated)."""
+
+    losses: Any
+    aux: Any
+    trunk_leaves: list[int]
+    head_grads: dict[int, Any]
+    head_labels: dict[int, Label]
+    cotangents: list[Any]
+    trunk: Callable[[list[Any]], list[Any]]
+    pull_trunk: Callable[[list[Any]], Any] | None
+    num_tasks: int
+
+
+def separate(
+    split_loss: Callable[..., Any],
+    leaves: Sequence[Any],
+    has_aux: bool,
+    check: Callable[[Any], None] = lambda losses: None,
+    differentiate_trunk: bool = True,
+) -> Separated | None:
+    """Steps 1-3 of the module docstring for ``split_loss(leaves) -> losses[K]``; ``None``
+    when the analysis finds no cut (nothing after the trunk is separable by task)."""
+    leaves = list(leaves)
+    closed, out_shape = jax.make_jaxpr(split_loss, return_shape=True)(leaves)
+    check(out_shape[0] if has_aux else out_shape)
+    plan = _plan(closed, len(leaves), has_aux)
+    if not plan.cut:
+        return None
+    return _separate(plan, leaves, has_aux, out_shape, differentiate_trunk)
+
+
+def _separate(plan: _Plan, leaves, has_aux, out_shape, differentiate_trunk) -> Separated:
     graph, num = plan.graph, plan.num_tasks
     trunk_pos = plan.trunk_leaves
     head_pos = [i for i in range(len(leaves)) if i not in trunk_pos]
     const_env = dict(graph.consts)
 
-    def trunk(trunk_vals: list[Any]) -> Any:
+    def trunk_and_crossing(trunk_vals: list[Any]) -> Any:
         env = dict(const_env)
         env.update((plan.leaves[i], v) for i, v in zip(trunk_pos, trunk_vals, strict=True))
         _run(plan.trunk_ops, env)
         return [env[c] for c in plan.cut], [env[c] for c in plan.crossing]
 
     trunk_vals = [leaves[i] for i in trunk_pos]
-    cut_vals, pull_trunk, crossing_vals = jax.vjp(trunk, trunk_vals, has_aux=True)
+    if differentiate_trunk:
+        cut_vals, pull_trunk, crossing_vals = jax.vjp(trunk_and_crossing, trunk_vals, has_aux=True)
+    else:
+        (cut_vals, crossing_vals), pull_trunk = trunk_and_crossing(trunk_vals), None
     entries = plan.entries
     probe_ops = {
         id(e.op): [
@@ -714,30 +760,47 @@ def _evaluate(plan: _Plan, leaves, specific, has_aux, out_shape, map_rows):
         cut_rows[plan.losses] = (
             eye if cut_rows[plan.losses] is None else cut_rows[plan.losses] + eye
         )
-    cts = [
+    cotangents = [
         jnp.zeros((num, *graph.avals[c].shape), graph.avals[c].dtype)
         if cut_rows[c] is None
         else cut_rows[c].astype(graph.avals[c].dtype)
         for c in plan.cut
     ]
+    aux = jax.tree.unflatten(jax.tree.structure(out_shape[1]), aux_vals) if has_aux else None
+    return Separated(
+        losses=losses,
+        aux=aux,
+        trunk_leaves=list(trunk_pos),
+        head_grads=dict(zip(head_pos, head_grads, strict=True)),
+        head_labels={i: plan.labels.get(plan.leaves[i]) for i in head_pos},
+        cotangents=cotangents,
+        trunk=lambda vals: trunk_and_crossing(vals)[0],
+        pull_trunk=None if pull_trunk is None else lambda cts: pull_trunk(cts)[0],
+        num_tasks=num,
+    )
+
+
+def _evaluate(plan: _Plan, leaves, specific, has_aux, out_shape, map_rows):
+    num = plan.num_tasks
+    sep = _separate(plan, leaves, has_aux, out_shape, differentiate_trunk=True)
+    trunk_pos, cts = sep.trunk_leaves, sep.cotangents
     grads: list[Any] = [None] * len(leaves)
     shared_trunk = [j for j, i in enumerate(trunk_pos) if not specific[i]]
     specific_trunk = [j for j, i in enumerate(trunk_pos) if specific[i]]
     if shared_trunk and plan.cut:
-        rows = map_rows(lambda c: [pull_trunk(c)[0][j] for j in shared_trunk], cts)
+        rows = map_rows(lambda c: [sep.pull_trunk(c)[j] for j in shared_trunk], cts)
         for j, r in zip(shared_trunk, rows, strict=True):
             grads[trunk_pos[j]] = r
     if specific_trunk and plan.cut:
-        summed = pull_trunk([jnp.sum(c, axis=0) for c in cts])[0]
+        summed = sep.pull_trunk([jnp.sum(c, axis=0) for c in cts])
         for j in specific_trunk:
             grads[trunk_pos[j]] = summed[j]
-    for i, g in zip(head_pos, head_grads, strict=True):
-        grads[i] = g if specific[i] else _rows_of_gradient(g, plan.labels.get(plan.leaves[i]), num)
+    for i, g in sep.head_grads.items():
+        grads[i] = g if specific[i] else _rows_of_gradient(g, sep.head_labels[i], num)
     for i, leaf in enumerate(leaves):
         if grads[i] is None:
             grads[i] = jnp.zeros_like(leaf) if specific[i] else jnp.zeros((num, *jnp.shape(leaf)))
-    aux = jax.tree.unflatten(jax.tree.structure(out_shape[1]), aux_vals) if has_aux else None
-    return losses, grads, aux
+    return sep.losses, grads, sep.aux
 
 
 def describe_cut(split_loss: Callable[..., Any], leaves: Sequence[Any], has_aux: bool = False):

@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax import _tree
+from mtl_jax._maps import TASK_MAPS, check_task_map, map_pullback
 from mtl_jax.autogram import GramianWeighting, engine_value_and_grads
+from mtl_jax.autogram.at_cut import engine_at_cut
 from mtl_jax.cut import loss_vector_grads
 from mtl_jax.gramian import GLOBAL, combine, group_gramians
 from mtl_jax.sharing import task_specific_leaves
@@ -37,10 +39,6 @@ __all__ = [
     "WeightedBackward",
     "value_and_grads",
 ]
-
-#: How the K tasks' backward passes are mapped: one batched pass, K passes in the program,
-#: K passes in a loop (``docs/gradients.md`` has the measured trade-offs).
-TASK_MAPS = ("vmap", "unroll", "scan")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,34 +129,6 @@ def _check_params(params: PyTree, where: str) -> None:
     """The parameters, not Flax ``variables``, and floating leaves only (trace time)."""
     _tree.check_not_variables(params, where)
     _tree.check_float_leaves(params, where)
-
-
-def _check_task_map(task_map: str, chunk_size: int | None) -> None:
-    if task_map not in TASK_MAPS:
-        raise ValueError(f"Unknown task_map {task_map!r}; choose from {TASK_MAPS}.")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer or None; got {chunk_size}.")
-    if chunk_size is not None and task_map != "vmap":
-        raise ValueError("chunk_size applies to task_map='vmap' only.")
-
-
-def map_pullback(
-    pullback: Callable, cotangents: PyTree, chunk_size: int | None, task_map: str = "vmap"
-) -> PyTree:
-    """``pullback`` applied to every row of ``cotangents`` (leading axis K).
-
-    ``"vmap"``: one batched backward pass (chunks of ``chunk_size`` rows under ``lax.map``);
-    ``"unroll"``: K separate passes in the traced program; ``"scan"``: K passes in a loop.
-    """
-    num = jax.tree.leaves(cotangents)[0].shape[0]
-    if task_map == "unroll":
-        rows = [pullback(jax.tree.map(lambda c, k=k: c[k], cotangents)) for k in range(num)]
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
-    if task_map == "scan":
-        return jax.lax.map(pullback, cotangents)
-    if chunk_size is None or chunk_size >= num:
-        return jax.vmap(pullback)(cotangents)
-    return jax.lax.map(pullback, cotangents, batch_size=chunk_size)
 
 
 def _stack(trees: Sequence[PyTree]) -> PyTree:
@@ -501,12 +471,16 @@ def _gramian_grads(
             "gramian= takes a loss function (params, *args) -> losses[K] (per sample with "
             f"GramianWeighting(..., instance_wise=True)); got {type(model).__name__}."
         )
-    if task_map != "vmap" or chunk_size is not None or representation is not False:
+    if chunk_size is not None or representation is not False:
         raise ValueError(
-            "gramian= computes G without K backward passes of the parameters: drop task_map, "
-            "chunk_size and representation."
+            "gramian= computes G without K backward passes of the parameters: drop chunk_size "
+            "and representation (task_map maps the engine's K cotangent pullbacks)."
         )
-    return engine_value_and_grads(model, gramian, task_specific, has_aux=has_aux)
+    if gramian.instance_wise:
+        return engine_value_and_grads(
+            model, gramian, task_specific, has_aux=has_aux, task_map=task_map
+        )
+    return engine_at_cut(model, gramian, task_specific, has_aux=has_aux, task_map=task_map)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,7 +556,7 @@ def value_and_grads(
       losses, grads = grad_fn(params, batch)
       updates, opt_state = tx.update(grads, opt_state, params, task_losses=losses)
     """
-    _check_task_map(task_map, chunk_size)
+    check_task_map(task_map, chunk_size)
     if gramian is not None:
         return _gramian_grads(
             model, gramian, task_specific, has_aux, task_map, chunk_size, representation

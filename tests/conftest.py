@@ -38,6 +38,8 @@ QUICK_MODULES = frozenset(
         "test_gradients.py",  # value_and_grads against per-task jax.grad
         "test_grads_tree.py",  # one gradient tree, O(K) task-specific leaves
         "test_grads_cut.py",  # the loss vector differentiated at its cut, no [K, K, ...]
+        "test_autogram_at_cut.py",  # the Gramian engine below the cut vs jacrev rows
+        "test_upgrad_reg_eps.py",  # UPGrad / DualProj on TorchJD's regularised G vs NNLS
         "test_cross_batch.py",  # SDMGrad and MoDo against their NumPy references
         "test_gramian.py",  # Gram matrices and groupings
         "test_conflict.py",  # conflict metrics against a NumPy recount

@@ -58,6 +58,17 @@ def test_the_same_config_adds_nothing_and_added_seeds_are_returned(tmp_path):
     assert workdir_lib.check_config_change(stored, _as_json(neutral), str(tmp_path)) == []
 
 
+def test_a_work_dir_written_before_a_later_key_still_resumes(tmp_path):
+    """``train.objectives`` came later; its default reproduces the runs made without it."""
+    stored = _as_json(_tiny((0,)))
+    del stored["train"]["objectives"]
+    assert workdir_lib.check_config_change(stored, _as_json(_tiny((0,))), str(tmp_path)) == []
+    instances = _tiny((0,))
+    instances.train.objectives = "instances"
+    with pytest.raises(workdir_lib.ConfigMismatchError, match=r"train\.objectives"):
+        workdir_lib.check_config_change(stored, _as_json(instances), str(tmp_path))
+
+
 def test_a_removed_seed_or_another_key_is_refused_by_name(tmp_path):
     stored = _as_json(_tiny((0, 1)))
     with pytest.raises(workdir_lib.ConfigMismatchError, match=r"drops seeds \[1\].*keep \[0, 1\]"):

@@ -575,8 +575,8 @@ def test_generated_factories_keep_their_signatures():
         "aligned_mtl": (
             "(scale_mode='min', pref_vector=None, *, granularity='global', num_tasks=None)"
         ),
-        "upgrad": "(pref_vector=None, *, granularity='global', num_tasks=None)",
-        "dualproj": "(pref_vector=None, *, granularity='global', num_tasks=None)",
+        "upgrad": "(pref_vector=None, reg_eps=0.0, *, granularity='global', num_tasks=None)",
+        "dualproj": "(pref_vector=None, reg_eps=0.0, *, granularity='global', num_tasks=None)",
         "config": "(pref_vector=None, *, granularity='global', num_tasks=None)",
         "random_weighting": "(seed=0, *, granularity='global', num_tasks=None)",
         "fairgrad": "(alpha=1.0, *, granularity='global', num_tasks=None)",

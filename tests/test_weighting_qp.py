@@ -107,3 +107,90 @@ def test_dualproj_does_not_depend_on_the_order_of_the_rows(dtype, rtol):
                     d = np.asarray(dualproj_weights(G), np.float64) @ Jp.astype(np.float64)
                     err = np.linalg.norm(d - expected) / scale
                     assert err <= rtol, (kind, seed, err)
+
+
+# Large K (issue 24's instance-wise objectives): the primal-dual active-set warm start with
+# conjugate-gradient passive solves, certified per row by the optimality test, and Lawson-Hanson
+# from the warm start for the rows it does not certify (mtl_jax/weighting/_qp.py, ``_solve``).
+
+
+def _instance_wise_jacobian(k: int, seed: int = 0, classes: int = 10, features: int = 24):
+    """``J[k, classes * features]``: per-sample gradients ``(softmax(W x_n) - y_n) x_n^T`` of a
+    softmax regression on clustered inputs: samples of different classes conflict (the shape of
+    issue 24's per-sample Gramians), written here independently of the benchmark's MLP. Rank
+    ``min(k, (classes - 1) features)``: full rank for the defaults at ``k <= 216``."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, size=k)
+    centres = rng.normal(size=(classes, features))
+    x = centres[labels] + 0.7 * rng.normal(size=(k, features))
+    logits = x @ (0.3 * rng.normal(size=(features, classes)))
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    residual = p - np.eye(classes)[labels]
+    return (residual[:, :, None] * x[:, None, :]).reshape(k, -1)
+
+
+def _large_k_jacobian(kind: str, k: int) -> np.ndarray:
+    if kind == "instance_wise":
+        return _instance_wise_jacobian(k)
+    if kind == "instance_wise_low_rank":  # rank 2 x 12 = 24 < K: the warm start fails often
+        return _instance_wise_jacobian(k, classes=3, features=12)
+    rng = np.random.default_rng(k)
+    r = k // 3  # rank-deficient: rank K / 3
+    return rng.normal(size=(k, r)) @ rng.normal(size=(r, 2 * k))
+
+
+def _upgrad_problems_ref(J: np.ndarray, rows: range) -> np.ndarray:
+    """Rows ``u = e_i / K`` of UPGrad, by SciPy's NNLS on ``J`` (float64, independent)."""
+    k = J.shape[0]
+    return np.stack([R.dual_cone_projection_ref(J, np.eye(k)[i] / k) for i in rows])
+
+
+@pytest.mark.parametrize("kind", ["instance_wise", "instance_wise_low_rank", "rank_deficient"])
+@pytest.mark.parametrize(("dtype", "rtol"), [(np.float64, 1e-10), (np.float32, 5e-4)])
+def test_large_k_matches_scipy_nnls(kind, dtype, rtol):
+    """K = 128: every sampled projection ``J^T v`` within ``rtol`` of the exact one (relative to
+    max |g|), and the optimality conditions at rounding level."""
+    k = 128
+    J = _large_k_jacobian(kind, k)
+    rows = range(0, k, 9)
+    expected = _upgrad_problems_ref(J, rows)
+    with jax.enable_x64(dtype == np.float64):
+        G = jnp.asarray(J @ J.T, dtype)
+        V = np.asarray(project_weights(G, jnp.eye(k, dtype=dtype) / k), np.float64)
+    norm = np.linalg.norm(J, axis=1).max()
+    for n, i in enumerate(rows):
+        err = np.linalg.norm(J.T @ (V[i] - expected[n])) / norm
+        assert err <= rtol, (kind, i, err)
+        infeasible, negative, slack = _kkt_gap(J @ J.T, np.eye(k)[i] / k, V[i])
+        bound = 1e-12 if dtype == np.float64 else 1e-5
+        assert infeasible <= 0 and negative <= bound and slack <= bound, (kind, i)
+
+
+@pytest.mark.parametrize("warm_steps", [0, 2])
+def test_lawson_hanson_finishes_from_any_warm_start(warm_steps):
+    """Too few warm-start steps leave rows uncertified; Lawson-Hanson still solves them exactly
+    (float64, K = 48, against NNLS), and a full warm start certifies every row of a full-rank G
+    (the fast path is taken)."""
+    from mtl_jax.weighting import _qp
+
+    k = 48
+    with jax.enable_x64(True):
+        for kind in ("instance_wise", "instance_wise_low_rank", "rank_deficient"):
+            J = _large_k_jacobian(kind, k)
+            G = J @ J.T
+            G = jnp.asarray(G / np.diag(G).max())
+            U = jnp.eye(k, dtype=jnp.float64) / k
+            solve = jax.jit(_qp._solve, static_argnums=(2, 3))
+            X, certified, _ = solve(G, U, 4 * k + 20, warm_steps)
+            if warm_steps == 0:
+                assert not np.any(certified)
+            rows = range(0, k, 7)
+            expected = _upgrad_problems_ref(J, rows)
+            norm = np.linalg.norm(J, axis=1).max()
+            for n, i in enumerate(rows):
+                err = np.linalg.norm(J.T @ (np.asarray(U[i] + X[i]) - expected[n])) / norm
+                assert err <= 1e-10, (kind, warm_steps, i, err)
+            if kind == "instance_wise":
+                _, certified, steps = solve(G, U, 4 * k + 20, None)
+                assert np.all(certified) and int(steps) <= 12, (kind, int(steps))

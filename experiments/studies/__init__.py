@@ -20,6 +20,7 @@ import ml_collections
 from experiments import config as config_lib
 from experiments.studies import compare, conal, leaf_combinations, recon, sparse_training
 from experiments.studies.base import Study, StudyContext, check_methods, train_phase
+from experiments.train import check_objectives_with_model
 
 STUDIES: dict[str, Study] = {
     m.STUDY.name: m.STUDY for m in (compare, sparse_training, leaf_combinations, recon, conal)
@@ -89,6 +90,7 @@ def validate_with_data(config: ml_collections.ConfigDict, data: Any, model: Any)
             check_methods(config, study.methods(config), num_tasks=len(data.tasks))
         if study.check_inputs is not None:
             study.check_inputs(config, data, model)
+        check_objectives_with_model(config, data, model)
     except config_lib.ConfigError:
         raise
     except (ValueError, TypeError) as e:

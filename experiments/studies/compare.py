@@ -27,7 +27,7 @@ from experiments.studies.base import (
     single_task_runs,
     train_phase,
 )
-from experiments.train import RunSpec, bn_recompute_note
+from experiments.train import RunSpec, bn_recompute_note, objectives_note
 
 
 def runs(config: ml_collections.ConfigDict, data) -> list[RunSpec]:
@@ -57,7 +57,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def report(records, tasks, config, workdir: str) -> str:
     """The conflict summary section (and its JSON and plots; empty with a single task), and the
     line on recomputed BatchNorm statistics (``eval.recompute_bn_batches``)."""
-    note = bn_recompute_note(config)
+    note = "\n\n".join(
+        n for n in (objectives_note(config, len(tasks)), bn_recompute_note(config)) if n
+    )
     if len(tasks) < 2:
         return note
     summary = summary_lib.conflict_summary(records, tasks)

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax import _tree
+from mtl_jax._maps import check_task_map, map_pullback
 from mtl_jax.autogram import layers
 from mtl_jax.autogram.walk import Analysis, analyze, evaluate
 from mtl_jax.gramian import GLOBAL, Granularity, combine, leaf_groups
@@ -272,7 +273,7 @@ class _Run:
     fb_rows: dict[int, jax.Array]  # leaf -> [O, *leaf]
 
 
-def _run(prep: _Prepared, leaves: list[Any]) -> _Run:
+def _run(prep: _Prepared, leaves: list[Any], task_map: str = "vmap") -> _Run:
     num_b, num_t = prep.num_b, prep.num_t
     sites = {s.index: s for s in prep.analysis.sites}
     # The default mode is instance-wise with one "sample": the whole batch.
@@ -299,7 +300,7 @@ def _run(prep: _Prepared, leaves: list[Any]) -> _Run:
     )
     basis = jnp.eye(num_t, dtype=losses.dtype)[:, None, :]
     basis = jnp.broadcast_to(basis, (num_t, num_b, num_t))  # row t: e_t for every sample
-    deltas, d_fb = jax.vmap(pullback)(basis)  # deltas[i]: [T, B, *out]
+    deltas, d_fb = map_pullback(pullback, basis, None, task_map)  # [T, B, *out]
     if prep.instance_wise:
         fb_rows = _per_sample_fallback_rows(prep, leaves, batched_others)
     else:
@@ -481,6 +482,7 @@ def engine_value_and_grads(
     task_specific: PyTree | Callable[[PyTree], PyTree] | None = None,
     *,
     has_aux: bool = False,
+    task_map: str = "vmap",
 ) -> Callable[..., Any]:
     """Losses, the Gram-space weights and the update, without the Jacobian (module docstring).
 
@@ -494,9 +496,12 @@ def engine_value_and_grads(
     ``weighting_state=fn.init_weighting_state(params, K)`` at the start, then
     ``aux["weighting_state"]``. ``fn.plan(params, *args)`` returns the :class:`EnginePlan`
     (which leaves use an identity, rows or fell back). The K pullbacks differentiate the
-    perturbations only, so no weight gradient is formed K times, with or without ``jit``.
+    perturbations only, so no weight gradient is formed K times, with or without ``jit``;
+    ``task_map`` maps them as in :func:`mtl_jax.value_and_grads` (``"vmap"``, ``"unroll"``,
+    ``"scan"``: the same numbers, another schedule).
     """
     _check_loss_fn(loss_fn, "engine_value_and_grads")
+    check_task_map(task_map, None)
     gramian, weighting = _resolve(gramian)
     grouped = gramian.granularity != GLOBAL
     what = "value_and_grads(gramian=...)"
@@ -525,7 +530,7 @@ def engine_value_and_grads(
                     "(fn.init_weighting_state(params, K) at the start, then "
                     "aux['weighting_state'])."
                 )
-        run = _run(prep, leaves)
+        run = _run(prep, leaves, task_map)
         blocks = _leaf_blocks(prep, run, leaves)
         dtype = jnp.result_type(*leaves) if leaves else jnp.float32
         grams = _group_grams(blocks, labels, num_o, layers.compute_dtype(dtype))
