@@ -65,7 +65,12 @@ def run_study(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = 
         check_workdir(config, workdir, fresh)
     data = data_lib.make_dataset(config.dataset)
     check_data_fits(config, data)
-    model = models_lib.make_model(config.model, data.tasks, data.input_shape)
+    try:  # a model that cannot serve this data (input too small for its pools, ...)
+        model = models_lib.make_model(config.model, data.tasks, data.input_shape)
+    except ValueError as e:
+        raise config_lib.ConfigError(
+            f"model {config.model.name!r} on data set {config.dataset.name!r}: {e}"
+        ) from e
     studies.validate_with_data(config, data, model)
     if parallel_lib.is_primary():  # multi-host: process 0 prepares the shared work dir
         added = prepare_workdir(config, workdir, fresh)

@@ -92,6 +92,11 @@ class Mistake:
 
 MISTAKES = [
     Mistake(
+        "a model whose pools do not fit the data's images",
+        lambda t: [f"--config={DEFAULT_CONFIG}:model=small_cnn"],
+        r"model 'small_cnn' on data set 'multi_digits': .*too small for 4 2x2 max-pools",
+    ),
+    Mistake(
         "arrays without a path",
         lambda t: [f"--config={DEFAULT_CONFIG}:dataset=arrays"],
         r"needs --config\.dataset\.path=<file\.npz>",
