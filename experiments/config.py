@@ -173,7 +173,7 @@ def check_objectives(config: ml_collections.ConfigDict) -> None:
     Raises:
       ValueError: naming the key, the method or study, and the fix.
     """
-    value = config.train.get("objectives", "tasks")
+    value = objectives(config)
     if value not in OBJECTIVES:
         raise ValueError(
             f"config.train.objectives={value!r}; use 'tasks' (one objective per task) or "

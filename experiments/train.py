@@ -71,6 +71,7 @@ import numpy as np
 import optax
 
 import mtl_jax as mtl
+from experiments import config as config_lib
 from experiments import data as data_lib
 from experiments import lifecycle, optim
 from experiments import losses as losses_lib
@@ -738,7 +739,7 @@ def check_objectives_with_model(config: ml_collections.ConfigDict, data: Any, mo
     Raises:
       ValueError: naming the key, the model's state collections and the fixes.
     """
-    if config.train.get("objectives", "tasks") != "instances":
+    if config_lib.objectives(config) != "instances":
         return
     state = init_shapes(model, tuple(data.tasks), data.input_shape)[1]
     parts = [state["encoder"], *state["heads"].values()]  # {collection: tree} each
@@ -991,7 +992,7 @@ def training_images(data: Any, batch_size: int, seed: int, first_epoch: int, cou
 
 def objectives_note(config: ml_collections.ConfigDict, num_tasks: int) -> str:
     """The report's line saying the runs were instance-wise (empty for ``"tasks"``)."""
-    if config.train.get("objectives", "tasks") != "instances":
+    if config_lib.objectives(config) != "instances":
         return ""
     batch = int(config.train.batch_size)
     return (
@@ -1037,7 +1038,7 @@ def build_problem(
     method = get_method(spec.method, spec.method_kwargs, num_tasks, steps_per_epoch, spec.seed)
     aggregator = method.transform
     instance_wise = None
-    if config.train.get("objectives", "tasks") == "instances":
+    if config_lib.objectives(config) == "instances":
         if sharing is not None or mask is not None:
             raise ValueError(
                 f"Run {spec.run_id}: config.train.objectives='instances' takes one shared "

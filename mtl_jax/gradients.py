@@ -27,7 +27,7 @@ from mtl_jax.gramian import GLOBAL, combine, group_gramians
 from mtl_jax.sharing import task_specific_leaves
 from mtl_jax.sharing.grads import per_task_grads
 from mtl_jax.weighting.base import Weighting
-from mtl_jax.weighting.registry import get_weighting
+from mtl_jax.weighting.registry import as_weighting
 
 PyTree = Any
 
@@ -346,13 +346,7 @@ def _trunk_and_heads_grads(
     weighted = isinstance(representation, RepresentationWeighting)
     weighting = None
     if weighted:
-        weighting = representation.weighting
-        weighting = get_weighting(weighting) if isinstance(weighting, str) else weighting
-        if not isinstance(weighting, Weighting):
-            raise TypeError(
-                "RepresentationWeighting.weighting must be a mtl_jax Weighting or a registered "
-                f"name; got {type(weighting)}."
-            )
+        weighting = as_weighting(representation.weighting, "RepresentationWeighting.weighting")
 
     def fn(
         params: Mapping[str, Any],

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from mtl_jax.gradients import representation_gram
 from mtl_jax.weighting.base import Weighting
-from mtl_jax.weighting.registry import get_weighting
+from mtl_jax.weighting.registry import as_weighting
 
 from .gramspace import WeighFirst, from_weights_fn, guarded_weigh, weigh_first
 
@@ -43,8 +43,7 @@ def from_representation(
     linear), for a loop that computes the Jacobian for other reasons (conflict metrics). Without
     that need, :class:`mtl_jax.RepresentationWeighting` is the cheap path.
     """
-    if isinstance(weighting, str):
-        weighting = get_weighting(weighting)
+    weighting = as_weighting(weighting, name)
     return from_weights_fn(
         _weights_fn(weighting, sum_over_batch, name),
         lambda: weighting.init(num_tasks),
@@ -78,6 +77,5 @@ def representation_weigh(
     :func:`from_representation`'s aggregator (``state`` is its state) before the backward pass,
     for a loop that then pulls ``sum_k w_k d L_k / d z`` back through the trunk ONCE
     (:func:`mtl_jax.aggregation.weigh_first`)."""
-    if isinstance(weighting, str):
-        weighting = get_weighting(weighting)
+    weighting = as_weighting(weighting, name)
     return weigh_first(_weights_fn(weighting, sum_over_batch, name), name=name)

@@ -52,7 +52,7 @@ from mtl_jax.autogram import layers
 from mtl_jax.autogram.walk import Analysis, analyze, evaluate
 from mtl_jax.gramian import GLOBAL, Granularity, combine, leaf_groups
 from mtl_jax.weighting.base import Weighting
-from mtl_jax.weighting.registry import get_weighting
+from mtl_jax.weighting.registry import as_weighting
 
 PyTree = Any
 
@@ -444,14 +444,7 @@ def _resolve(gramian: Any) -> tuple[GramianWeighting, Weighting]:
             f"GramianWeighting.identities must be True, False or 'always'; got "
             f"{gramian.identities!r}."
         )
-    weighting = gramian.weighting
-    weighting = get_weighting(weighting) if isinstance(weighting, str) else weighting
-    if not isinstance(weighting, Weighting):
-        raise TypeError(
-            "GramianWeighting.weighting must be a mtl_jax Weighting or a registered name "
-            f"(mtl.weighting.WEIGHTINGS); got {type(weighting).__name__}."
-        )
-    return gramian, weighting
+    return gramian, as_weighting(gramian.weighting, "GramianWeighting.weighting")
 
 
 def _check_loss_fn(loss_fn: Any, what: str) -> None:

@@ -93,3 +93,19 @@ def get_weighting(name: str, **hyperparams: Any) -> Weighting:
         (listing the method's).
     """
     return build("weighting", WEIGHTINGS, name, hyperparams)
+
+
+def as_weighting(weighting: Weighting | str, what: str) -> Weighting:
+    """``weighting`` itself, or the registered weighting of that name (no hyper-parameters).
+
+    Raises:
+      TypeError: naming ``what`` (the option that took it) when it is neither.
+    """
+    if isinstance(weighting, str):
+        return get_weighting(weighting)
+    if not isinstance(weighting, Weighting):
+        raise TypeError(
+            f"{what} must be a mtl_jax Weighting or a registered name "
+            f"(mtl.weighting.WEIGHTINGS); got {type(weighting).__name__}."
+        )
+    return weighting
