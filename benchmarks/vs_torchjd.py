@@ -10,13 +10,17 @@ cross-entropy, PCGrad + SGD, at ``--ks`` (default 2, 10, 40). Variants:
 * ``loss_vector[scan]``: the same with ``task_map="scan"`` (the K trunk pullbacks in a loop);
 * ``gramian`` / ``gramian[scan]``: the same loss vector through the Gramian engine below the
   cut (``value_and_grads(..., gramian=mtl.autogram.GramianWeighting("pcgrad"))``,
-  ``mtl_jax/autogram/at_cut.py``): the heads by one backward, the trunk's G from per-layer
-  activations and cotangents, PCGrad's weights from G, ONE weighted backward; no K x P rows;
+  ``mtl_jax/autogram/at_cut.py``): one trunk forward, the heads by one backward, the trunk's G
+  from per-layer activations and cotangents, PCGrad's weights from G, ONE weighted backward; no
+  K x P rows. The recommended path for a Gram-space method (README);
 * ``loss_vector_plain``: the same loss vector by the pre-cut algorithm (K pullbacks of the whole
   loss vector: ``[K, K, batch, 64]`` cotangents in the heads), the "before" of issue 25;
 * ``torchjd``: TorchJD ``mtl_backward(losses, features=z)`` + ``jac_to_grad(trunk params,
   PCGrad())`` + ``torch.optim.SGD`` on the same model (``benchmarks/_torchjd_step.py``, run in
-  TorchJD's own virtual environment, ``benchmarks/_torchjd.py``).
+  TorchJD's own virtual environment, ``benchmarks/_torchjd.py``);
+* ``joint`` / ``torch joint``: one backward of the summed loss + SGD in each library: how
+  fast each runs the same matmuls (at K = 2 every exact path does the work of ~2 backward
+  passes, so ``joint / torch joint`` bounds what a ratio to TorchJD can be there).
 
 Conv table (``--conv``): ``small_resnet`` (experiments/models/small_resnet.py: widths 8-16-32,
 BatchNorm in training mode, fc 32) on ``[128, 16, 16, 1]``, K = 3 linear heads: ``joint`` (one
@@ -188,9 +192,9 @@ def mlp_table(torch: TorchSide, ks, rounds, inner) -> None:
         + " | ".join(f"{n} ms" for n in names)
         + " | TorchJD ms | "
         + " | ".join(f"{n} / TorchJD" for n in names)
-        + " |"
+        + " | joint ms | torch joint ms | joint / torch joint |"
     )
-    print("|---|" + "---|" * (2 * len(names) + 1))
+    print("|---|" + "---|" * (2 * len(names) + 4))
     for k in ks:
         trunk_fn, params, x, y = make_problem("mlp", k)
 
@@ -206,6 +210,8 @@ def mlp_table(torch: TorchSide, ks, rounds, inner) -> None:
             "loss_vector_plain": plain_loss_vector_grads(task_losses, HEADS),
         }
         runs = {n: runner(*jax_step(f, pcgrad), params, x, y) for n, f in fns.items()}
+        summed = lambda p, x, y, f=task_losses: jnp.sum(f(p, x, y))
+        runs["joint"] = runner(*joint_step(summed), params, x, y)
         for task_map, name in (("vmap", "gramian"), ("scan", "gramian[scan]")):
             engine = mtl.value_and_grads(
                 task_losses,
@@ -214,12 +220,14 @@ def mlp_table(torch: TorchSide, ks, rounds, inner) -> None:
                 task_map=task_map,
             )
             runs[name] = runner(*gramian_step(engine), params, x, y)
-        tname = f"torchjd-mlp-{k}"
+        tname, jname = f"torchjd-mlp-{k}", f"torch-joint-mlp-{k}"
         torch.ask(cmd="setup", name=tname, model="mlp", K=k, mode="jd", batch=256)
-        med = interleave(runs, torch, [tname], rounds, inner)
+        torch.ask(cmd="setup", name=jname, model="mlp", K=k, mode="joint", batch=256)
+        med = interleave(runs, torch, [tname, jname], rounds, inner)
         t = med[tname]
         cells = [f"{med[n]:.1f}" for n in names] + [f"{t:.1f}"]
         cells += [f"{med[n] / t:.2f}" for n in names]
+        cells += [f"{med['joint']:.1f}", f"{med[jname]:.1f}", f"{med['joint'] / med[jname]:.2f}"]
         print(f"| {k} | " + " | ".join(cells) + " |", flush=True)
 
 

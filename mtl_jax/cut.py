@@ -53,7 +53,18 @@ from jax.extend.core import Literal
 
 from mtl_jax._jaxpr import call_jaxpr
 
-__all__ = ["MIXED", "Axis", "Separated", "Task", "describe_cut", "loss_vector_grads", "separate"]
+__all__ = [
+    "MIXED",
+    "Axis",
+    "Cut",
+    "Separated",
+    "Task",
+    "describe_cut",
+    "find_cut",
+    "loss_vector_grads",
+    "separate",
+    "separate_at",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -685,6 +696,43 @@ class Separated:
     num_tasks: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Cut:
+    """Where ``split_loss(leaves)`` separates (:func:`find_cut`); ``trunk_leaves``: positions of
+    the leaves before the cut, ``num_tasks``: K."""
+
+    plan: _Plan
+    out_shape: Any
+    has_aux: bool
+
+    @property
+    def trunk_leaves(self) -> list[int]:
+        return list(self.plan.trunk_leaves)
+
+    @property
+    def num_tasks(self) -> int:
+        return self.plan.num_tasks
+
+
+def find_cut(
+    split_loss: Callable[..., Any],
+    leaves: Sequence[Any],
+    has_aux: bool,
+    check: Callable[[Any], None] = lambda losses: None,
+) -> Cut | None:
+    """The analysis of the module docstring for ``split_loss(leaves) -> losses[K]``; ``None``
+    when it finds no cut (nothing after the trunk is separable by task)."""
+    closed, out_shape = jax.make_jaxpr(split_loss, return_shape=True)(list(leaves))
+    check(out_shape[0] if has_aux else out_shape)
+    plan = _plan(closed, len(leaves), has_aux)
+    return Cut(plan, out_shape, has_aux) if plan.cut else None
+
+
+#: ``forward(trunk, trunk_vals) -> (cut values, crossing values)``: the trunk's forward run the
+#: caller's way (the Gramian engine's, which also keeps what its K pullbacks need).
+TrunkForward = Callable[[Callable[[list[Any]], Any], list[Any]], tuple[list[Any], list[Any]]]
+
+
 def separate(
     split_loss: Callable[..., Any],
     leaves: Sequence[Any],
@@ -694,16 +742,28 @@ def separate(
 ) -> Separated | None:
     """Steps 1-3 of the module docstring for ``split_loss(leaves) -> losses[K]``; ``None``
     when the analysis finds no cut (nothing after the trunk is separable by task)."""
-    leaves = list(leaves)
-    closed, out_shape = jax.make_jaxpr(split_loss, return_shape=True)(leaves)
-    check(out_shape[0] if has_aux else out_shape)
-    plan = _plan(closed, len(leaves), has_aux)
-    if not plan.cut:
+    cut = find_cut(split_loss, leaves, has_aux, check)
+    if cut is None:
         return None
-    return _separate(plan, leaves, has_aux, out_shape, differentiate_trunk)
+    return separate_at(cut, leaves, differentiate_trunk)
 
 
-def _separate(plan: _Plan, leaves, has_aux, out_shape, differentiate_trunk) -> Separated:
+def separate_at(
+    cut: Cut,
+    leaves: Sequence[Any],
+    differentiate_trunk: bool = True,
+    forward: TrunkForward | None = None,
+) -> Separated:
+    """Steps 1-3 at a :class:`Cut` found for these leaves' shapes; ``forward`` (optional) runs
+    the trunk instead of a plain call (``differentiate_trunk`` is then ignored)."""
+    return _separate(
+        cut.plan, list(leaves), cut.has_aux, cut.out_shape, differentiate_trunk, forward
+    )
+
+
+def _separate(
+    plan: _Plan, leaves, has_aux, out_shape, differentiate_trunk, forward=None
+) -> Separated:
     graph, num = plan.graph, plan.num_tasks
     trunk_pos = plan.trunk_leaves
     head_pos = [i for i in range(len(leaves)) if i not in trunk_pos]
@@ -716,7 +776,9 @@ def _separate(plan: _Plan, leaves, has_aux, out_shape, differentiate_trunk) -> S
         return [env[c] for c in plan.cut], [env[c] for c in plan.crossing]
 
     trunk_vals = [leaves[i] for i in trunk_pos]
-    if differentiate_trunk:
+    if forward is not None:
+        (cut_vals, crossing_vals), pull_trunk = forward(trunk_and_crossing, trunk_vals), None
+    elif differentiate_trunk:
         cut_vals, pull_trunk, crossing_vals = jax.vjp(trunk_and_crossing, trunk_vals, has_aux=True)
     else:
         (cut_vals, crossing_vals), pull_trunk = trunk_and_crossing(trunk_vals), None

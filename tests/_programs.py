@@ -45,6 +45,52 @@ def traced_shapes(fn: Callable, *args, **kwargs) -> list[tuple[int, ...]]:
     return [tuple(a.shape) for a in _jaxpr_avals(closed.jaxpr) if hasattr(a, "shape")]
 
 
+def _live_eqns(jaxpr: jcore.Jaxpr) -> Iterator[object]:
+    """The equations an output depends on (dead code dropped, as XLA drops it: e.g. the primal
+    output of a ``jax.vjp`` taken only for its pullback), and every equation inside their
+    sub-jaxprs."""
+    needed = {v for v in jaxpr.outvars if isinstance(v, jcore.Var)}
+    live = []
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(v in needed for v in eqn.outvars):
+            live.append(eqn)
+            needed.update(v for v in eqn.invars if isinstance(v, jcore.Var))
+    for eqn in reversed(live):
+        yield eqn
+        for param in eqn.params.values():
+            for sub in _sub_jaxprs(param):
+                yield from _all_eqns(sub)
+
+
+def _all_eqns(jaxpr: jcore.Jaxpr) -> Iterator[object]:
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in _sub_jaxprs(param):
+                yield from _all_eqns(sub)
+
+
+def count_products(fn: Callable, lhs: tuple[int, ...], rhs: tuple[int, ...], *args) -> int:
+    """How many live ``dot_general`` equations of ``jax.make_jaxpr(fn)(*args)`` (dead code
+    dropped; sub-jaxprs of live equations included) multiply an operand whose shape is ``lhs``
+    with one shaped ``rhs`` (leading axes of size 1, as a ``vmap`` over one sample adds, are
+    ignored): e.g. how often a layer's forward ``x @ W`` runs."""
+
+    def squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+        while len(shape) > len(lhs) and shape[0] == 1:
+            shape = shape[1:]
+        return shape
+
+    closed = jax.make_jaxpr(fn)(*args)
+    return sum(
+        1
+        for eqn in _live_eqns(closed.jaxpr)
+        if eqn.primitive.name == "dot_general"
+        and squeezed(tuple(eqn.invars[0].aval.shape)) == lhs
+        and tuple(eqn.invars[1].aval.shape) == rhs
+    )
+
+
 def traced_consts(fn: Callable, *args, **kwargs) -> list[np.ndarray]:
     """The constants the traced program closes over (what ``jit`` embeds in the program)."""
     return [np.asarray(c) for c in jax.make_jaxpr(fn)(*args, **kwargs).consts]

@@ -19,7 +19,7 @@ import pytest
 import mtl_jax as mtl
 from mtl_jax import autogram
 from mtl_jax.weighting.base import EmptyState, Weighting
-from tests._programs import has_task_by_task_value, traced_shapes
+from tests._programs import count_products, has_task_by_task_value, traced_shapes
 
 GW = autogram.GramianWeighting
 HEADS = {"trunk": False, "heads": True}
@@ -124,6 +124,31 @@ def test_no_task_by_task_value_at_k40_unlike_the_plain_engine():
     plain = autogram.engine_value_and_grads(task_losses, GW("mean"), HEADS)
     assert not has_task_by_task_value(traced_shapes(at_cut, params, x, y), num)
     assert has_task_by_task_value(traced_shapes(plain, params, x, y), num)
+
+
+def test_one_trunk_forward():
+    """The cut's heads read the engine's own forward of the trunk: the first layer's ``x @ w1``
+    runs once in the step (it ran twice, the cut's and the engine's, before)."""
+    task_losses, params, x, y = stacked_problem(3)
+    fn = mtl.value_and_grads(task_losses, HEADS, gramian=GW("upgrad"))
+    w1 = params["trunk"]["w1"]
+    assert count_products(fn, x.shape, w1.shape, params, x, y) == 1
+    assert count_products(task_losses, x.shape, w1.shape, params, x, y) == 1  # the helper
+
+
+@pytest.mark.parametrize("num_tasks, method", [(2, "rows"), (40, "identity")])
+def test_dense_leaf_takes_the_cheaper_method_and_its_update(num_tasks, method):
+    """``z1 @ w2`` with 16 inputs and 12 samples: at K = 2 its K rows (combined for the update)
+    cost fewer flops than the identity plus a weighted VJP, at K = 40 more (``layers.choose``);
+    both give the reference G and update."""
+    task_losses, params, x, y = stacked_problem(num_tasks)
+    fn = mtl.value_and_grads(task_losses, HEADS, gramian=GW("upgrad"))
+    assert fn.plan(params, x, y).methods()["trunk/w2"] == method
+    (_, aux), grads = jax.jit(fn)(params, x, y)
+    jac, gram, _ = reference(task_losses, params, x, y)
+    update = np.tensordot(np.asarray(aux["weights"]), np.asarray(jac["w2"], np.float64), 1)
+    assert rel(aux["gram"], gram) < 2e-5
+    assert rel(grads["trunk"]["w2"], update) < 2e-5
 
 
 def test_plan_says_the_heads_are_after_the_cut():

@@ -5,20 +5,20 @@ branches) separates at its **cut** (:mod:`mtl_jax.cut`): everything after it rea
 per slice. The engine alone (:mod:`mtl_jax.autogram.engine`) pulls K one-hot cotangents back
 through the whole program, so K stacked heads see ``[K, K, batch, ...]`` cotangents and their
 site rows ``[K, K, ...]``: quadratic in K, and measured 2.7x slower than the Jacobian path at
-K = 40 on the issue-25 MLP. Here instead:
+K = 40 on the issue-25 MLP. Here instead, with ONE forward of the trunk:
 
-1. the cut's forward and ONE all-ones backward after it (:func:`mtl_jax.cut.separate`): every
-   task-specific leaf's own gradient and ``C_c = d loss_k / d cut_c`` (``[K, *cut_c]``);
-2. the engine on the trunk alone, as the loss vector ``p_k(theta) = sum_c <C_c[k],
-   trunk_c(theta)>`` with ``C`` held fixed: its Jacobian rows ARE the trunk's rows
-   ``d loss_k / d theta`` (chain rule at the cut), so its Gram matrix, weights and update
-   ``sum_k w_k g_k`` are the loss vector's, exactly;
-3. the heads keep the gradient of step 1 (as :func:`mtl_jax.aggregation.shared_rows` leaves
+1. the engine's forward of the trunk alone (a zero perturbation on every site's output, kept
+   for the pullbacks), up to the cut values;
+2. the rest of the program at those values and ONE all-ones backward after the cut
+   (:func:`mtl_jax.cut.separate_at`): every task-specific leaf's own gradient and
+   ``C_c = d loss_k / d cut_c`` (``[K, *cut_c]``);
+3. the engine's K pullbacks of the trunk from the rows ``C[k]``: by the chain rule at the cut
+   they are the loss vector's, so G, the weights and the update ``sum_k w_k g_k`` are exact;
+4. the heads keep the gradient of step 2 (as :func:`mtl_jax.aggregation.shared_rows` leaves
    task-specific leaves: their own task's gradient).
 
 Falls back to the plain engine where there is no cut or a leaf after the cut is shared (its
-rows would belong in G). The trunk's forward runs twice in the traced program (the cut's and
-the engine's); XLA merges the two where they are identical.
+rows would belong in G).
 """
 
 from __future__ import annotations
@@ -28,16 +28,17 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from mtl_jax import _tree
+from mtl_jax.autogram import engine
 from mtl_jax.autogram.engine import (
     EnginePlan,
     GramianWeighting,
     LeafPlan,
     engine_value_and_grads,
 )
-from mtl_jax.cut import Separated, separate
+from mtl_jax.cut import Cut, Separated, find_cut, separate_at
+from mtl_jax.gramian import GLOBAL
 from mtl_jax.sharing import task_specific_leaves
 
 PyTree = Any
@@ -45,25 +46,7 @@ PyTree = Any
 __all__ = ["engine_at_cut"]
 
 
-def _projected_loss(sep: Separated) -> Callable[..., jax.Array]:
-    """``(params, cotangents, losses) -> [K]``: the value ``losses`` (what a weighting that
-    reads the losses must see), the gradient that of ``p_k = sum_c <cotangents[c][k],
-    trunk_c(params)>``."""
-
-    def projected(params: PyTree, cotangents: list[jax.Array], losses: jax.Array) -> jax.Array:
-        flat = jax.tree.leaves(params)
-        cut = sep.trunk([flat[i] for i in sep.trunk_leaves])
-        terms = [
-            jnp.tensordot(c, v.astype(c.dtype), axes=jnp.ndim(v))
-            for c, v in zip(cotangents, cut, strict=True)
-        ]
-        p = sum(terms[1:], terms[0]).astype(losses.dtype)
-        return losses + (p - jax.lax.stop_gradient(p))
-
-    return projected
-
-
-def _separated(loss_fn, has_aux, task_specific, params, args, kwargs) -> Separated | None:
+def _find_cut(loss_fn, has_aux, task_specific, params, args, kwargs) -> Cut | None:
     """The cut of ``loss_fn`` at ``params``, or ``None`` where the plain engine must run."""
     leaves, treedef = jax.tree.flatten(params)
     specific = (
@@ -78,10 +61,64 @@ def _separated(loss_fn, has_aux, task_specific, params, args, kwargs) -> Separat
     def check(losses: Any) -> None:
         _tree.check_loss_vector(losses, "value_and_grads(gramian=...): loss_fn")
 
-    sep = separate(split_loss, leaves, has_aux, check, differentiate_trunk=False)
-    if sep is None or not sep.trunk_leaves or any(not specific[i] for i in sep.head_grads):
+    cut = find_cut(split_loss, leaves, has_aux, check)
+    trunk = set(cut.trunk_leaves) if cut is not None else set()
+    if (
+        cut is None
+        or not trunk
+        or any(not specific[i] for i in range(len(leaves)) if i not in trunk)
+    ):
         return None
-    return sep
+    return cut
+
+
+def _trunk_loss(cut: Cut, box: dict) -> Callable[[PyTree], Any]:
+    """``params -> (cut values, crossing values)``: the trunk alone, as the engine traces it.
+    The trunk function itself comes from the cut's forward hook (``box["trunk"]``)."""
+
+    def trunk_values(params: PyTree) -> Any:
+        flat = jax.tree.leaves(params)
+        cut_vals, crossing = box["trunk"]([flat[i] for i in cut.trunk_leaves])
+        return list(cut_vals), list(crossing)
+
+    return trunk_values
+
+
+def _below_the_cut(
+    cut: Cut, params: PyTree, identities: bool | str, task_map: str
+) -> tuple[engine._Prepared, engine._Run, Separated]:
+    """Steps 1-3 of the module docstring: the engine's plan and run of the trunk, and the cut's
+    losses, head gradients and aux."""
+    leaves = jax.tree.leaves(params)
+    box: dict[str, Any] = {}
+
+    def forward(trunk: Callable, trunk_vals: list[Any]) -> tuple[list[Any], list[Any]]:
+        box["trunk"] = trunk
+        prep = engine._prepare(
+            _trunk_loss(cut, box),
+            True,
+            False,
+            identities,
+            params,
+            (),
+            {},
+            WHAT,
+            num_objectives=cut.num_tasks,
+        )
+        fwd = engine._forward(prep, leaves)
+        box["prep"], box["fwd"] = prep, fwd
+        return [v[0] for v in fwd.outputs], [a[0] for a in fwd.aux]
+
+    sep = separate_at(cut, leaves, forward=forward)
+    prep, fwd = box["prep"], box["fwd"]
+    rows = [c[:, None] for c in sep.cotangents]  # [K, B = 1, *cut value]
+    deltas, d_fb = engine._pull(fwd, rows, task_map)
+    fb_rows = dict(zip(prep.fallback, d_fb, strict=True))
+    run = engine._Run(sep.losses[None], None, fwd.captured, deltas, fb_rows)
+    return prep, run, sep
+
+
+WHAT = "value_and_grads(gramian=...)"
 
 
 def engine_at_cut(
@@ -99,11 +136,8 @@ def engine_at_cut(
     plain = engine_value_and_grads(
         loss_fn, gramian, task_specific, has_aux=has_aux, task_map=task_map
     )
-
-    def trunk_engine(sep: Separated) -> Callable[..., Any]:
-        return engine_value_and_grads(
-            _projected_loss(sep), gramian, task_specific, task_map=task_map
-        )
+    weighting = plain.weighting
+    grouped = gramian.granularity != GLOBAL
 
     def fn(
         params: PyTree,
@@ -112,40 +146,46 @@ def engine_at_cut(
         key: jax.Array | None = None,
         **kwargs: Any,
     ) -> Any:
-        _tree.check_not_variables(params, "value_and_grads(gramian=...)")
-        _tree.check_float_leaves(params, "value_and_grads(gramian=...)")
-        sep = _separated(loss_fn, has_aux, task_specific, params, args, kwargs)
-        if sep is None:
+        _tree.check_not_variables(params, WHAT)
+        _tree.check_float_leaves(params, WHAT)
+        cut = _find_cut(loss_fn, has_aux, task_specific, params, args, kwargs)
+        if cut is None:
             return plain(params, *args, weighting_state=weighting_state, key=key, **kwargs)
-        (_, out_aux), grads = trunk_engine(sep)(
-            params, sep.cotangents, sep.losses, weighting_state=weighting_state, key=key
+        labels = engine._labels(params, task_specific, gramian.granularity)
+        state = engine._state_or_init(
+            weighting, params, labels, grouped, cut.num_tasks, weighting_state
         )
-        leaves, treedef = jax.tree.flatten(grads)
+        prep, run, sep = _below_the_cut(cut, params, gramian.identities, task_map)
+        leaves, treedef = jax.tree.flatten(params)
+        out_aux, grads = engine._weighted_step(
+            prep, run, leaves, labels, weighting, grouped, state, key, WHAT
+        )
         for i, g in sep.head_grads.items():
-            leaves[i] = g.astype(leaves[i].dtype)
+            grads[i] = g.astype(leaves[i].dtype)
         if has_aux:
-            out_aux = {**out_aux, "aux": sep.aux}
-        return (sep.losses, out_aux), jax.tree.unflatten(treedef, leaves)
+            out_aux["aux"] = sep.aux
+        return (sep.losses, out_aux), jax.tree.unflatten(treedef, grads)
 
     def plan(params: PyTree, *args: Any, **kwargs: Any) -> EnginePlan:
         box: dict[str, EnginePlan] = {}
 
         def trace(p: PyTree, a: tuple, kw: dict) -> int:
-            sep = _separated(loss_fn, has_aux, task_specific, p, a, kw)
-            if sep is None:
+            cut = _find_cut(loss_fn, has_aux, task_specific, p, a, kw)
+            if cut is None:
                 box["plan"] = plain.plan(p, *a, **kw)
                 return 0
-            inner = trunk_engine(sep).plan(p, sep.cotangents, sep.losses)
-            heads = set(sep.head_grads)
+            prep, _, _ = _below_the_cut(cut, p, gramian.identities, task_map)
+            inner = engine._plan_of(prep, p)
+            trunk = set(cut.trunk_leaves)
             box["plan"] = dataclasses.replace(
                 inner,
                 leaves=tuple(
-                    LeafPlan(leaf.path, "own", (), "after the cut: one all-ones backward")
-                    if i in heads
-                    else leaf
+                    leaf
+                    if i in trunk
+                    else LeafPlan(leaf.path, "own", (), "after the cut: one all-ones backward")
                     for i, leaf in enumerate(inner.leaves)
                 ),
-                num_objectives=sep.num_tasks,
+                num_objectives=cut.num_tasks,
             )
             return 0
 
@@ -154,5 +194,5 @@ def engine_at_cut(
 
     fn.plan = plan  # type: ignore[attr-defined]
     fn.init_weighting_state = plain.init_weighting_state  # type: ignore[attr-defined]
-    fn.weighting = plain.weighting  # type: ignore[attr-defined]
+    fn.weighting = weighting  # type: ignore[attr-defined]
     return fn

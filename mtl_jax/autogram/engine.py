@@ -11,16 +11,18 @@ does:
    cotangents ``delta_k`` of every site (no weight gradients are formed);
 3. each leaf's ``[K, K]`` block from its site's activations and cotangents: the dense kernel
    identity, or the site's own VJP rows turned into ``rows rows^T`` and dropped
-   (``layers.py``); a leaf the walk cannot place falls back to its exact K rows;
+   (``layers.py``: the cheaper in flops, the update included; a Dense leaf whose rows are
+   cheaper keeps them for step 5); a leaf the walk cannot place falls back to its exact K rows;
 4. the weights from any Gram-space :class:`~mtl_jax.weighting.base.Weighting` (stateful ones:
    the state threads through ``weighting_state=``; ``granularity`` gives one G per group, as
    GradVac's per-layer variant needs);
 5. the update ``sum_k w_k g_k``: the backward of ``sum_k w_k L_k`` taken from the cotangents
    already computed (``sum_k w_k delta_k`` through each site's VJP: one weight-gradient pass;
-   the activation cotangents are not propagated again).
+   the activation cotangents are not propagated again), or the kept rows combined.
 
 Memory: O(K^2 + K x site outputs + activations), never O(K P) (benchmarks/gramian_engine.py
-measures it). Exact: ``G`` equals ``mtl.gramian.gramian`` of the explicit Jacobian and the
+measures it) beyond the Dense leaves that keep their rows (chosen only where K rows cost
+fewer flops than the identity: few objectives, or fewer inputs than positions). Exact: ``G`` equals ``mtl.gramian.gramian`` of the explicit Jacobian and the
 update the Jacobian path's, to float rounding (tests/test_autogram.py).
 
 **Instance-wise objectives** (``instance_wise=True``): the loss function is per sample,
@@ -137,12 +139,15 @@ class _Prepared:
     methods: list[str]
     reasons: list[str]
     layouts: dict[int, Any]  # site index -> DenseLayout | GatherLayout (identity sites)
+    combined: frozenset[int]  # rows leaves of a dense site: the update combines their rows
+    dense_rows: dict[int, Any]  # site index -> DenseLayout: rows by layers.dense_rows
     active: frozenset[int]
     fallback: list[int]
     instance_wise: bool
     num_b: int
     num_t: int
     per_sample_loss_shape: tuple[int, ...]
+    num_values: int  # 0: loss_fn returns the loss vector; else that many values (below the cut)
     aux_treedef: Any
     others: list[Any]
     others_treedef: Any
@@ -173,7 +178,11 @@ def _prepare(
     args: tuple,
     kwargs: dict,
     what: str,
+    num_objectives: int | None = None,
 ) -> _Prepared:
+    """Traces ``loss_fn`` and plans every leaf. With ``num_objectives`` (the engine below the
+    cut, :mod:`mtl_jax.autogram.at_cut`), ``loss_fn(params, *args) -> (values, aux)`` returns
+    a list of arrays whose cotangent rows the caller supplies (:func:`_pull`)."""
     _tree.check_not_variables(params, what)
     _tree.check_float_leaves(params, what)
     leaves, treedef = jax.tree.flatten(params)
@@ -188,11 +197,14 @@ def _prepare(
         losses, aux = out if has_aux else (out, None)
         aux_leaves, box["aux"] = jax.tree.flatten(aux)
         box["losses"] = losses
-        return [losses, *aux_leaves]
+        values = list(losses) if num_objectives is not None else [losses]
+        return [*values, *aux_leaves]
 
     closed = jax.make_jaxpr(flat_fn)(leaves, sample)
     losses = box["losses"]
-    if instance_wise:
+    if num_objectives is not None:
+        num_values, num_t = len(losses), int(num_objectives)
+    elif instance_wise:
         if jnp.ndim(losses) > 1:
             raise ValueError(
                 f"{what}: with instance_wise=True the loss function is per sample and returns "
@@ -202,9 +214,10 @@ def _prepare(
             raise TypeError(f"{what}: the per-sample loss must be floating; got {losses.dtype}.")
     else:
         _tree.check_loss_vector(losses, f"{what}: loss_fn")
-    num_t = int(jnp.size(losses))
+    if num_objectives is None:
+        num_values, num_t = 0, int(jnp.size(losses))
     analysis = analyze(closed, len(leaves))
-    methods, reasons, layouts = [], [], {}
+    methods, reasons, layouts, combined, dense_rows = [], [], {}, set(), {}
     for i in range(len(leaves)):
         sites = [s for s in analysis.sites if i in s.leaves]
         if i in analysis.fallback:
@@ -226,6 +239,10 @@ def _prepare(
                 reasons.append(f"identity {id_cost:.2g} vs rows {rows_cost:.2g} flops")
             if method == "identity":
                 layouts[sites[0].index] = layout
+            elif isinstance(layout, layers.DenseLayout) and identities is not False:
+                combined.add(i)  # chosen as cheaper, the update included (layers.choose)
+                if not instance_wise and layers.plain_dense(sites[0], layout):
+                    dense_rows[sites[0].index] = layout
     active = frozenset(
         s.index for s in analysis.sites if any(methods[i] in ("identity", "rows") for i in s.leaves)
     )
@@ -235,12 +252,15 @@ def _prepare(
         methods=methods,
         reasons=reasons,
         layouts=layouts,
+        combined=frozenset(combined),
+        dense_rows=dense_rows,
         active=active,
         fallback=[i for i, m in enumerate(methods) if m == "fallback"],
         instance_wise=instance_wise,
         num_b=num_b,
         num_t=num_t,
-        per_sample_loss_shape=tuple(jnp.shape(losses)),
+        per_sample_loss_shape=() if num_values else tuple(jnp.shape(losses)),
+        num_values=num_values,
         aux_treedef=box["aux"],
         others=others,
         others_treedef=others_treedef,
@@ -273,8 +293,17 @@ class _Run:
     fb_rows: dict[int, jax.Array]  # leaf -> [O, *leaf]
 
 
-def _run(prep: _Prepared, leaves: list[Any], task_map: str = "vmap") -> _Run:
-    num_b, num_t = prep.num_b, prep.num_t
+@dataclasses.dataclass
+class _Forward:
+    outputs: Any  # the loss vector [B, T], or the values [B, *value] (num_values)
+    pullback: Callable[..., Any]
+    aux: list[Any]  # aux leaves, [B, ...]
+    captured: dict[int, list[Any]]
+
+
+def _forward(prep: _Prepared, leaves: list[Any]) -> _Forward:
+    """ONE forward with a zero perturbation on every active site's output, kept for the pullbacks."""
+    num_b, num_t, num_v = prep.num_b, prep.num_t, prep.num_values
     sites = {s.index: s for s in prep.analysis.sites}
     # The default mode is instance-wise with one "sample": the whole batch.
     batched_others = prep.others if prep.instance_wise else [x[None] for x in prep.others]
@@ -287,6 +316,8 @@ def _run(prep: _Prepared, leaves: list[Any], task_map: str = "vmap") -> _Run:
         for i, v in zip(fb_index, fb_vals, strict=True):
             vals[i] = v
         outs, caps = evaluate(prep.closed, vals, other_sample, prep.active, eps)
+        if num_v:
+            return outs[:num_v], (outs[num_v:], caps)
         return jnp.reshape(outs[0], (num_t,)), (outs[1:], caps)
 
     batched = jax.vmap(sample_fwd, in_axes=(0, 0, None))
@@ -295,18 +326,32 @@ def _run(prep: _Prepared, leaves: list[Any], task_map: str = "vmap") -> _Run:
         for i in sorted(prep.active)
     }
     fb_in_vjp = [leaves[i] for i in fb_index]
-    losses, pullback, (aux, caps) = jax.vjp(
+    outputs, pullback, (aux, caps) = jax.vjp(
         lambda e, f: batched(e, batched_others, f), eps0, fb_in_vjp, has_aux=True
     )
-    basis = jnp.eye(num_t, dtype=losses.dtype)[:, None, :]
+    return _Forward(outputs, pullback, aux, caps)
+
+
+def _pull(fwd: _Forward, rows: Any, task_map: str) -> tuple[dict, list]:
+    """``(deltas {site: [T, B, *out]}, fallback rows)``: the pullback of every row of ``rows``
+    (the outputs' cotangents with a leading objective axis)."""
+    return map_pullback(fwd.pullback, rows, None, task_map)
+
+
+def _run(prep: _Prepared, leaves: list[Any], task_map: str = "vmap") -> _Run:
+    num_b, num_t = prep.num_b, prep.num_t
+    fwd = _forward(prep, leaves)
+    basis = jnp.eye(num_t, dtype=fwd.outputs.dtype)[:, None, :]
     basis = jnp.broadcast_to(basis, (num_t, num_b, num_t))  # row t: e_t for every sample
-    deltas, d_fb = map_pullback(pullback, basis, None, task_map)  # [T, B, *out]
+    deltas, d_fb = _pull(fwd, basis, task_map)  # [T, B, *out]
+    aux = fwd.aux
     if prep.instance_wise:
-        fb_rows = _per_sample_fallback_rows(prep, leaves, batched_others)
+        fb_rows = _per_sample_fallback_rows(prep, leaves, prep.others)
     else:
         fb_rows = dict(zip(prep.fallback, d_fb, strict=True))
         aux = [a[0] for a in aux]
-    return _Run(losses, jax.tree.unflatten(prep.aux_treedef, aux), caps, deltas, fb_rows)
+    aux_tree = jax.tree.unflatten(prep.aux_treedef, aux)
+    return _Run(fwd.outputs, aux_tree, fwd.captured, deltas, fb_rows)
 
 
 def _per_sample_fallback_rows(prep: _Prepared, leaves: list[Any], others: list) -> dict:
@@ -332,8 +377,11 @@ def _per_sample_fallback_rows(prep: _Prepared, leaves: list[Any], others: list) 
 OWN = object()  # the weight key of a task-specific leaf: the plain sum of its task's loss
 
 
-def _leaf_blocks(prep: _Prepared, run: _Run, leaves: list[Any]) -> dict[int, jax.Array]:
-    """``{leaf: G_leaf [O, O]}`` for every identity, rows and fallback leaf."""
+def _leaf_blocks(
+    prep: _Prepared, run: _Run, leaves: list[Any]
+) -> tuple[dict[int, jax.Array], dict[int, jax.Array]]:
+    """``({leaf: G_leaf [O, O]}`` for every identity, rows and fallback leaf, ``{leaf: rows}``
+    kept for the update: ``prep.combined`` and the fallback leaves)."""
     leaf_vals = dict(enumerate(leaves))
     sites = {s.index: s for s in prep.analysis.sites}
     blocks: dict[int, jax.Array] = {}
@@ -344,12 +392,17 @@ def _leaf_blocks(prep: _Prepared, run: _Run, leaves: list[Any]) -> dict[int, jax
             (leaf,) = site.leaves
             blocks[leaf] = layers.identity_gram(prep.layouts[i], acts, deltas)
             continue
+        if i in prep.dense_rows:
+            (leaf,) = site.leaves
+            summed_rows[leaf] = layers.dense_rows(prep.dense_rows[i], acts[0], deltas)
+            continue
         wrt = [leaf for leaf in sorted(site.leaves) if prep.methods[leaf] == "rows"]
         for leaf, rows in layers.site_rows(site, leaf_vals, acts, deltas, wrt).items():
             summed_rows[leaf] = rows if leaf not in summed_rows else summed_rows[leaf] + rows
     for leaf, rows in [*summed_rows.items(), *run.fb_rows.items()]:
         blocks[leaf] = layers.rows_gram(rows)
-    return blocks
+    kept = {leaf: summed_rows[leaf] for leaf in prep.combined}
+    return blocks, {**kept, **run.fb_rows}
 
 
 def _labels(params: PyTree, task_specific: Any, granularity: Granularity) -> list[Any]:
@@ -404,15 +457,21 @@ def _update(
     leaves: list[Any],
     labels: list[Any],
     weights: dict[Any, jax.Array],
+    kept: dict[int, jax.Array],
 ) -> list[Any]:
-    """``sum_o w_o g_o`` per leaf with its group's weights (task-specific: all ones)."""
+    """``sum_o w_o g_o`` per leaf with its group's weights (task-specific: all ones): the
+    site's weighted VJP, or the combination of the ``kept`` rows."""
     leaf_vals = dict(enumerate(leaves))
     sites = {s.index: s for s in prep.analysis.sites}
     shape = (prep.num_b, prep.num_t)
     grads: list[Any] = [None] * len(leaves)
     for i in sorted(prep.active):
         site, acts, deltas = sites[i], run.captured[i], run.deltas[i]
-        live = [leaf for leaf in sorted(site.leaves) if prep.methods[leaf] in ("identity", "rows")]
+        live = [
+            leaf
+            for leaf in sorted(site.leaves)
+            if prep.methods[leaf] in ("identity", "rows") and leaf not in kept
+        ]
         by_label: dict[Any, list[int]] = {}
         for leaf in live:
             by_label.setdefault(labels[leaf], []).append(leaf)
@@ -421,7 +480,7 @@ def _update(
             cot = layers.combined_cotangent(deltas, w)
             for leaf, g in layers.site_update(site, leaf_vals, acts, cot, wrt).items():
                 grads[leaf] = g if grads[leaf] is None else grads[leaf] + g
-    for leaf, rows in run.fb_rows.items():
+    for leaf, rows in kept.items():
         grads[leaf] = combine(weights[labels[leaf]].astype(rows.dtype), rows)
     return [
         jnp.zeros_like(x) if g is None else g.astype(x.dtype)
@@ -467,6 +526,54 @@ def _init_state(
     if not grouped:
         return weighting.init(num)
     return {g: weighting.init(num) for g in dict.fromkeys(x for x in labels if x is not OWN)}
+
+
+def _state_or_init(
+    weighting: Weighting, params: PyTree, labels: list[Any], grouped: bool, num: int, state: PyTree
+) -> PyTree:
+    if state is not None:
+        return state
+    state = _init_state(weighting, params, labels, grouped, num)
+    if jax.tree.leaves(state):
+        raise ValueError(
+            "This weighting keeps state across steps: pass weighting_state=... "
+            "(fn.init_weighting_state(params, K) at the start, then aux['weighting_state'])."
+        )
+    return state
+
+
+def _weighted_step(
+    prep: _Prepared,
+    run: _Run,
+    leaves: list[Any],
+    labels: list[Any],
+    weighting: Weighting,
+    grouped: bool,
+    weighting_state: PyTree,
+    key: jax.Array | None,
+    what: str,
+) -> tuple[dict[str, Any], list[Any]]:
+    """Steps 3-5 of the module docstring: ``(aux without the loss function's, grads)``."""
+    num_o = prep.num_b * prep.num_t
+    blocks, kept = _leaf_blocks(prep, run, leaves)
+    dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+    grams = _group_grams(blocks, labels, num_o, layers.compute_dtype(dtype))
+    if not grams:
+        raise ValueError(
+            f"{what}: every parameter leaf is task-specific; there is no shared leaf to "
+            "weigh (drop task_specific, or use the loss's ordinary gradient)."
+        )
+    flat_losses = jnp.reshape(run.losses, (-1,))
+    step_key = jax.random.key(0) if key is None else key
+    weights, new_state = _weigh(weighting, grams, weighting_state, step_key, flat_losses, grouped)
+    weights_by_label = {**weights, OWN: jnp.ones((num_o,), flat_losses.dtype)}
+    grads = _update(prep, run, leaves, labels, weights_by_label, kept)
+    out_aux: dict[str, Any] = {
+        "weights": weights if grouped else weights[GLOBAL],
+        "gram": grams if grouped else grams[GLOBAL],
+        "weighting_state": new_state,
+    }
+    return out_aux, grads
 
 
 def engine_value_and_grads(
@@ -515,35 +622,11 @@ def engine_value_and_grads(
         leaves = jax.tree.leaves(params)
         labels = _labels(params, task_specific, gramian.granularity)
         num_o = prep.num_b * prep.num_t
-        if weighting_state is None:
-            weighting_state = _init_state(weighting, params, labels, grouped, num_o)
-            if jax.tree.leaves(weighting_state):
-                raise ValueError(
-                    "This weighting keeps state across steps: pass weighting_state=... "
-                    "(fn.init_weighting_state(params, K) at the start, then "
-                    "aux['weighting_state'])."
-                )
+        state = _state_or_init(weighting, params, labels, grouped, num_o, weighting_state)
         run = _run(prep, leaves, task_map)
-        blocks = _leaf_blocks(prep, run, leaves)
-        dtype = jnp.result_type(*leaves) if leaves else jnp.float32
-        grams = _group_grams(blocks, labels, num_o, layers.compute_dtype(dtype))
-        if not grams:
-            raise ValueError(
-                f"{what}: every parameter leaf is task-specific; there is no shared leaf to "
-                "weigh (drop task_specific, or use the loss's ordinary gradient)."
-            )
-        flat_losses = jnp.reshape(run.losses, (-1,))
-        step_key = jax.random.key(0) if key is None else key
-        weights, new_state = _weigh(
-            weighting, grams, weighting_state, step_key, flat_losses, grouped
+        out_aux, grads = _weighted_step(
+            prep, run, leaves, labels, weighting, grouped, state, key, what
         )
-        weights_by_label = {**weights, OWN: jnp.ones((num_o,), flat_losses.dtype)}
-        grads = _update(prep, run, leaves, labels, weights_by_label)
-        out_aux: dict[str, Any] = {
-            "weights": weights if grouped else weights[GLOBAL],
-            "gram": grams if grouped else grams[GLOBAL],
-            "weighting_state": new_state,
-        }
         if has_aux:
             out_aux["aux"] = run.aux
         losses = _losses_out(prep, run)
@@ -584,7 +667,7 @@ def value_and_gramian(
         leaves = jax.tree.leaves(params)
         labels = _labels(params, task_specific, granularity)
         run = _run(prep, leaves)
-        blocks = _leaf_blocks(prep, run, leaves)
+        blocks, _ = _leaf_blocks(prep, run, leaves)
         dtype = layers.compute_dtype(jnp.result_type(*leaves))
         grams = _group_grams(blocks, labels, prep.num_b * prep.num_t, dtype)
         gram = grams[GLOBAL] if granularity == GLOBAL else grams

@@ -22,9 +22,10 @@ Two exact ways to get a leaf's ``[O, O]`` block:
   cotangents: the leaf's ``[O, *leaf]`` rows, turned into ``rows rows^T`` and dropped (any
   primitive: conv, the ``mul``/``add`` of LayerNorm and BatchNorm, biases).
 
-:func:`choose` picks the cheaper by a flop count. The update ``sum_o w_o g_o`` of a site's
-leaves is the same site VJP at the combined cotangent ``sum_t w_{bt} delta_{t,b}`` (one
-weight-gradient computation; the activation cotangents are the ones the Gram matrix used).
+:func:`choose` picks the cheaper by a flop count, the update included. The update ``sum_o w_o
+g_o`` of a site's leaves is the same site VJP at the combined cotangent ``sum_t w_{bt}
+delta_{t,b}`` (one weight-gradient computation; the activation cotangents are the ones the Gram
+matrix used), or for a dense leaf that took rows the combination of its kept rows.
 """
 
 from __future__ import annotations
@@ -47,10 +48,12 @@ __all__ = [
     "compute_dtype",
     "dense_identity_gram",
     "dense_layout",
+    "dense_rows",
     "gather_identity_gram",
     "gather_layout",
     "identity_gram",
     "identity_layout",
+    "plain_dense",
     "rows_gram",
     "site_rows",
     "site_update",
@@ -103,6 +106,27 @@ def site_rows(
     per_t = jax.vmap(one, in_axes=(None, 0))  # over T
     rows = jax.vmap(per_t, in_axes=(0, 1))(list(acts), deltas)  # [B, T, *leaf]
     return {i: jnp.reshape(r, (-1, *r.shape[2:])) for i, r in rows.items()}
+
+
+def plain_dense(site: Site, layout: Any) -> bool:
+    """Whether ``site`` is ``x @ W`` with the leaf itself as ``W: [C, F]`` (no view, contracted
+    on its first axis): its rows are ``x^T delta_t``, in the leaf's own layout."""
+    if not isinstance(layout, DenseLayout) or layout.param_pos != 1:
+        return False
+    _, _, chain = site.leaf_inputs[0]
+    (_, rc), _ = site.eqn.params["dimension_numbers"]
+    w_aval = site.eqn.invars[1].aval
+    return not chain and tuple(rc) == (0,) and w_aval.ndim == 2
+
+
+def dense_rows(layout: DenseLayout, act: jax.Array, deltas: jax.Array) -> jax.Array:
+    """``[T, C, F]`` rows of a :func:`plain_dense` site with one sample (B = 1): a batched GEMM
+    ``x^T delta_t`` whose output is already the rows' layout (the site VJP's rows came out as
+    ``[T F, C]`` and were transposed in a copy as large as the rows: issue 25 profile)."""
+    x, d = _dense_parts(layout, act, deltas)  # [1, N, C], [T, 1, N, F]
+    num_t = d.shape[0]
+    xb = jnp.broadcast_to(x[0], (num_t, *x.shape[1:]))
+    return jax.lax.dot_general(xb, d[:, 0], (((1,), (1,)), ((0,), (0,))), precision=HIGHEST)
 
 
 def rows_gram(rows: jax.Array) -> jax.Array:
@@ -167,8 +191,23 @@ def _kernel_gram(a: jax.Array, d: jax.Array) -> jax.Array:
     """
     num_t, num_b = d.shape[0], d.shape[1]
     if num_b == 1:
-        r = jnp.einsum("pq,uqf->upf", a, d[:, 0], precision=HIGHEST)
-        return jnp.einsum("tpf,upf->tu", d[:, 0], r, precision=HIGHEST)
+        # Laid out for XLA: r_u = a d_u as a batched GEMM over u (``a`` broadcast), then G as ONE
+        # GEMM of the flat [T, N F] rows; the einsums "pq,uqf->upf", "tpf,upf->tu" compiled to
+        # transposing copies of d and r that cost as much as the products (issue 25 profile).
+        d0 = d[:, 0]
+        r = jax.lax.dot_general(
+            jnp.broadcast_to(a, (num_t, *a.shape)),
+            d0,
+            (((2,), (1,)), ((0,), (0,))),
+            precision=HIGHEST,
+        )
+        flat = (num_t, -1)
+        return jax.lax.dot_general(
+            jnp.reshape(d0, flat),
+            jnp.reshape(r, flat),
+            (((1,), (1,)), ((), ())),
+            precision=HIGHEST,
+        )
     if d.shape[2] == 1:
         dd = jnp.einsum("tbf,ucf->btcu", d[:, :, 0], d[:, :, 0], precision=HIGHEST)
         g = dd * a[:, None, :, None]
@@ -277,7 +316,9 @@ def choose(
     num_t: int,
     identities: bool | str = True,
 ) -> tuple[str, float, float]:
-    """``(method, identity flops, rows flops)`` for one leaf at one site (multiply-adds).
+    """``(method, identity flops, rows flops)`` for one leaf at one site (multiply-adds),
+    the update included: an identity leaf's update is the site's weighted VJP (``B N C F``), a
+    dense rows leaf's the combination of its rows (``O C F``, :func:`combine_rows`).
 
     ``identities``: ``True`` the cheaper, ``"always"`` the identity where it applies, ``False``
     rows."""
@@ -289,20 +330,28 @@ def choose(
         c, rows = 1, objectives * n * f + objectives**2 * layout.vocab * f
     else:
         c = layout.contracted
-        rows = objectives * n * c * f + objectives**2 * c * f
+        rows = objectives * n * c * f + objectives**2 * c * f + objectives * c * f
     if num_b == 1:
         identity = n * n * c + num_t * n * n * f + num_t**2 * n * f
     elif n == 1:
         identity = num_b**2 * c + objectives**2 * f
     else:
         identity = (num_b * n) ** 2 * c + (objectives * n) ** 2 * f
+    identity += num_b * n * c * f  # the update: one weighted VJP of the site
     use = identities == "always" or (identities is True and identity < rows)
     return ("identity" if use else "rows"), float(identity), float(rows)
 
 
 def combined_cotangent(deltas: jax.Array, weights: jax.Array) -> jax.Array:
     """``sum_t w[b, t] deltas[t, b]``: ``[B, *out]`` from ``deltas: [T, B, *out]``, ``w: [B, T]``."""
-    w = weights.T.astype(deltas.dtype)
+    num_t, num_b = deltas.shape[:2]
+    if num_b == 1:
+        # One GEMV, not ``sum(w * deltas)``: XLA:CPU ran that broadcast-multiply-reduce over K
+        # tasks 20-40x slower than the dot (issue 25 profile: 95 of 290 ms at K = 40).
+        flat = jnp.reshape(deltas, (num_t, -1))
+        out = jnp.tensordot(weights[0].astype(deltas.dtype), flat, 1, precision=HIGHEST)
+        return jnp.reshape(out, deltas.shape[1:])
+    w = weights.T.astype(deltas.dtype)  # instance-wise: few tasks per sample
     w = jnp.reshape(w, w.shape + (1,) * (deltas.ndim - 2))
     return jnp.sum(w * deltas, axis=0)
 
