@@ -52,6 +52,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
 
+from experiments.interrupt import raise_if_interrupted
+
 PyTree = Any
 Batch = Any
 
@@ -173,6 +175,7 @@ def run_loop(
         while step < total_steps:
             epoch, start_batch = divmod(step, steps_per_epoch)
             for batch in batches(epoch, start_batch):
+                raise_if_interrupted()  # a Ctrl-C that Python swallowed (experiments/interrupt.py)
                 state, outputs = step_fn(state, batch)
                 step += 1
                 done_here += 1

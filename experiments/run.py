@@ -37,6 +37,7 @@ from experiments import parallel as parallel_lib
 from experiments import studies
 from experiments.data.core import DataError
 from experiments.data.tfds_io import DataUnavailableError
+from experiments.interrupt import catching_ctrl_c, raise_if_interrupted
 from experiments.runner import enable_compilation_cache, run_study
 from experiments.train import NonFiniteLossError
 from experiments.workdir import ConfigMismatchError, WorkdirError
@@ -214,7 +215,9 @@ def main(argv: list[str]) -> None:
             parallel_lib.initialize_distributed()  # before any other JAX call
         enable_compilation_cache()
         print(f"Work dir: {os.path.abspath(workdir)}", file=sys.stderr)
-        report = run_study(config, workdir, fresh=_FLAGS["fresh"].value)
+        with catching_ctrl_c():
+            report = run_study(config, workdir, fresh=_FLAGS["fresh"].value)
+            raise_if_interrupted()  # pressed during the last steps' work and swallowed there
     except NonFiniteLossError as e:
         fail(f"{e} Work dir: {workdir}.", e)
     except USER_ERRORS as e:

@@ -4,6 +4,7 @@ a second data split (CoNAL's shape) reuses the loop, its checkpointing and its e
 from __future__ import annotations
 
 import os
+import signal
 from typing import NamedTuple
 
 import jax
@@ -12,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from experiments import interrupt
 from experiments import loop as loop_lib
 from experiments import train as train_lib
 from experiments.loop import LoopHooks, run_loop
@@ -133,3 +135,41 @@ def test_the_runs_seed_seeds_pcgrads_task_orders_with_three_tasks():
     tx = train_lib.get_method("pcgrad", {"seed": 7}, num_tasks=3, seed=0).transform
     key = tx.init({"w": jnp.zeros(3)}).key
     np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(jax.random.key(7)))
+
+
+class _SwallowsCtrlC:
+    """Ctrl-C delivered inside ``__del__``: Python prints "Exception ignored" and goes on (as it
+    did inside JAX's gc callback in CI)."""
+
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)
+        for _ in range(1000):  # the Python-level handler runs at a bytecode boundary in here
+            pass
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_python_swallowed_stops_the_loop_at_the_next_step():
+    seen = []
+
+    def step(state, batch):
+        seen.append(int(state.step))
+        if len(seen) == 3:
+            _SwallowsCtrlC()  # created and dropped: its __del__ runs now
+            assert interrupt.interrupted()  # swallowed, but recorded
+        return toy_step(state, batch)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # xdist ignores SIGINT
+    try:
+        with interrupt.catching_ctrl_c(), pytest.raises(KeyboardInterrupt):
+            run_loop(
+                step_fn=step,
+                state=toy_init(),
+                batches=toy_batches,
+                steps_per_epoch=5,
+                total_steps=20,
+            )
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen == [0, 1, 2]  # the 4th step never ran
+    assert not interrupt.interrupted()  # cleared when the context ends

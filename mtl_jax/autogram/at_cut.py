@@ -45,6 +45,8 @@ PyTree = Any
 
 __all__ = ["engine_at_cut"]
 
+WHAT = "value_and_grads(gramian=...)"
+
 
 def _find_cut(loss_fn, has_aux, task_specific, params, args, kwargs) -> Cut | None:
     """The cut of ``loss_fn`` at ``params``, or ``None`` where the plain engine must run."""
@@ -72,13 +74,14 @@ def _find_cut(loss_fn, has_aux, task_specific, params, args, kwargs) -> Cut | No
     return cut
 
 
-def _trunk_loss(cut: Cut, box: dict) -> Callable[[PyTree], Any]:
-    """``params -> (cut values, crossing values)``: the trunk alone, as the engine traces it.
-    The trunk function itself comes from the cut's forward hook (``box["trunk"]``)."""
+def _trunk_values(cut: Cut, trunk: Callable[[list[Any]], Any]) -> Callable[[PyTree], Any]:
+    """``params -> (cut values, crossing values)``: the cut's ``trunk(trunk leaves)`` as a
+    function of all the parameters, the form the engine traces (the values are its outputs,
+    the crossing values its aux)."""
 
     def trunk_values(params: PyTree) -> Any:
         flat = jax.tree.leaves(params)
-        cut_vals, crossing = box["trunk"]([flat[i] for i in cut.trunk_leaves])
+        cut_vals, crossing = trunk([flat[i] for i in cut.trunk_leaves])
         return list(cut_vals), list(crossing)
 
     return trunk_values
@@ -93,16 +96,16 @@ def _below_the_cut(
     box: dict[str, Any] = {}
 
     def forward(trunk: Callable, trunk_vals: list[Any]) -> tuple[list[Any], list[Any]]:
-        box["trunk"] = trunk
+        del trunk_vals  # the engine reads them from the parameters
         prep = engine._prepare(
-            _trunk_loss(cut, box),
-            True,
-            False,
-            identities,
-            params,
-            (),
-            {},
-            WHAT,
+            _trunk_values(cut, trunk),
+            has_aux=True,
+            instance_wise=False,
+            identities=identities,
+            params=params,
+            args=(),
+            kwargs={},
+            what=WHAT,
             num_objectives=cut.num_tasks,
         )
         fwd = engine._forward(prep, leaves)
@@ -116,9 +119,6 @@ def _below_the_cut(
     fb_rows = dict(zip(prep.fallback, d_fb, strict=True))
     run = engine._Run(sep.losses[None], None, fwd.captured, deltas, fb_rows)
     return prep, run, sep
-
-
-WHAT = "value_and_grads(gramian=...)"
 
 
 def engine_at_cut(

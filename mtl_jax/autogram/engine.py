@@ -21,9 +21,10 @@ does:
    the activation cotangents are not propagated again), or the kept rows combined.
 
 Memory: O(K^2 + K x site outputs + activations), never O(K P) (benchmarks/gramian_engine.py
-measures it) beyond the Dense leaves that keep their rows (chosen only where K rows cost
-fewer flops than the identity: few objectives, or fewer inputs than positions). Exact: ``G`` equals ``mtl.gramian.gramian`` of the explicit Jacobian and the
-update the Jacobian path's, to float rounding (tests/test_autogram.py).
+measures it) beyond the Dense leaves that keep their rows (chosen only where K rows cost fewer
+flops than the identity: few objectives, or fewer inputs than positions). Exact: ``G`` equals
+``mtl.gramian.gramian`` of the explicit Jacobian and the update the Jacobian path's, to float
+rounding (tests/test_autogram.py).
 
 **Instance-wise objectives** (``instance_wise=True``): the loss function is per sample,
 ``(params, *sample) -> loss`` or ``losses[T]``, every argument has a leading batch axis B and
@@ -302,7 +303,8 @@ class _Forward:
 
 
 def _forward(prep: _Prepared, leaves: list[Any]) -> _Forward:
-    """ONE forward with a zero perturbation on every active site's output, kept for the pullbacks."""
+    """ONE forward with a zero perturbation on every active site's output (kept for the K
+    pullbacks: :func:`_pull`)."""
     num_b, num_t, num_v = prep.num_b, prep.num_t, prep.num_values
     sites = {s.index: s for s in prep.analysis.sites}
     # The default mode is instance-wise with one "sample": the whole batch.
