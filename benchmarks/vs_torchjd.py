@@ -18,6 +18,9 @@ cross-entropy, PCGrad + SGD, at ``--ks`` (default 2, 10, 40). Variants:
 * ``torchjd``: TorchJD ``mtl_backward(losses, features=z)`` + ``jac_to_grad(trunk params,
   PCGrad())`` + ``torch.optim.SGD`` on the same model (``benchmarks/_torchjd_step.py``, run in
   TorchJD's own virtual environment, ``benchmarks/_torchjd.py``);
+* ``rows_minimal``: a hand-written PCGrad step for this MLP in plain JAX (``minimal_rows_grads``):
+  the floor of a rows step at K = 2, where every exact path does the rows' work (at K = 40 it is
+  slower than the library's paths);
 * ``joint`` / ``torch joint``: one backward of the summed loss + SGD in each library: how
   fast each runs the same matmuls (at K = 2 every exact path does the work of ~2 backward
   passes, so ``joint / torch joint`` bounds what a ratio to TorchJD can be there).
@@ -105,6 +108,40 @@ def plain_loss_vector_grads(loss_fn, task_specific):
     return fn
 
 
+def minimal_rows_grads(num_tasks: int):
+    """A hand-written PCGrad step for THIS MLP in plain JAX, no library path: forward, the
+    heads' losses, their all-ones backward and ``d loss_k / d z``, K masked pullbacks of the
+    trunk, each layer's K weight rows as one batched GEMM ``x^T delta_k``, G, PCGrad's weights
+    (``mtl.weighting``), the rows combined: the ``rows_minimal`` column."""
+    pcgrad = mtl.weighting.get_weighting("pcgrad")
+
+    def fn(params, x, y, key):
+        layers, acts, pre = params["trunk"], [x], []
+        for layer in layers:
+            pre.append(acts[-1] @ layer["w"] + layer["b"])
+            acts.append(jax.nn.relu(pre[-1]))
+        heads = lambda h, z: jax.vmap(head_loss, in_axes=(0, None, 0))(h, z, y)
+        losses, pull = jax.vjp(heads, params["heads"], acts[-1])
+        head_grads = pull(jnp.ones_like(losses))[0]
+        delta = jax.vmap(lambda e: pull(e)[1])(jnp.eye(num_tasks))  # [K, B, 256]
+        rows, gram = [None] * len(layers), jnp.zeros((num_tasks, num_tasks))
+        for i in reversed(range(len(layers))):
+            delta = jnp.where(pre[i] > 0, delta, 0.0)
+            a = jnp.broadcast_to(acts[i], (num_tasks, *acts[i].shape))
+            rw = jax.lax.dot_general(a, delta, (((1,), (1,)), ((0,), (0,))))  # [K, C, F]
+            rb = jnp.sum(delta, axis=1)
+            rows[i] = (rw, rb)
+            flat = jnp.reshape(rw, (num_tasks, -1))
+            gram = gram + flat @ flat.T + rb @ rb.T
+            if i:
+                delta = jnp.einsum("kbf,cf->kbc", delta, layers[i]["w"])
+        w, _ = pcgrad.weigh(gram, pcgrad.init(num_tasks), key, losses)
+        trunk = [{"w": jnp.tensordot(w, rw, 1), "b": w @ rb} for rw, rb in rows]
+        return losses, {"trunk": trunk, "heads": head_grads}
+
+    return fn
+
+
 def jax_step(grads_fn, aggregator, lr: float = 1e-3):
     tx = optax.chain(mtl.shared_rows(aggregator, HEADS), optax.sgd(lr))
 
@@ -186,6 +223,7 @@ def mlp_table(torch: TorchSide, ks, rounds, inner) -> None:
         "gramian",
         "gramian[scan]",
         "loss_vector_plain",
+        "rows_minimal",
     ]
     print(
         "| K | "
@@ -220,6 +258,7 @@ def mlp_table(torch: TorchSide, ks, rounds, inner) -> None:
                 task_map=task_map,
             )
             runs[name] = runner(*gramian_step(engine), params, x, y)
+        runs["rows_minimal"] = runner(*gramian_step(minimal_rows_grads(k)), params, x, y)
         tname, jname = f"torchjd-mlp-{k}", f"torch-joint-mlp-{k}"
         torch.ask(cmd="setup", name=tname, model="mlp", K=k, mode="jd", batch=256)
         torch.ask(cmd="setup", name=jname, model="mlp", K=k, mode="joint", batch=256)
