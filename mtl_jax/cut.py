@@ -62,7 +62,6 @@ __all__ = [
     "describe_cut",
     "find_cut",
     "loss_vector_grads",
-    "separate",
     "separate_at",
 ]
 
@@ -680,10 +679,8 @@ class Separated:
     ``{position: gradient}`` of every other leaf from the ONE all-ones backward (a leaf of one
     task gets its task's gradient); ``head_labels``: their influence labels;
     ``cotangents``: ``[K, *cut value]`` per cut value, row k = ``d loss_k / d cut``;
-    ``trunk(trunk_vals) -> cut values`` re-runs the trunk alone, so that
-    ``sum_c <cotangents[c][k], trunk(...)[c]>`` has row k of the trunk's Jacobian as its
-    gradient; ``pull_trunk`` is the trunk's VJP at the forward's point (``None`` when the
-    forward was not differentiated)."""
+    ``pull_trunk`` is the trunk's VJP at the forward's point (``None`` when the caller ran the
+    trunk, :func:`separate_at`'s ``forward``)."""
 
     losses: Any
     aux: Any
@@ -691,7 +688,6 @@ class Separated:
     head_grads: dict[int, Any]
     head_labels: dict[int, Label]
     cotangents: list[Any]
-    trunk: Callable[[list[Any]], list[Any]]
     pull_trunk: Callable[[list[Any]], Any] | None
     num_tasks: int
 
@@ -733,37 +729,13 @@ def find_cut(
 TrunkForward = Callable[[Callable[[list[Any]], Any], list[Any]], tuple[list[Any], list[Any]]]
 
 
-def separate(
-    split_loss: Callable[..., Any],
-    leaves: Sequence[Any],
-    has_aux: bool,
-    check: Callable[[Any], None] = lambda losses: None,
-    differentiate_trunk: bool = True,
-) -> Separated | None:
-    """Steps 1-3 of the module docstring for ``split_loss(leaves) -> losses[K]``; ``None``
-    when the analysis finds no cut (nothing after the trunk is separable by task)."""
-    cut = find_cut(split_loss, leaves, has_aux, check)
-    if cut is None:
-        return None
-    return separate_at(cut, leaves, differentiate_trunk)
+def separate_at(cut: Cut, leaves: Sequence[Any], forward: TrunkForward | None = None) -> Separated:
+    """Steps 1-3 of the module docstring at a :class:`Cut` found for these leaves' shapes: the
+    trunk by ``jax.vjp`` (``pull_trunk`` for the K pullbacks), or by the caller's ``forward``."""
+    return _separate(cut.plan, list(leaves), cut.has_aux, cut.out_shape, forward)
 
 
-def separate_at(
-    cut: Cut,
-    leaves: Sequence[Any],
-    differentiate_trunk: bool = True,
-    forward: TrunkForward | None = None,
-) -> Separated:
-    """Steps 1-3 at a :class:`Cut` found for these leaves' shapes; ``forward`` (optional) runs
-    the trunk instead of a plain call (``differentiate_trunk`` is then ignored)."""
-    return _separate(
-        cut.plan, list(leaves), cut.has_aux, cut.out_shape, differentiate_trunk, forward
-    )
-
-
-def _separate(
-    plan: _Plan, leaves, has_aux, out_shape, differentiate_trunk, forward=None
-) -> Separated:
+def _separate(plan: _Plan, leaves, has_aux, out_shape, forward=None) -> Separated:
     graph, num = plan.graph, plan.num_tasks
     trunk_pos = plan.trunk_leaves
     head_pos = [i for i in range(len(leaves)) if i not in trunk_pos]
@@ -778,10 +750,8 @@ def _separate(
     trunk_vals = [leaves[i] for i in trunk_pos]
     if forward is not None:
         (cut_vals, crossing_vals), pull_trunk = forward(trunk_and_crossing, trunk_vals), None
-    elif differentiate_trunk:
-        cut_vals, pull_trunk, crossing_vals = jax.vjp(trunk_and_crossing, trunk_vals, has_aux=True)
     else:
-        (cut_vals, crossing_vals), pull_trunk = trunk_and_crossing(trunk_vals), None
+        cut_vals, pull_trunk, crossing_vals = jax.vjp(trunk_and_crossing, trunk_vals, has_aux=True)
     entries = plan.entries
     probe_ops = {
         id(e.op): [
@@ -836,7 +806,6 @@ def _separate(
         head_grads=dict(zip(head_pos, head_grads, strict=True)),
         head_labels={i: plan.labels.get(plan.leaves[i]) for i in head_pos},
         cotangents=cotangents,
-        trunk=lambda vals: trunk_and_crossing(vals)[0],
         pull_trunk=None if pull_trunk is None else lambda cts: pull_trunk(cts)[0],
         num_tasks=num,
     )
@@ -844,7 +813,7 @@ def _separate(
 
 def _evaluate(plan: _Plan, leaves, specific, has_aux, out_shape, map_rows):
     num = plan.num_tasks
-    sep = _separate(plan, leaves, has_aux, out_shape, differentiate_trunk=True)
+    sep = _separate(plan, leaves, has_aux, out_shape)
     trunk_pos, cts = sep.trunk_leaves, sep.cotangents
     grads: list[Any] = [None] * len(leaves)
     shared_trunk = [j for j, i in enumerate(trunk_pos) if not specific[i]]

@@ -64,14 +64,11 @@ def _find_cut(loss_fn, has_aux, task_specific, params, args, kwargs) -> Cut | No
         _tree.check_loss_vector(losses, "value_and_grads(gramian=...): loss_fn")
 
     cut = find_cut(split_loss, leaves, has_aux, check)
-    trunk = set(cut.trunk_leaves) if cut is not None else set()
-    if (
-        cut is None
-        or not trunk
-        or any(not specific[i] for i in range(len(leaves)) if i not in trunk)
-    ):
+    if cut is None or not cut.trunk_leaves:
         return None
-    return cut
+    trunk = set(cut.trunk_leaves)
+    after_the_cut = [i for i in range(len(leaves)) if i not in trunk]
+    return None if any(not specific[i] for i in after_the_cut) else cut
 
 
 def _trunk_values(cut: Cut, trunk: Callable[[list[Any]], Any]) -> Callable[[PyTree], Any]:

@@ -318,7 +318,7 @@ def choose(
 ) -> tuple[str, float, float]:
     """``(method, identity flops, rows flops)`` for one leaf at one site (multiply-adds),
     the update included: an identity leaf's update is the site's weighted VJP (``B N C F``), a
-    dense rows leaf's the combination of its rows (``O C F``, :func:`combine_rows`).
+    dense rows leaf's the combination of its rows (``O C F``, :func:`mtl_jax.gramian.combine`).
 
     ``identities``: ``True`` the cheaper, ``"always"`` the identity where it applies, ``False``
     rows."""
